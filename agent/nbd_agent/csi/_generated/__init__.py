@@ -1,0 +1,1 @@
+"""Generated from ../proto/csi.proto by nbd_agent.csi.generate."""
