@@ -50,7 +50,7 @@ class TransmissionFlag(IntFlag):
     NBD_FLAG_SEND_RESIZE = 1 << 9
     NBD_FLAG_SEND_CACHE = 1 << 10
     NBD_FLAG_SEND_FAST_ZERO = 1 << 11
-    NBD_FLAG_BLOCK_STAT_PAYLOAD = 1 << 12
+    NBD_FLAG_BLOCK_STATUS_PAYLOAD = 1 << 12
 
 
 class Option(IntEnum):
