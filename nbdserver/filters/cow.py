@@ -1,0 +1,234 @@
+"""Copy-on-write: writes land in a sparse overlay file, the base export is never written.
+
+Why: a golden image can be served to many clients (or a clone created from a read-only export)
+while each writer's changes go elsewhere. nbd-server's ``copyonwrite`` and nbdkit's cow filter do
+the same; like nbd-server, the overlay is private to the process and is gone when it exits.
+
+How: the export is cut into ``block``-sized blocks. A byte per block says whether the block lives
+in the overlay. A write that covers a block only partly first copies that block up from the base
+(read-modify-write); whole blocks are written directly. Zeroes and trims punch holes in the
+overlay and mark the blocks present, so they read as zero without touching the base. Reads merge
+the two, block status reports the base's extents for base blocks and the overlay's holes and data
+for overlay blocks.
+
+Concurrency: once a block is present it never goes back, so a write whose blocks are all present
+takes no lock. Only the first write to a block (the copy-up) is serialised by one lock, which
+makes the copy-up race-free against another writer of the same block.
+
+It must not: write to, trim, or flush the base; the base backend may be read-only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+import threading
+
+from nbdserver.backends._linux import punch_hole
+from nbdserver.backends.base import Backend, Extent
+from nbdserver.filters.base import Filter
+from nbdserver.protocol.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
+
+DEFAULT_BLOCK = 64 * 1024
+_HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
+
+
+def _full_pread(fd: int, buf: memoryview, offset: int) -> None:
+    while len(buf):
+        n = os.preadv(fd, [buf], offset)
+        if n <= 0:  # the overlay is exactly export-sized, so short means past EOF: zeroes
+            buf[:] = bytes(len(buf))
+            return
+        buf = buf[n:]
+        offset += n
+
+
+def _full_pwrite(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+class CowFilter(Filter):
+    """Overlay ``inner`` with a private sparse file in ``cow_dir`` (default: the temp dir)."""
+
+    def __init__(self, inner: Backend, cow_dir: str | None = None, block: int = DEFAULT_BLOCK):
+        super().__init__(inner)
+        if block <= 0 or block & (block - 1):
+            raise ValueError(f"copy-on-write block size must be a power of two, not {block}")
+        self._size = inner.size()
+        self._block = block
+        self._shift = block.bit_length() - 1
+        fd, path = tempfile.mkstemp(prefix="nbdserver-cow-", dir=cow_dir)
+        # Unlinked at once: nothing outlives the process, and no other user can open it.
+        os.unlink(path)
+        self._fd = fd
+        os.ftruncate(fd, self._size)
+        self._present = bytearray((self._size + block - 1) >> self._shift)
+        self._dirty = False  # nothing in the overlay yet: reads go straight to the base
+        self._lock = threading.Lock()
+        self.can_write = self.can_flush = self.can_fua = True
+        self.can_trim = self.can_zero = self.can_fast_zero = True
+        self.can_extents = True
+        self.can_multi_conn = True  # one overlay shared by every connection
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _blocks(self, offset: int, length: int) -> tuple[int, int]:
+        return offset >> self._shift, (offset + length - 1) >> self._shift
+
+    def _all_present(self, first: int, last: int) -> bool:
+        return self._present.find(0, first, last + 1) < 0
+
+    def _copy_up(self, blk: int) -> None:
+        """Bring one block from the base into the overlay. Caller holds the lock."""
+        if self._present[blk]:
+            return
+        start = blk << self._shift
+        length = min(self._block, self._size - start)
+        buf = memoryview(bytearray(length))
+        self.inner.pread(buf, start)
+        _full_pwrite(self._fd, buf, start)
+        self._present[blk] = 1
+
+    def _punch(self, offset: int, length: int) -> None:
+        try:
+            punch_hole(self._fd, offset, length)
+        except OSError as exc:
+            # A filesystem without hole punching (some tmpfs setups, overlayfs): write zeroes.
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            _full_pwrite(self._fd, memoryview(bytes(length)), offset)
+
+    # -- data path ----------------------------------------------------------------------------
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        if not self._dirty:
+            self.inner.pread(buf, offset)
+            return
+        present = self._present
+        length = len(buf)
+        end_blk = (offset + length - 1) >> self._shift
+        pos = 0
+        blk = offset >> self._shift
+        while pos < length:
+            state = present[blk]
+            # Extend the run while blocks have the same state.
+            nxt = present.find(1 - state, blk, end_blk + 1)
+            run_end_blk = end_blk + 1 if nxt < 0 else nxt
+            run_end = min(length, (run_end_blk << self._shift) - offset)
+            piece = buf[pos:run_end]
+            if state:
+                _full_pread(self._fd, piece, offset + pos)
+            else:
+                self.inner.pread(piece, offset + pos)
+            pos = run_end
+            blk = run_end_blk
+
+    def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
+        mv = data if isinstance(data, memoryview) else memoryview(data)
+        first, last = self._blocks(offset, len(mv))
+        if self._all_present(first, last):
+            _full_pwrite(self._fd, mv, offset)
+            return
+        with self._lock:
+            self._dirty = True
+            if offset & (self._block - 1):
+                self._copy_up(first)
+            end = offset + len(mv)
+            if end & (self._block - 1) and end != self._size:
+                self._copy_up(last)
+            _full_pwrite(self._fd, mv, offset)
+            self._present[first : last + 1] = b"\x01" * (last - first + 1)
+
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        first, last = self._blocks(offset, length)
+        with self._lock:
+            self._dirty = True
+            head = offset & (self._block - 1)
+            end = offset + length
+            if head:
+                self._copy_up(first)
+            if end & (self._block - 1) and end != self._size:
+                self._copy_up(last)
+            self._punch(offset, length)
+            self._present[first : last + 1] = b"\x01" * (last - first + 1)
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        # Trim may leave anything behind; zeroing in the overlay is the only choice that
+        # keeps the base untouched and frees overlay space.
+        self.zero(offset, length, True, False, fua)
+
+    def flush(self) -> None:
+        # The overlay dies with the process, so durability of it means nothing; every
+        # connection shares one file descriptor, so writes are already visible to all.
+        return
+
+    def fileno(self) -> int | None:
+        return None  # merged data cannot be sendfile'd from one descriptor
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        if not self._dirty:
+            return self.inner.extents(offset, length)
+        out: list[Extent] = []
+        end = offset + length
+        pos = offset
+        while pos < end:
+            blk = pos >> self._shift
+            state = self._present[blk]
+            nxt = self._present.find(1 - state, blk, ((end - 1) >> self._shift) + 1)
+            run_end = end if nxt < 0 else min(end, nxt << self._shift)
+            if state:
+                self._overlay_extents(pos, run_end, out)
+            else:
+                self._base_extents(pos, run_end, out)
+            pos = run_end
+        return out
+
+    def _base_extents(self, start: int, end: int, out: list[Extent]) -> None:
+        pos = start
+        while pos < end:
+            got = self.inner.extents(pos, end - pos) if self.inner.can_extents else []
+            if not got:
+                _append(out, end - pos, 0)
+                return
+            for ext in got:
+                n = min(ext.length, end - pos)
+                if n <= 0:
+                    break
+                _append(out, n, ext.flags)
+                pos += n
+
+    def _overlay_extents(self, start: int, end: int, out: list[Extent]) -> None:
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data = end  # nothing but hole up to EOF
+            if data > pos:
+                n = min(data, end) - pos
+                _append(out, n, _HOLE)
+                pos += n
+                continue
+            hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
+            n = min(hole, end) - pos
+            _append(out, n, 0)
+            pos += n
+
+    def close(self) -> None:
+        try:
+            os.close(self._fd)
+        finally:
+            self.inner.close()
+
+
+def _append(out: list[Extent], length: int, flags: int) -> None:
+    if out and out[-1].flags == flags:
+        out[-1] = Extent(out[-1].length + length, flags)
+    else:
+        out.append(Extent(length, flags))

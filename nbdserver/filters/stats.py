@@ -1,0 +1,83 @@
+"""A filter that times every backend call into a connection's ``ConnStats``.
+
+Why: the simplest way to give the edge per-export, per-command metrics without touching its
+request loop; the edge wraps a connection's backend with this only when metrics are on, so a
+server without ``--metrics-port`` runs exactly the code it would without metrics.
+
+It must not change behaviour: errors are recorded and re-raised unchanged. Its ``fileno`` is
+None so reads go through ``pread`` and are counted (an edge that records reads itself around a
+sendfile path can use ``ConnStats.record`` directly instead of this filter).
+"""
+
+from __future__ import annotations
+
+from time import perf_counter_ns
+
+from nbdserver.backends.base import Backend, Extent
+from nbdserver.filters.base import Filter
+from nbdserver.metrics import (
+    CMD_BLOCK_STATUS,
+    CMD_CACHE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    ConnStats,
+)
+
+
+class StatsFilter(Filter):
+    def __init__(self, inner: Backend, stats: ConnStats) -> None:
+        super().__init__(inner)
+        self.stats = stats
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        t0 = perf_counter_ns()
+        try:
+            self.inner.pread(buf, offset)
+        except OSError as exc:
+            self.stats.record(CMD_READ, 0, perf_counter_ns() - t0, exc.errno or 5)
+            raise
+        self.stats.record(CMD_READ, len(buf), perf_counter_ns() - t0)
+
+    def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
+        t0 = perf_counter_ns()
+        try:
+            self.inner.pwrite(data, offset, fua)
+        except OSError as exc:
+            self.stats.record(CMD_WRITE, 0, perf_counter_ns() - t0, exc.errno or 5)
+            raise
+        self.stats.record(CMD_WRITE, len(data), perf_counter_ns() - t0)
+
+    def _timed(self, cmd: int, fn, *args: object) -> object:  # type: ignore[no-untyped-def]
+        t0 = perf_counter_ns()
+        try:
+            result = fn(*args)
+        except OSError as exc:
+            self.stats.record(cmd, 0, perf_counter_ns() - t0, exc.errno or 5)
+            raise
+        self.stats.record(cmd, 0, perf_counter_ns() - t0)
+        return result
+
+    def flush(self) -> None:
+        self._timed(CMD_FLUSH, self.inner.flush)
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        self._timed(CMD_TRIM, self.inner.trim, offset, length, fua)
+
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        self._timed(CMD_WRITE_ZEROES, self.inner.zero, offset, length, may_trim, fast, fua)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return self._timed(CMD_BLOCK_STATUS, self.inner.extents, offset, length)  # type: ignore[return-value]
+
+    def cache(self, offset: int, length: int) -> None:
+        self._timed(CMD_CACHE, self.inner.cache, offset, length)
+
+    def fileno(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        # The connection's view closes; the shared backend below belongs to the export.
+        return
