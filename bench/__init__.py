@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: nbdserver against qemu-nbd, nbdkit and nbd-server (python -m bench)."""
