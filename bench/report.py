@@ -17,6 +17,9 @@ from typing import Any
 from bench.workloads import Workload
 
 SUBJECT = "nbdserver"
+# What a Markdown export states about its run, so a pasted table keeps its context.
+META_FACTS = ("date", "commit", "nbdserver_commit", "rounds", "runtime", "image_size", "cpus",
+              "loadavg_start", "loadavg_end")  # fmt: skip
 
 
 @dataclass
@@ -161,11 +164,7 @@ def render_markdown(results: BenchResults) -> str:
     parts = []
     if meta.get("command"):
         parts.append(f"Command: `{meta['command']}`")
-    facts = [
-        f"{k}: {meta[k]}"
-        for k in ("date", "commit", "rounds", "runtime", "image_size")
-        if k in meta
-    ]
+    facts = [f"{k}: {meta[k]}" for k in META_FACTS if k in meta]
     if facts:
         parts.append("; ".join(facts))
     parts += [
