@@ -19,8 +19,9 @@ The contract with the network edge (``nbdserver.server``), in the order a connec
    bad magic: disconnect), ``payload_length(flags, cmd, length)`` (bytes to read or discard;
    raises ``ProtocolError`` when too big to skip), ``validate(flags, cmd, offset, length) -> errno``
    (0 means pass it to the backend).
-3. ``transmission.ReplyEncoder.for_negotiated(negotiated)``: ``ok``, ``read`` (header only; the data
-   follows), ``error``, ``data_chunk``, ``hole_chunk``, ``block_status``, ``error_offset``, ``done``.
+3. ``transmission.ReplyEncoder.for_negotiated(negotiated)``: ``ok``, ``read`` (header only; the
+   data follows), ``error``, ``data_chunk``, ``hole_chunk``, ``block_status``, ``error_offset``,
+   ``done``.
 
 The client side (``client_handshake``) and the URI parser (``uri``) serve ``nbdserver.client``.
 """

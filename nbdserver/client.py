@@ -1,0 +1,461 @@
+"""A blocking userspace NBD client: connect, negotiate, and (for tests and tools) do simple I/O.
+
+Why: the node agent must finish the handshake in userspace and then hand the socket to the
+kernel's NBD driver, positioned exactly at the start of transmission. This is that handshake,
+built on the pure pieces in ``nbdserver.protocol`` (codecs, ``client_handshake``, ``uri``).
+
+Kernel safety: by default it negotiates neither structured replies nor extended headers, because
+the kernel parses only simple replies. ``structured_replies=True`` is for userspace use only.
+
+What this module must not do: talk to the kernel, retry, or sleep. Errors are raised as the
+exceptions of ``nbdserver.protocol.client_handshake`` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbdserver.protocol import wire
+from nbdserver.protocol.client_handshake import (
+    GO_INFO_REQUESTS,
+    MAX_OPTION_REPLY,
+    ExportDetails,
+    InfoCollector,
+    NBDClientError,
+    NBDConnectError,
+    NBDOptionError,
+    NBDProtocolError,
+    NBDServerRefused,
+    NBDTLSError,
+    NBDTLSRequired,
+    NBDUnknownExport,
+    client_flags,
+    is_error,
+    option_error,
+    parse_export_name_reply,
+)
+from nbdserver.protocol.constants import (
+    BASE_ALLOCATION,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NBD_STRUCTURED_REPLY_MAGIC,
+    Command,
+    HandshakeFlag,
+    Option,
+    OptionReply,
+    ReplyType,
+)
+from nbdserver.protocol.uri import NBDURI, parse_uri
+
+__all__ = [
+    "ExportDetails",
+    "NBDClientError",
+    "NBDConnectError",
+    "NBDConnection",
+    "NBDOptionError",
+    "NBDProtocolError",
+    "NBDServerRefused",
+    "NBDTLSError",
+    "NBDTLSRequired",
+    "NBDUnknownExport",
+    "connect",
+    "handshake",
+    "list_exports",
+    "open_socket",
+    "tls_context_for",
+]
+
+DEFAULT_TIMEOUT = 30.0
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        try:
+            k = sock.recv_into(view[got:])
+        except TimeoutError:
+            raise NBDProtocolError("timed out waiting for the server") from None
+        except ssl.SSLError as exc:
+            raise NBDTLSError(f"TLS error: {exc}") from None
+        except OSError as exc:
+            raise NBDProtocolError(f"connection lost: {exc}") from None
+        if k == 0:
+            raise NBDProtocolError(f"server closed the connection ({got} of {n} bytes read)")
+        got += k
+    return bytes(buf)
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as exc:
+        raise NBDProtocolError(f"connection lost while sending: {exc}") from None
+
+
+def open_socket(target: NBDURI | str, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
+    """Connect to the server named by an NBD URI (or URI text); no NBD bytes are exchanged."""
+    uri = parse_uri(target) if isinstance(target, str) else target
+    try:
+        if uri.socket_path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(uri.socket_path)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            assert uri.host is not None
+            sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        target_text = uri.socket_path or f"{uri.host}:{uri.port}"
+        raise NBDConnectError(f"cannot reach NBD server at {target_text}: {exc}") from None
+    return sock
+
+
+def tls_context_for(uri: NBDURI) -> ssl.SSLContext:
+    """A client SSLContext from the URI's tls-* parameters (tls-certificates as libnbd reads it:
+    ca-cert.pem, and client-cert.pem + client-key.pem when present)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the spec's floor
+    if uri.tls_certificates:
+        d = Path(uri.tls_certificates)
+        if (d / "ca-cert.pem").exists():
+            ctx.load_verify_locations(cafile=str(d / "ca-cert.pem"))
+        if (d / "client-cert.pem").exists():
+            ctx.load_cert_chain(str(d / "client-cert.pem"), str(d / "client-key.pem"))
+    if not uri.tls_verify_peer:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class _Options:
+    """Sends one option and reads its replies; enforces that replies answer that option."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, option: int, payload: bytes = b"") -> None:
+        _send(self.sock, wire.pack_option(option, payload))
+
+    def reply(self, option: int) -> tuple[int, bytes]:
+        got, rtype, length = wire.unpack_option_reply_header(_recv_exact(self.sock, 20))
+        if got != option:
+            raise NBDProtocolError(f"reply for option {got} while waiting for option {option}")
+        if length > MAX_OPTION_REPLY:
+            raise NBDProtocolError(f"option reply of {length} bytes")
+        return rtype, _recv_exact(self.sock, length) if length else b""
+
+    def simple(self, option: int, payload: bytes = b"") -> tuple[int, bytes]:
+        """Send an option whose only reply is ACK or an error."""
+        self.send(option, payload)
+        rtype, data = self.reply(option)
+        if rtype != OptionReply.NBD_REP_ACK and not is_error(rtype):
+            raise NBDProtocolError(f"unexpected reply {rtype:#x} to option {option}")
+        return rtype, data
+
+
+def _start(sock: socket.socket) -> tuple[_Options, int]:
+    try:
+        server_flags = wire.unpack_greeting(_recv_exact(sock, wire.GREETING.size))
+    except wire.ProtocolError as exc:
+        raise NBDProtocolError(str(exc)) from None
+    except NBDProtocolError as exc:
+        raise NBDProtocolError(f"no NBD greeting: {exc}") from None
+    _send(sock, wire.CLIENT_FLAGS.pack(client_flags(server_flags)))
+    return _Options(sock), server_flags
+
+
+def _starttls(
+    opts: _Options, ctx: ssl.SSLContext, server_hostname: str | None, required: bool
+) -> socket.socket | None:
+    rtype, data = opts.simple(Option.NBD_OPT_STARTTLS)
+    if is_error(rtype):
+        if required:
+            raise NBDTLSError(f"server refused STARTTLS: {option_error(5, rtype, data)}")
+        return None
+    try:
+        return ctx.wrap_socket(opts.sock, server_hostname=server_hostname)
+    except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+        raise NBDTLSError(f"TLS handshake failed: {exc}") from None
+
+
+def handshake(
+    sock: socket.socket,
+    export_name: str = "",
+    *,
+    tls_context: ssl.SSLContext | None = None,
+    tls_required: bool = False,
+    server_hostname: str | None = None,
+    structured_replies: bool = False,
+    meta_contexts: tuple[str, ...] = (),
+) -> tuple[socket.socket, ExportDetails]:
+    """Negotiate ``export_name`` on a connected socket and stop at the transmission phase.
+
+    Returns the socket to use from now on (an ``ssl.SSLSocket`` after STARTTLS) and the export's
+    details. With ``tls_context`` STARTTLS is tried first; a refusal is fatal when
+    ``tls_required`` (nbds:// URIs), otherwise the session continues in clear text.
+    NBD_OPT_GO is used, falling back to NBD_OPT_EXPORT_NAME when the server lacks it.
+    """
+    if tls_required and tls_context is None:
+        raise NBDTLSError("TLS is required but no TLS context was given")
+    opts, server_flags = _start(sock)
+    details = ExportDetails(export_name=export_name)
+    if tls_context is not None:
+        upgraded = _starttls(opts, tls_context, server_hostname, tls_required)
+        if upgraded is not None:
+            sock = upgraded
+            opts = _Options(sock)
+            details.tls = True
+    if structured_replies:
+        rtype, data = opts.simple(Option.NBD_OPT_STRUCTURED_REPLY)
+        if rtype == OptionReply.NBD_REP_ERR_TLS_REQD:
+            raise option_error(Option.NBD_OPT_STRUCTURED_REPLY, rtype, data)
+        details.structured_replies = rtype == OptionReply.NBD_REP_ACK
+        if details.structured_replies and meta_contexts:
+            _set_meta_contexts(opts, export_name, meta_contexts, details)
+    opts.send(Option.NBD_OPT_GO, wire.pack_info_go(export_name, GO_INFO_REQUESTS))
+    collector = InfoCollector(details)
+    while True:
+        rtype, data = opts.reply(Option.NBD_OPT_GO)
+        if rtype == OptionReply.NBD_REP_INFO:
+            collector.feed(data)
+        elif rtype == OptionReply.NBD_REP_ACK:
+            details = collector.finish()
+            break
+        elif rtype == OptionReply.NBD_REP_ERR_UNSUP:
+            details = _export_name(opts, export_name, server_flags, details)
+            break
+        elif is_error(rtype):
+            raise option_error(Option.NBD_OPT_GO, rtype, data)
+        else:
+            raise NBDProtocolError(f"unexpected reply {rtype:#x} to NBD_OPT_GO")
+    sock.settimeout(None)  # the kernel (or the caller) owns the socket's pacing from here
+    return sock, details
+
+
+def _set_meta_contexts(
+    opts: _Options, export_name: str, queries: tuple[str, ...], details: ExportDetails
+) -> None:
+    opt = Option.NBD_OPT_SET_META_CONTEXT
+    opts.send(opt, wire.pack_meta_context_request(export_name, queries))
+    while True:
+        rtype, data = opts.reply(opt)
+        if rtype == OptionReply.NBD_REP_META_CONTEXT:
+            cid, name = wire.unpack_rep_meta_context(data)
+            details.meta_contexts[name] = cid
+        elif rtype == OptionReply.NBD_REP_ACK:
+            return
+        elif is_error(rtype):
+            details.meta_contexts.clear()  # the spec: disregard contexts before an error
+            return
+        else:
+            raise NBDProtocolError(f"unexpected reply {rtype:#x} to NBD_OPT_SET_META_CONTEXT")
+
+
+def _export_name(
+    opts: _Options, name: str, server_flags: int, details: ExportDetails
+) -> ExportDetails:
+    opts.send(Option.NBD_OPT_EXPORT_NAME, name.encode())
+    try:
+        head = _recv_exact(opts.sock, wire.EXPORT_NAME_REPLY.size)
+    except NBDProtocolError:
+        raise NBDUnknownExport(
+            Option.NBD_OPT_EXPORT_NAME,
+            OptionReply.NBD_REP_ERR_UNKNOWN,
+            f"server closed the connection on export {name!r}",
+        ) from None
+    if not server_flags & HandshakeFlag.NBD_FLAG_NO_ZEROES:
+        _recv_exact(opts.sock, 124)
+    details.meta_contexts.clear()
+    return parse_export_name_reply(head, details)
+
+
+def list_exports(
+    target: NBDURI | str,
+    *,
+    tls_context: ssl.SSLContext | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[tuple[str, str]]:
+    """NBD_OPT_LIST: (name, description) of each export, then a clean NBD_OPT_ABORT."""
+    uri = parse_uri(target) if isinstance(target, str) else target
+    if uri.tls and tls_context is None:
+        tls_context = tls_context_for(uri)
+    sock = open_socket(uri, timeout)
+    try:
+        opts, _ = _start(sock)
+        if tls_context is not None:
+            upgraded = _starttls(opts, tls_context, uri.server_hostname, uri.tls)
+            if upgraded is not None:
+                sock = upgraded
+                opts = _Options(sock)
+        opts.send(Option.NBD_OPT_LIST)
+        found: list[tuple[str, str]] = []
+        while True:
+            rtype, data = opts.reply(Option.NBD_OPT_LIST)
+            if rtype == OptionReply.NBD_REP_SERVER:
+                try:
+                    found.append(wire.unpack_rep_server(data))
+                except wire.ProtocolError as exc:
+                    raise NBDProtocolError(str(exc)) from None
+            elif rtype == OptionReply.NBD_REP_ACK:
+                break
+            elif is_error(rtype):
+                raise option_error(Option.NBD_OPT_LIST, rtype, data)
+            else:
+                raise NBDProtocolError(f"unexpected reply {rtype:#x} to NBD_OPT_LIST")
+        opts.send(Option.NBD_OPT_ABORT)
+        with contextlib.suppress(NBDProtocolError):  # the server may close without an ACK
+            opts.reply(Option.NBD_OPT_ABORT)
+        return found
+    finally:
+        sock.close()
+
+
+def connect(
+    target: NBDURI | str,
+    *,
+    export_name: str | None = None,
+    tls_context: ssl.SSLContext | None = None,
+    structured_replies: bool = False,
+    meta_contexts: tuple[str, ...] = (),
+    timeout: float = DEFAULT_TIMEOUT,
+) -> NBDConnection:
+    """Open a connection to the export named by ``target`` (an NBD URI) and negotiate it.
+
+    ``export_name`` overrides the URI's export. nbds:// URIs make TLS mandatory (a context is
+    built from the URI's tls-* parameters unless one is given); with nbd:// and a context, TLS is
+    opportunistic.
+    """
+    uri = parse_uri(target) if isinstance(target, str) else target
+    if uri.tls and tls_context is None:
+        tls_context = tls_context_for(uri)
+    sock = open_socket(uri, timeout)
+    try:
+        sock, details = handshake(
+            sock,
+            uri.export_name if export_name is None else export_name,
+            tls_context=tls_context,
+            tls_required=uri.tls,
+            server_hostname=uri.server_hostname,
+            structured_replies=structured_replies,
+            meta_contexts=meta_contexts or ((BASE_ALLOCATION,) if structured_replies else ()),
+        )
+    except BaseException:
+        sock.close()
+        raise
+    return NBDConnection(sock, details)
+
+
+@dataclass
+class NBDConnection:
+    """A negotiated connection. ``sock`` is what the agent hands to the kernel (``detach()``);
+    the I/O helpers below are for tests and tools, one request at a time."""
+
+    sock: socket.socket
+    details: ExportDetails
+    _cookie: int = 0
+
+    def detach(self) -> socket.socket:
+        """Give up ownership of the socket (e.g. to pass its fd to the kernel)."""
+        sock, self.sock = self.sock, None  # type: ignore[assignment]
+        return sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None  # type: ignore[assignment]
+
+    def __enter__(self) -> NBDConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(
+        self, cmd: int, offset: int, length: int, flags: int = 0, data: bytes = b""
+    ) -> int:
+        self._cookie += 1
+        _send(self.sock, wire.pack_request(flags, cmd, self._cookie, offset, length) + data)
+        return self._cookie
+
+    def _simple(self, cookie: int) -> None:
+        magic, error, got = wire.SIMPLE_REPLY.unpack(_recv_exact(self.sock, 16))
+        if magic == NBD_SIMPLE_REPLY_MAGIC:
+            if got != cookie:
+                raise NBDProtocolError(f"reply cookie {got} for request {cookie}")
+            if error:
+                raise OSError(error, f"NBD error {error}")
+            return
+        self._chunks(magic, error, got, cookie, None, 0)
+
+    def _chunks(
+        self, magic: int, word: int, got: int, cookie: int, out: bytearray | None, base: int
+    ) -> None:
+        """Consume structured chunks until DONE; data lands in ``out`` at offset - base."""
+        failure: OSError | None = None
+        while True:
+            if magic != NBD_STRUCTURED_REPLY_MAGIC:
+                raise NBDProtocolError(f"bad reply magic {magic:#x}")
+            flags, rtype = word >> 16, word & 0xFFFF
+            (length,) = wire.U32.unpack(_recv_exact(self.sock, 4))
+            if got != cookie:
+                raise NBDProtocolError(f"reply cookie {got} for request {cookie}")
+            payload = _recv_exact(self.sock, length)
+            if rtype == ReplyType.NBD_REPLY_TYPE_OFFSET_DATA and out is not None:
+                (off,) = wire.U64.unpack_from(payload)
+                out[off - base : off - base + length - 8] = payload[8:]
+            elif rtype == ReplyType.NBD_REPLY_TYPE_OFFSET_HOLE and out is not None:
+                (off,) = wire.U64.unpack_from(payload)
+                (n,) = wire.U32.unpack_from(payload, 8)
+                out[off - base : off - base + n] = bytes(n)
+            elif rtype & 0x8000:
+                error, _mlen = wire.ERROR_HEAD.unpack_from(payload)
+                failure = OSError(error, payload[6 : 6 + _mlen].decode(errors="replace"))
+            elif rtype not in (
+                ReplyType.NBD_REPLY_TYPE_NONE,
+                ReplyType.NBD_REPLY_TYPE_BLOCK_STATUS,
+            ):
+                raise NBDProtocolError(f"unexpected chunk type {rtype}")
+            if flags & 1:
+                break
+            magic, word, got = wire.SIMPLE_REPLY.unpack(_recv_exact(self.sock, 16))
+        if failure is not None:
+            raise failure
+
+    def pread(self, offset: int, length: int) -> bytes:
+        cookie = self._request(Command.NBD_CMD_READ, offset, length)
+        magic, word, got = wire.SIMPLE_REPLY.unpack(_recv_exact(self.sock, 16))
+        if magic == NBD_SIMPLE_REPLY_MAGIC:
+            if got != cookie:
+                raise NBDProtocolError(f"reply cookie {got} for request {cookie}")
+            if word:
+                raise OSError(word, f"NBD error {word}")
+            return _recv_exact(self.sock, length)
+        out = bytearray(length)
+        self._chunks(magic, word, got, cookie, out, offset)
+        return bytes(out)
+
+    def pwrite(self, data: bytes, offset: int, flags: int = 0) -> None:
+        self._simple(self._request(Command.NBD_CMD_WRITE, offset, len(data), flags, data))
+
+    def flush(self) -> None:
+        self._simple(self._request(Command.NBD_CMD_FLUSH, 0, 0))
+
+    def trim(self, offset: int, length: int) -> None:
+        self._simple(self._request(Command.NBD_CMD_TRIM, offset, length))
+
+    def disconnect(self) -> None:
+        """NBD_CMD_DISC (no reply), then close."""
+        if self.sock is not None:
+            try:
+                self._request(Command.NBD_CMD_DISC, 0, 0)
+            finally:
+                self.close()
