@@ -1,0 +1,201 @@
+"""One client connection, from accept to close: drive the handshake, then hand over to the
+transmission loop, and log who it was, which export, and why it ended.
+
+The handshake itself is ``nbdserver.protocol.handshake`` (sans-I/O); this module only feeds it
+socket bytes under an idle deadline, performs STARTTLS when it asks, and resolves export names.
+Must not interpret option or request bytes itself, nor touch other connections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from nbdserver.edge_transmission import Transmission
+from nbdserver.errors import ConnectionClosed
+from nbdserver.exports import Export
+from nbdserver.protocol.constants import TransmissionFlag
+from nbdserver.protocol.events import (
+    NEED_DATA,
+    Aborted,
+    Closed,
+    ExportInfo,
+    Negotiated,
+    StartTLS,
+)
+from nbdserver.protocol.handshake import ServerHandshake
+
+if TYPE_CHECKING:
+    from nbdserver.server import Server
+
+log = logging.getLogger("nbdserver.connection")
+
+_HANDSHAKE, _TRANSMISSION, _DONE = "handshake", "transmission", "done"
+
+
+def export_info(export: Export) -> ExportInfo:
+    """What the handshake advertises for ``export``: the backend's capabilities as transmission
+    flags (the handshake adds HAS_FLAGS and DF, and drops write flags on read-only exports)."""
+    b = export.backend
+    f = TransmissionFlag(0)
+    if export.read_only:
+        f |= TransmissionFlag.NBD_FLAG_READ_ONLY
+    for cap, flag in (
+        (b.can_flush, TransmissionFlag.NBD_FLAG_SEND_FLUSH),
+        (b.can_fua, TransmissionFlag.NBD_FLAG_SEND_FUA),
+        (b.is_rotational, TransmissionFlag.NBD_FLAG_ROTATIONAL),
+        (b.can_trim, TransmissionFlag.NBD_FLAG_SEND_TRIM),
+        (b.can_zero, TransmissionFlag.NBD_FLAG_SEND_WRITE_ZEROES),
+        (b.can_zero and b.can_fast_zero, TransmissionFlag.NBD_FLAG_SEND_FAST_ZERO),
+        (b.can_multi_conn, TransmissionFlag.NBD_FLAG_CAN_MULTI_CONN),
+        (b.can_cache, TransmissionFlag.NBD_FLAG_SEND_CACHE),
+    ):
+        if cap:
+            f |= flag
+    bs = b.block_size
+    return ExportInfo(
+        name=export.name,
+        size=b.size(),
+        flags=int(f),
+        description=export.config.description,
+        minimum_block=bs.minimum,
+        preferred_block=bs.preferred,
+        maximum_payload=bs.maximum,
+    )
+
+
+class Connection:
+    """Runs in its own thread (``run``); the server may call ``begin_shutdown`` from another."""
+
+    def __init__(self, server: Server, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.export: Export | None = None
+        self.transmission: Transmission | None = None
+        self.thread: threading.Thread | None = None
+        self._state = _HANDSHAKE
+        self._lock = threading.Lock()
+        self._attached = False
+
+    # --- called from other threads -------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """Stop reading: a handshake is cut short; in transmission, requests already received
+        finish and are answered, later ones get ESHUTDOWN, then the connection closes."""
+        with self._lock:
+            state, tx = self._state, self.transmission
+        if state == _DONE:
+            return
+        if tx is not None:
+            tx.begin_shutdown()
+        how = socket.SHUT_RD if state == _TRANSMISSION else socket.SHUT_RDWR
+        with contextlib.suppress(OSError):  # already gone
+            self.sock.shutdown(how)
+
+    def abort(self) -> None:
+        """Hard disconnect (used when a graceful stop overran its deadline)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    # --- the connection's own thread ---------------------------------------------------------
+    def run(self) -> None:
+        reason = "unknown"
+        started = time.monotonic()
+        try:
+            reason = self._serve()
+        except ConnectionClosed as e:
+            reason = e.reason
+        except TimeoutError:
+            reason = "handshake timed out"
+        except OSError as e:
+            reason = f"socket error: {e.strerror or e}"
+        except Exception as e:  # a bug must cost one connection, never the server
+            log.exception("internal error on connection from %s", self.peer)
+            reason = f"internal error: {e!r}"
+        finally:
+            with self._lock:
+                self._state = _DONE
+            if self._attached and self.export is not None:
+                self.export.detach()
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            tx = self.transmission
+            log.info(
+                "connection from %s to export %r ended after %.1fs, %d requests: %s",
+                self.peer,
+                self.export.name if self.export else None,
+                time.monotonic() - started,
+                tx.requests if tx else 0,
+                reason,
+            )
+            self.server.connection_done(self)
+
+    def _serve(self) -> str:
+        negotiated = self._handshake()
+        if not isinstance(negotiated, Negotiated):
+            return negotiated
+        export = self.server.lookup(negotiated.export.name)
+        if export is None:  # the resolver found it moments ago; exports do not go away
+            return "export vanished"
+        self.export = export
+        if not export.try_attach():
+            return f"export {export.name!r} reached its limit of {export.config.connections}"
+        self._attached = True
+        tx = Transmission(self.sock, export, negotiated, pool=self.server.pool, peer=self.peer)
+        with self._lock:
+            self.transmission = tx
+            self._state = _TRANSMISSION
+        if self.server.stopping:
+            tx.begin_shutdown()
+            return "server shutting down"
+        log.info(
+            "%s attached to export %r (%s%s%s)",
+            self.peer,
+            export.name,
+            "extended headers" if negotiated.extended_headers else (
+                "structured replies" if negotiated.structured_replies else "simple replies"
+            ),
+            ", base:allocation" if negotiated.meta_contexts else "",
+            ", TLS" if negotiated.tls else "",
+        )  # fmt: skip
+        if negotiated.leftover:
+            tx.preload(negotiated.leftover)
+        return tx.run()
+
+    def _handshake(self) -> Negotiated | str:
+        server = self.server
+        hs = ServerHandshake(self._resolve, server.list_exports, tls=server.tls_policy)
+        deadline = time.monotonic() + server.handshake_timeout
+        sock = self.sock
+        while True:
+            event = hs.next_event()
+            out = hs.data_to_send()  # replies to the options just processed, before waiting
+            if out:
+                sock.sendall(out)
+            if event is NEED_DATA:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                hs.receive_data(sock.recv(65536))
+            elif isinstance(event, StartTLS):
+                # Hook point for TLS: the server turns the plain socket into an SSL one.
+                self.sock = sock = server.start_tls(sock)
+                hs.tls_started()
+            elif isinstance(event, Negotiated):
+                sock.settimeout(None)
+                return event
+            elif isinstance(event, Aborted):
+                return event.reason
+            elif isinstance(event, Closed):
+                if event.violation:
+                    log.warning("handshake violation from %s: %s", self.peer, event.reason)
+                return event.reason
+
+    def _resolve(self, name: str) -> ExportInfo | None:
+        export = self.server.resolve(name, self.peer)
+        return export_info(export) if export is not None else None

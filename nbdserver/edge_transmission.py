@@ -1,0 +1,348 @@
+"""The transmission phase on one blocking socket: the server's hot path.
+
+Why it looks like this: a Python server keeps up with C servers only by paying the interpreter
+once per *batch* of requests rather than per byte or per syscall. Each pass receives as much as
+the socket holds into one preallocated buffer, decodes every complete request in it, validates
+each one (``nbdserver.edge_validate``) before any backend call, runs it, and sends all replies of
+the pass with one ``sendmsg`` (writev). Reads land in a preallocated arena and go out from there;
+write payloads are written straight from the receive buffer. The GIL is released in every
+syscall, so other connections run meanwhile.
+
+Slow commands (FLUSH, TRIM, WRITE_ZEROES, CACHE) run on a small shared worker pool and reply
+when done, so fast reads and writes pass them (out-of-order replies, as the spec allows).
+
+Must not: parse handshake options, decide policy about exports, or map errors anywhere but
+``nbdserver.errors``. Must not reply to a request twice or send anything after DISC.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from concurrent.futures import Executor
+
+from nbdserver.errors import ConnectionClosed, ProtocolViolation, nbd_errno
+from nbdserver.exports import Export
+from nbdserver.protocol import wire
+from nbdserver.protocol.constants import (
+    NBD_EXTENDED_REQUEST_MAGIC,
+    NBD_REQUEST_MAGIC,
+    Command,
+    CommandFlag,
+)
+from nbdserver.protocol.events import Negotiated
+from nbdserver.protocol.transmission import ReplyEncoder, RequestValidator
+
+log = logging.getLogger("nbdserver.transmission")
+
+_READ = int(Command.NBD_CMD_READ)
+_WRITE = int(Command.NBD_CMD_WRITE)
+_DISC = int(Command.NBD_CMD_DISC)
+_FLUSH = int(Command.NBD_CMD_FLUSH)
+_TRIM = int(Command.NBD_CMD_TRIM)
+_CACHE = int(Command.NBD_CMD_CACHE)
+_ZERO = int(Command.NBD_CMD_WRITE_ZEROES)
+_BLOCK_STATUS = int(Command.NBD_CMD_BLOCK_STATUS)
+_FUA = int(CommandFlag.NBD_CMD_FLAG_FUA)
+_NO_HOLE = int(CommandFlag.NBD_CMD_FLAG_NO_HOLE)
+_FAST_ZERO = int(CommandFlag.NBD_CMD_FLAG_FAST_ZERO)
+_REQ_ONE = int(CommandFlag.NBD_CMD_FLAG_REQ_ONE)
+_EINVAL = 22
+
+RECV_BUFFER = 4 * 1024 * 1024  # holds many small requests or a few large writes
+READ_ARENA = 4 * 1024 * 1024  # read replies of one batch
+IOV_LIMIT = 512  # stay well under IOV_MAX (1024) per sendmsg
+
+
+class Transmission:
+    """Serve requests on ``sock`` for ``export`` until DISC, EOF or a protocol violation."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        export: Export,
+        negotiated: Negotiated,
+        *,
+        pool: Executor,
+        peer: str = "?",
+    ) -> None:
+        self.sock = sock
+        self.export = export
+        self.backend = export.backend
+        self.extended = negotiated.extended_headers
+        self.pool = pool
+        self.peer = peer
+        self.replies = ReplyEncoder.for_negotiated(negotiated)
+        self.validator = RequestValidator(negotiated)
+        contexts = negotiated.meta_contexts
+        self.meta_context_id: int | None = contexts[0][0] if contexts else None
+        # SSL sockets have no sendmsg: join the buffers there (TLS copies them anyway).
+        self._gather = not isinstance(sock, ssl.SSLSocket)
+        self._send_lock = threading.Lock()
+        self._inflight = 0  # requests handed to the pool and not yet answered
+        self._idle = threading.Condition(threading.Lock())
+        self._broken: BaseException | None = None
+        self._rbuf = bytearray(RECV_BUFFER)
+        self._arena = bytearray(READ_ARENA)
+        self._big: bytearray | None = None  # for payloads larger than the buffers
+        self.requests = 0
+        self._preload = b""
+
+    def preload(self, data: bytes) -> None:
+        """Requests the client pipelined behind its final handshake option."""
+        if len(data) > len(self._rbuf):
+            raise ProtocolViolation("too much data pipelined behind the handshake")
+        self._preload = data
+
+    def begin_shutdown(self) -> None:
+        """Answer every request not yet started with ESHUTDOWN (the client then disconnects)."""
+        self.validator.shutting_down = True
+
+    # --- sending --------------------------------------------------------------------------
+    def _sendv(self, iov: list[bytes | memoryview]) -> None:
+        """Send every buffer in ``iov`` (one writev when the socket takes it all)."""
+        with self._send_lock:
+            sock = self.sock
+            if not self._gather:
+                sock.sendall(b"".join(iov))
+                return
+            sent = sock.sendmsg(iov)
+            total = 0
+            for b in iov:
+                total += len(b)
+            while sent < total:
+                # Partial write (full socket buffer, or a signal): drop what went out, retry.
+                rest: list[bytes | memoryview] = []
+                skip = sent
+                for b in iov:
+                    n = len(b)
+                    if skip >= n:
+                        skip -= n
+                        continue
+                    rest.append(memoryview(b)[skip:] if skip else b)
+                    skip = 0
+                iov = rest
+                total -= sent
+                sent = sock.sendmsg(iov)
+
+    # --- the main loop ----------------------------------------------------------------------
+    def run(self) -> str:
+        """Serve until the client leaves; returns why (for the log)."""
+        try:
+            return self._loop()
+        finally:
+            self._wait_idle()
+
+    def _loop(self) -> str:
+        sock = self.sock
+        buf = self._rbuf
+        mv = memoryview(buf)
+        cap = len(buf)
+        ext = self.extended
+        hdr = wire.EXTENDED_REQUEST if ext else wire.REQUEST
+        unpack = hdr.unpack_from
+        hsize = hdr.size
+        magic_ok = NBD_EXTENDED_REQUEST_MAGIC if ext else NBD_REQUEST_MAGIC
+        validator = self.validator
+        validate = validator.validate
+        payload_length = validator.payload_length
+        replies = self.replies
+        ok_reply = replies.ok
+        err_reply = replies.error
+        read_reply = replies.read
+        backend = self.backend
+        pread = backend.pread
+        pwrite = backend.pwrite
+        arena = memoryview(self._arena)
+        arena_cap = len(arena)
+        start = 0
+        end = len(self._preload)
+        buf[:end] = self._preload
+        need_recv = not end
+        while True:
+            if self._broken is not None:
+                raise ConnectionClosed(f"send failed: {self._broken}")
+            if start == end:
+                start = end = 0
+            elif start and cap - end < 65536:
+                # Keep the partial request, move it to the front to make room.
+                mv[: end - start] = buf[start:end]
+                end -= start
+                start = 0
+            if need_recv:
+                n = sock.recv_into(mv[end:])
+                if not n:
+                    if end > start:
+                        return f"client closed the connection mid-request ({end - start} bytes)"
+                    return "client closed the connection without NBD_CMD_DISC"
+                end += n
+            need_recv = True
+            iov: list[bytes | memoryview] = []
+            apos = 0
+            while end - start >= hsize:
+                magic, flags, typ, cookie, offset, length = unpack(buf, start)
+                if magic != magic_ok:
+                    raise ProtocolViolation(f"bad request magic 0x{magic:08x}")
+                # Payload framing first: an invalid request's payload is skipped, not parsed.
+                if typ == _WRITE or ext:
+                    try:
+                        plen = payload_length(flags, typ, length)
+                    except wire.ProtocolError as e:
+                        raise ProtocolViolation(str(e)) from None
+                    if end - start < hsize + plen:
+                        if hsize + plen > cap:
+                            self._big_payload(
+                                mv[start + hsize : end], flags, typ, cookie, offset, length, plen
+                            )
+                            start = end = 0
+                            continue
+                        break  # wait for the rest of the payload
+                else:
+                    plen = 0
+                self.requests += 1
+                err = validate(flags, typ, offset, length)
+                if typ == _READ:
+                    start += hsize + plen
+                    if err:
+                        iov.append(err_reply(cookie, err, offset, "invalid read request"))
+                        continue
+                    if length > arena_cap - apos:
+                        if iov:
+                            self._sendv(iov)
+                            iov = []
+                        apos = 0
+                        if length > arena_cap:
+                            self._read_big(cookie, offset, length)
+                            continue
+                    data = arena[apos : apos + length]
+                    apos += length
+                    try:
+                        pread(data, offset)
+                    except Exception as e:
+                        iov.append(err_reply(cookie, nbd_errno(e), offset, str(e)))
+                        continue
+                    iov.append(read_reply(cookie, offset, length))
+                    iov.append(data)
+                elif typ == _WRITE and not err:
+                    data = mv[start + hsize : start + hsize + plen]
+                    start += hsize + plen
+                    try:
+                        pwrite(data, offset, flags & _FUA != 0)
+                    except Exception as e:
+                        iov.append(err_reply(cookie, nbd_errno(e), offset, str(e)))
+                        continue
+                    iov.append(ok_reply(cookie, offset))
+                elif typ == _DISC:
+                    if iov:
+                        self._sendv(iov)
+                    return "client sent NBD_CMD_DISC"
+                else:
+                    start += hsize + plen
+                    if err:
+                        iov.append(err_reply(cookie, err, offset, "invalid request"))
+                    elif typ == _BLOCK_STATUS:
+                        # Cheap, and clients usually wait for it: answer inline.
+                        iov.extend(self._slow(typ, flags, cookie, offset, length))
+                    else:
+                        self._submit(typ, flags, cookie, offset, length)
+                if len(iov) >= IOV_LIMIT:
+                    self._sendv(iov)
+                    iov = []
+                    apos = 0
+            if iov:
+                self._sendv(iov)
+
+    # --- large payloads ----------------------------------------------------------------------
+    def _bigbuf(self, length: int) -> memoryview:
+        if self._big is None or len(self._big) < length:
+            self._big = bytearray(length)
+        return memoryview(self._big)[:length]
+
+    def _read_big(self, cookie: int, offset: int, length: int) -> None:
+        data = self._bigbuf(length)
+        try:
+            self.backend.pread(data, offset)
+        except Exception as e:
+            self._sendv([self.replies.error(cookie, nbd_errno(e), offset, str(e))])
+            return
+        self._sendv([self.replies.read(cookie, offset, length), data])
+
+    def _big_payload(
+        self, have: memoryview, flags: int, typ: int, cookie: int, offset: int, length: int,
+        plen: int,
+    ) -> None:  # fmt: skip
+        """A request whose payload does not fit the receive buffer: collect it, then run it."""
+        data = self._bigbuf(plen)
+        got = len(have)
+        data[:got] = have
+        while got < plen:
+            n = self.sock.recv_into(data[got:])
+            if not n:
+                raise ConnectionClosed("client closed the connection mid-request")
+            got += n
+        self.requests += 1
+        err = self.validator.validate(flags, typ, offset, length)
+        if not err and typ == _WRITE:
+            try:
+                self.backend.pwrite(data, offset, flags & _FUA != 0)
+            except Exception as e:
+                err = nbd_errno(e)
+        elif not err:
+            err = _EINVAL  # no other command carries a payload we understand
+        if err:
+            self._sendv([self.replies.error(cookie, err, offset, "request failed")])
+        else:
+            self._sendv([self.replies.ok(cookie, offset)])
+
+    # --- slow commands on the pool -----------------------------------------------------------
+    def _submit(self, typ: int, flags: int, cookie: int, offset: int, length: int) -> None:
+        with self._idle:
+            self._inflight += 1
+        self.pool.submit(self._run_slow, typ, flags, cookie, offset, length)
+
+    def _slow(
+        self, typ: int, flags: int, cookie: int, offset: int, length: int
+    ) -> list[bytes | memoryview]:
+        """Run a validated non-data command; return its reply."""
+        replies = self.replies
+        backend = self.backend
+        try:
+            fua = flags & _FUA != 0
+            if typ == _FLUSH:
+                backend.flush()
+            elif typ == _TRIM:
+                backend.trim(offset, length, fua)
+            elif typ == _ZERO:
+                backend.zero(offset, length, not flags & _NO_HOLE, bool(flags & _FAST_ZERO), fua)
+            elif typ == _CACHE:
+                backend.cache(offset, length)
+            else:  # _BLOCK_STATUS: the validator let nothing else through
+                assert self.meta_context_id is not None
+                extents = backend.extents(offset, length)
+                chunk = replies.block_status(
+                    cookie, offset, length, self.meta_context_id, extents, bool(flags & _REQ_ONE)
+                )
+                return [chunk]
+            return [replies.ok(cookie, offset)]
+        except Exception as e:
+            return [replies.error(cookie, nbd_errno(e), offset, str(e))]
+
+    def _run_slow(self, typ: int, flags: int, cookie: int, offset: int, length: int) -> None:
+        try:
+            self._sendv(self._slow(typ, flags, cookie, offset, length))
+        except OSError as e:
+            # The main loop notices on its next pass and ends the connection.
+            self._broken = e
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.notify_all()
+
+    def _wait_idle(self) -> None:
+        """Every request handed to the pool has been answered (or failed to send)."""
+        with self._idle:
+            while self._inflight:
+                self._idle.wait()
