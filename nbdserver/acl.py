@@ -138,3 +138,11 @@ class AccessPolicy:
 
     def visible_exports(self, address: str) -> list[str]:
         return [name for name, acl in self.per_export if permits(acl, address)]
+
+
+def address_of(peer: str) -> str:
+    """The address part of the edge's peer label: ``1.2.3.4:5`` or ``[::1]:5`` -> address."""
+    if peer.startswith("["):
+        return peer[1 : peer.find("]")]
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else peer

@@ -83,3 +83,25 @@ def backend_for_connection(
     if lease.acquire(host):
         return backend, True
     return ReadOnlyFilter(backend), False
+
+
+class CapsFilter(Filter):
+    """Switch advertised capabilities off (or rotational on), as nbd-server's per-export
+    ``trim``, ``flush``, ``fua`` and ``rotational`` keys do. It can only take away what the
+    backend has: turning ``trim`` on for a backend that cannot trim changes nothing."""
+
+    def __init__(
+        self,
+        inner: Backend,
+        *,
+        trim: bool = True,
+        flush: bool = True,
+        fua: bool = True,
+        rotational: bool | None = None,
+    ) -> None:
+        super().__init__(inner)
+        self.can_trim = inner.can_trim and trim
+        self.can_flush = inner.can_flush and flush
+        self.can_fua = inner.can_fua and fua
+        if rotational is not None:
+            self.is_rotational = rotational

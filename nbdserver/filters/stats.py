@@ -11,6 +11,7 @@ sendfile path can use ``ConnStats.record`` directly instead of this filter).
 
 from __future__ import annotations
 
+import threading
 from time import perf_counter_ns
 
 from nbdserver.backends.base import Backend, Extent
@@ -31,6 +32,10 @@ class StatsFilter(Filter):
     def __init__(self, inner: Backend, stats: ConnStats) -> None:
         super().__init__(inner)
         self.stats = stats
+        # Reads, writes and block status run on the connection's own thread; the slow commands
+        # may run on a shared worker pool, several at once, so their recording takes a lock
+        # (negligible next to a flush, trim or zero).
+        self._slow_lock = threading.Lock()
 
     def pread(self, buf: memoryview, offset: int) -> None:
         t0 = perf_counter_ns()
@@ -55,9 +60,11 @@ class StatsFilter(Filter):
         try:
             result = fn(*args)
         except OSError as exc:
-            self.stats.record(cmd, 0, perf_counter_ns() - t0, exc.errno or 5)
+            with self._slow_lock:
+                self.stats.record(cmd, 0, perf_counter_ns() - t0, exc.errno or 5)
             raise
-        self.stats.record(cmd, 0, perf_counter_ns() - t0)
+        with self._slow_lock:
+            self.stats.record(cmd, 0, perf_counter_ns() - t0)
         return result
 
     def flush(self) -> None:
@@ -70,7 +77,14 @@ class StatsFilter(Filter):
         self._timed(CMD_WRITE_ZEROES, self.inner.zero, offset, length, may_trim, fast, fua)
 
     def extents(self, offset: int, length: int) -> list[Extent]:
-        return self._timed(CMD_BLOCK_STATUS, self.inner.extents, offset, length)  # type: ignore[return-value]
+        t0 = perf_counter_ns()
+        try:
+            result = self.inner.extents(offset, length)
+        except OSError as exc:
+            self.stats.record(CMD_BLOCK_STATUS, 0, perf_counter_ns() - t0, exc.errno or 5)
+            raise
+        self.stats.record(CMD_BLOCK_STATUS, 0, perf_counter_ns() - t0)
+        return result
 
     def cache(self, offset: int, length: int) -> None:
         self._timed(CMD_CACHE, self.inner.cache, offset, length)

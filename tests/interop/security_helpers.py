@@ -8,9 +8,13 @@ libnbd's ``tls-certificates=DIR`` and qemu's ``tls-creds-x509,dir=DIR,endpoint=c
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,3 +113,66 @@ def is_greeting(data: bytes) -> bool:
         return False
     magic, opt, _flags = struct.unpack(">QQH", data)
     return magic == NBDMAGIC and opt == IHAVEOPT
+
+
+class Served:
+    """A running ``nbdserver serve`` subprocess; ``log()`` returns its stderr so far."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, logfile: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.logfile = logfile
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def serve(args: list[str], tmp: Path, port: int | None = None, bind: str = "127.0.0.1"):  # type: ignore[no-untyped-def]
+    """Start ``nbdserver serve ARGS --bind BIND --port PORT``; stop it (SIGTERM) afterwards."""
+    port = port or free_port()
+    logfile = tmp / f"nbdserver-{port}.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "nbdserver.cli",
+        "serve",
+        *args,
+        "--bind",
+        bind,
+        "--port",
+        str(port),
+    ]
+    with open(logfile, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    served = Served(proc, port, logfile)
+    try:
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"nbdserver exited {proc.returncode}:\n{served.log()}")
+            try:
+                socket.create_connection(
+                    ("127.0.0.1" if bind in ("0.0.0.0", "::") else bind, port), 0.5
+                ).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(listening, 20, f"nbdserver to listen on port {port}")
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def run(cmd: list[str], timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+
+
+REPO = Path(__file__).resolve().parents[2]
