@@ -23,6 +23,8 @@ from nbdserver.backends.block import BlockDeviceBackend, is_block_device
 from nbdserver.backends.file import FileBackend
 from nbdserver.backends.memory import MemoryBackend
 from nbdserver.errors import ConfigError
+from nbdserver.filters.chain import Caps, wrap_export
+from nbdserver.filters.qos import QosLimits
 from nbdserver.protocol.constants import NBD_MAX_STRING
 
 BACKEND_KINDS = ("auto", "file", "block", "memory")
@@ -43,6 +45,9 @@ class ExportConfig:
     allowed_clients: list[str] = field(default_factory=list)
     copy_on_write: bool = False
     qos: dict[str, Any] = field(default_factory=dict)
+    cow_dir: str | None = None  # where the copy-on-write overlay lives (default: temp dir)
+    # Advertised capabilities that may be switched off (nbd-server's trim/flush/fua keys).
+    caps: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if len(self.name.encode()) > NBD_MAX_STRING:
@@ -143,24 +148,35 @@ def open_backend(cfg: ExportConfig) -> Backend:
     if kind == "memory":
         assert cfg.size is not None
         return MemoryBackend(cfg.size, read_only=cfg.read_only)
+    # Copy-on-write never writes the base: open it read-only so it cannot.
+    base_ro = cfg.read_only or cfg.copy_on_write
     assert cfg.path is not None
     if kind == "auto":
         kind = "block" if is_block_device(cfg.path) else "file"
     if kind == "block":
-        backend: Backend = BlockDeviceBackend(cfg.path, read_only=cfg.read_only)
+        backend: Backend = BlockDeviceBackend(cfg.path, read_only=base_ro)
         if cfg.size is not None and cfg.size != backend.size():
             backend.close()
             raise ConfigError(f"{cfg.path} is {backend.size()} bytes, not the {cfg.size} asked")
         return backend
-    prepare_image(cfg.path, cfg.size)
+    if not (cfg.copy_on_write and os.path.exists(cfg.path)):  # never grow a cow base
+        prepare_image(cfg.path, cfg.size)
     if not os.path.exists(cfg.path):
         raise ConfigError(f"{cfg.path} does not exist (give --size to create it)")
-    return FileBackend(cfg.path, read_only=cfg.read_only)
+    return FileBackend(cfg.path, read_only=base_ro)
 
 
 def wrap_backend(backend: Backend, cfg: ExportConfig) -> Backend:
     """Filters (copy-on-write, rate limits, ...) wrap the backend here, outermost last."""
-    return backend
+    if not (cfg.copy_on_write or cfg.qos or cfg.caps):
+        return backend
+    return wrap_export(
+        backend,
+        copy_on_write=cfg.copy_on_write,
+        cow_dir=cfg.cow_dir,
+        caps=Caps(**cfg.caps) if cfg.caps else None,
+        qos=QosLimits(**cfg.qos) if cfg.qos else None,
+    )
 
 
 class Export:
