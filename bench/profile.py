@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from bench import peers
-from bench.workloads import Workload, fio_command
+from bench.report import markdown_table
+from bench.workloads import FioError, Workload, fio_command, parse_fio_json
 
 TOP = 15
 
@@ -76,65 +77,125 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 
 def perf_summary(data: Path, top: int = 25) -> str:
     rep = subprocess.run(
-        ["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,sym",
-         "--percent-limit", "0.5"],
+        ["perf", "report", "-i", str(data), "--stdio", "--no-children", "-g", "none",
+         "--sort", "dso,sym", "--percent-limit", "0.5"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     lines = [ln for ln in rep.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
     return "\n".join(lines[:top]) + "\n"
 
 
-def profile_one(
+def _recording(
+    cmd: list[str], timeout: float, out: Path, recorders: list[list[str]]
+) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """Run fio while the recorders run; return the recorders (stopped) and fio's JSON."""
+    procs = [
+        subprocess.Popen(r, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for r in recorders
+    ]
+    try:
+        subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+    finally:
+        for proc in procs:
+            _stop(proc)
+    return procs, out.read_text() if out.exists() else ""
+
+
+def profile_nbdserver(
     args: argparse.Namespace, w: Workload, server: peers.RunningServer, outdir: Path
 ) -> str:
-    """Run w once against server under py-spy (and perf); return the summary text."""
+    """Run w once against nbdserver under py-spy (and perf record); return the summary text."""
     pyspy = shutil.which("py-spy") or str(Path(args.nbdserver).parent / "py-spy")
     raw = outdir / f"{w.name}.pyspy.txt"
-    recorders = []
-    pyspy_cmd = [pyspy, "record", "--pid", str(server.pid), "--subprocesses", "--format", "raw",
-                 "--rate", "250", "-o", str(raw)]  # fmt: skip
-    recorders.append(subprocess.Popen(pyspy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    recorders = [[pyspy, "record", "--pid", str(server.pid), "--subprocesses", "--format", "raw",
+                  "--rate", "250", "-o", str(raw)]]  # fmt: skip
     perf_data = outdir / f"{w.name}.perf.data"
     if args.perf and shutil.which("perf"):
-        perf_cmd = [
-            "perf",
-            "record",
-            "-q",
-            "-F",
-            "499",
-            "-g",
-            "-p",
-            str(server.pid),
-            "-o",
-            str(perf_data),
-        ]
-        recorders.append(
-            subprocess.Popen(perf_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        )
+        recorders.append(["perf", "record", "-q", "-F", "499", "-g", "-p", str(server.pid),
+                          "-o", str(perf_data)])  # fmt: skip
     out = outdir / f"{w.name}.fio.json"
     cmd = fio_command(w, server.uri, args.runtime, args.image_bytes, str(out), args.ramp, args.fio)
-    try:
-        subprocess.run(
-            cmd, capture_output=True, timeout=args.runtime + args.ramp + 120, check=False
-        )
-    finally:
-        for rec in recorders:
-            _stop(rec)
-    parts = [f"# {w.name}: {w.description}", ""]
+    procs, _ = _recording(cmd, args.runtime + args.ramp + 120, out, recorders)
+    parts = [f"# nbdserver, {w.name}: {w.description}", ""]
     if raw.exists():
         parts.append(summarize_collapsed(raw.read_text()))
     else:
-        err = recorders[0].stderr.read().decode(errors="replace") if recorders[0].stderr else ""
+        err = procs[0].stderr.read().decode(errors="replace") if procs[0].stderr else ""
         parts.append(f"py-spy wrote nothing: {err.strip()[-300:]}\n")
     if perf_data.exists():
         parts += ["perf (own time by dso and symbol):", perf_summary(perf_data)]
     return "\n".join(parts)
 
 
-def profile_workloads(args: argparse.Namespace, server: peers.RunningServer, outdir: Path) -> None:
+def parse_perf_stat(text: str) -> dict[str, float]:
+    """perf stat -x, output: 'value,unit,event,...' per line -> {event: value}."""
+    counts = {}
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and not line.startswith("#"):
+            with contextlib.suppress(ValueError):
+                counts[fields[2]] = float(fields[0])
+    return counts
+
+
+def syscall_census(
+    args: argparse.Namespace, w: Workload, server: peers.RunningServer, outdir: Path
+) -> dict[str, float]:
+    """Syscalls, context switches and CPU milliseconds per I/O of server under w (perf stat)."""
+    stat = outdir / f"{w.name}.{server.spec.name}.perfstat.txt"
+    out = outdir / f"{w.name}.{server.spec.name}.fio.json"
+    # Count the whole tree: perf stat's counters are inherited by children forked later (nbd-server
+    # forks one per connection). No ramp: every I/O fio counts happens while perf counts.
+    pids = ",".join(str(p) for p in peers.process_tree(server.pid))
+    recorder = ["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter,context-switches,task-clock",
+                "-p", pids, "-o", str(stat)]  # fmt: skip
+    cmd = fio_command(w, server.uri, args.runtime, args.image_bytes, str(out), 0, args.fio)
+    _, fio_text = _recording(cmd, args.runtime + 120, out, [recorder])
+    try:
+        ios = parse_fio_json(fio_text, w).total_ios
+    except FioError:
+        return {}
+    counts = parse_perf_stat(stat.read_text()) if stat.exists() else {}
+    if not ios or not counts:
+        return {}
+    return {
+        "syscalls/io": counts.get("raw_syscalls:sys_enter", 0) / ios,
+        "ctxsw/io": counts.get("context-switches", 0) / ios,
+        "cpu_us/io": 1000 * counts.get("task-clock", 0) / ios,
+    }
+
+
+def census_table(census: dict[tuple[str, str], dict[str, float]], workloads: list[Workload],
+                 servers: list[str]) -> str:  # fmt: skip
+    header = ["workload", *[f"{s} {k}" for s in servers for k in ("sys/io", "cs/io", "cpu_us/io")]]
+    body = []
+    for w in workloads:
+        row = [w.name]
+        for s in servers:
+            c = census.get((w.name, s), {})
+            row += [
+                f"{c[k]:.1f}" if k in c else "n/a" for k in ("syscalls/io", "ctxsw/io", "cpu_us/io")
+            ]
+        body.append(row)
+    return markdown_table(header, body, text_columns=1)
+
+
+def profile_workloads(
+    args: argparse.Namespace, running: dict[str, peers.RunningServer], outdir: Path
+) -> None:
+    """py-spy (and perf) profiles of nbdserver; a perf stat census of every running server."""
     outdir.mkdir(parents=True, exist_ok=True)
     summaries = []
+    census: dict[tuple[str, str], dict[str, float]] = {}
     for w in args.workload_list:
-        print(f"profiling nbdserver: {w.name}", flush=True, file=sys.stderr)
-        summaries.append(profile_one(args, w, server, outdir))
+        if "nbdserver" in running:
+            print(f"profiling nbdserver: {w.name}", flush=True, file=sys.stderr)
+            summaries.append(profile_nbdserver(args, w, running["nbdserver"], outdir))
+        if shutil.which("perf"):
+            for name, server in running.items():
+                print(f"counting syscalls: {name} {w.name}", flush=True, file=sys.stderr)
+                census[(w.name, name)] = syscall_census(args, w, server, outdir)
+    if census:
+        table = census_table(census, args.workload_list, list(running))
+        summaries.insert(0, f"# syscalls, context switches and server CPU per I/O\n\n{table}\n")
     (outdir / "summary.txt").write_text("\n".join(summaries))
+    print(f"profile written to {outdir / 'summary.txt'}", file=sys.stderr)

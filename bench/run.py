@@ -205,10 +205,10 @@ def run(args: argparse.Namespace) -> BenchResults:
             results.hwm_kib[name] = server.hwm_kib()
             results.peak_rss_kib[name] = max(server.peak_tree_rss_kib, server.tree_rss_kib())
         results.meta["loadavg_end"] = os.getloadavg()[0]
-        if args.profile and "nbdserver" in running:
+        if args.profile:
             from bench.profile import profile_workloads
 
-            profile_workloads(args, running["nbdserver"], Path(args.profile))
+            profile_workloads(args, running, Path(args.profile))
     finally:
         for server in running.values():
             server.stop()

@@ -120,6 +120,7 @@ class FioResult:
     bw_bytes: float  # bytes per second, summed over jobs
     iops: float
     mean_lat_us: float  # completion latency, mean over jobs
+    total_ios: int = 0
 
     def figure(self, workload: Workload) -> float:
         """The number the table shows for this workload."""
@@ -145,6 +146,7 @@ def result_from_fio(data: dict[str, Any], workload: Workload) -> FioResult:
     if not jobs:
         raise FioError("fio reported no jobs")
     bw = iops = lat_weighted = 0.0
+    total_ios = 0
     for job in jobs:
         if job.get("error"):
             raise FioError(f"fio job {job.get('jobname')} failed with error {job['error']}")
@@ -152,7 +154,8 @@ def result_from_fio(data: dict[str, Any], workload: Workload) -> FioResult:
         if stats.get("total_ios", 0) == 0 and stats.get("io_bytes", 0) == 0:
             raise FioError(f"fio job {job.get('jobname')} did no {workload.direction} I/O")
         bw += float(stats["bw_bytes"])
+        total_ios += int(stats.get("total_ios", 0))
         iops += float(stats["iops"])
         lat_weighted += float(stats.get("clat_ns", {}).get("mean", 0.0)) * float(stats["iops"])
     mean_lat_us = lat_weighted / iops / 1000 if iops else 0.0
-    return FioResult(bw_bytes=bw, iops=iops, mean_lat_us=mean_lat_us)
+    return FioResult(bw_bytes=bw, iops=iops, mean_lat_us=mean_lat_us, total_ios=total_ios)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.profile import summarize_collapsed
+from bench.profile import census_table, parse_perf_stat, summarize_collapsed
 from bench.report import BenchResults, markdown_table, render_markdown, render_text, rows, to_json
 from bench.run import parse_args, parse_size
 from bench.workloads import WORKLOADS_BY_NAME, FioError, fio_command, parse_fio_json
@@ -163,3 +163,23 @@ def test_profile_summary_counts_own_and_inclusive_time_per_function() -> None:
     assert "75.0%  recv (python3.11/socket.py)" in own
     assert "25.0%  serve (nbdserver/server.py)" in own
     assert "100.0%  serve (nbdserver/server.py)" in inclusive
+
+
+def test_perf_stat_csv_is_read_per_event() -> None:
+    text = (
+        "# started on Tue Nov 24 23:55:36 2026\n\n"
+        "558998,,raw_syscalls:sys_enter,1302692978,100.00,429.110,K/sec\n"
+        "93662,,context-switches,1302692978,100.00,71.899,K/sec\n"
+        "1302.69,msec,task-clock,1302692978,100.00,0.577,CPUs utilized\n"
+    )
+    assert parse_perf_stat(text) == {
+        "raw_syscalls:sys_enter": 558998.0,
+        "context-switches": 93662.0,
+        "task-clock": 1302.69,
+    }
+
+
+def test_census_table_shows_na_for_a_server_without_counts() -> None:
+    census = {("seq-read", "a"): {"syscalls/io": 4.0, "ctxsw/io": 0.5, "cpu_us/io": 9.25}}
+    table = census_table(census, [SEQ], ["a", "b"])
+    assert table.splitlines()[2] == "| seq-read | 4.0 | 0.5 | 9.2 | n/a | n/a | n/a |"
