@@ -1,0 +1,134 @@
+"""The narrow interface between the CSI node logic and the NBD attach layer.
+
+Why it exists: the node logic (stage, publish, idempotency, locks, state) must be testable over
+gRPC on a machine without an nbd kernel driver, while in production and in the UML tier it must
+use the real kernel attach of ``nbd_agent.attach`` (netlink CONNECT after a userspace handshake,
+with reconnection on LINK_DEAD). Both sides meet at ``Attacher``; ``KernelAttacher`` is the real
+one and the only place where the agent's own errors become CSI errors.
+
+What it must not do: format, mount or know about CSI requests; keep its own idea of which volume
+owns which device (that is ``state.py``'s job).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from nbd_agent.csi.errors import (
+    CsiError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+
+class Attacher(Protocol):
+    """Attach NBD URIs as block devices; the node logic's whole view of the kernel."""
+
+    def ready(self) -> tuple[bool, str]:
+        """(True, "") when attaching can work now; (False, why) otherwise (CSI Probe)."""
+        ...
+
+    def max_devices(self) -> int:
+        """How many devices this node can attach (NodeGetInfo max_volumes_per_node)."""
+        ...
+
+    def attach(self, uri: str, read_only: bool, connections: int) -> str:
+        """Attach and return the device path; raise CsiError on failure, leaving nothing."""
+        ...
+
+    def detach(self, device: str) -> None:
+        """Disconnect; a device that is not attached is fine."""
+        ...
+
+    def is_attached(self, device: str, uri: str) -> bool:
+        """True when ``device`` is connected to ``uri`` (alive or reconnecting)."""
+        ...
+
+    def is_alive(self, device: str) -> bool:
+        """True when the device's link to its server is up (not dead, not reconnecting)."""
+        ...
+
+    def adopt(self, device: str, uri: str) -> None:
+        """After an agent restart: resume keeping ``device`` attached (reconnect on LINK_DEAD)."""
+        ...
+
+
+def _as_csi(exc: Exception, what: str) -> CsiError:
+    """Map the attach layer's exception tree onto CSI codes (the one place this happens)."""
+    from nbd_agent import errors
+
+    if isinstance(exc, CsiError):
+        return exc
+    if isinstance(exc, errors.ExportUnknown):
+        return NotFound(f"{what}: {exc}")
+    if isinstance(exc, errors.ExportChanged):
+        return FailedPrecondition(f"{what}: {exc}")
+    if isinstance(exc, errors.ServerUnreachable | errors.HandshakeError | errors.FamilyMissing):
+        return Unavailable(f"{what}: {exc}")
+    if isinstance(exc, errors.NoFreeDevice):
+        return ResourceExhausted(f"{what}: {exc}")
+    if isinstance(exc, errors.UsageError):
+        return InvalidArgument(f"{what}: {exc}")
+    return Internal(f"{what}: {exc}")
+
+
+class KernelAttacher:
+    """``Attacher`` over the agent's netlink attach layer, with reconnect watching.
+
+    Kept here, not in ``attach.py``, so the agent engineer's API can stay CLI-shaped; this class
+    only adapts calls and errors.
+    """
+
+    def __init__(self, *, timeout: float = 30.0, dead_conn_timeout: float = 0.0) -> None:
+        self._timeout = timeout
+        self._dead_conn_timeout = dead_conn_timeout
+        self._lock = threading.Lock()
+
+    def ready(self) -> tuple[bool, str]:
+        from nbd_agent import attach
+
+        try:
+            attach.check_ready()
+        except Exception as exc:
+            return False, str(exc)
+        return True, ""
+
+    def max_devices(self) -> int:
+        return sum(1 for p in Path("/sys/block").glob("nbd*"))
+
+    def attach(self, uri: str, read_only: bool, connections: int) -> str:
+        from nbd_agent import attach
+
+        try:
+            return str(attach.attach_uri(uri, read_only=read_only, connections=connections))
+        except Exception as exc:
+            raise _as_csi(exc, f"attaching {uri}") from exc
+
+    def detach(self, device: str) -> None:
+        from nbd_agent import attach
+
+        try:
+            attach.detach_device(device)
+        except Exception as exc:
+            raise _as_csi(exc, f"detaching {device}") from exc
+
+    def is_attached(self, device: str, uri: str) -> bool:
+        from nbd_agent import attach
+
+        return bool(attach.device_backend(device) == uri)
+
+    def is_alive(self, device: str) -> bool:
+        from nbd_agent import attach
+
+        return bool(attach.device_alive(device))
+
+    def adopt(self, device: str, uri: str) -> None:
+        from nbd_agent import attach
+
+        attach.adopt_device(device, uri)

@@ -1,0 +1,124 @@
+"""``nbd-agent csi``: run the CSI node plugin until SIGTERM.
+
+Why it exists: the agent's CLI dispatches subcommands; this module owns the ``csi`` one, so the
+CLI only needs ``register(subparsers)`` and calls the ``func`` it sets. It wires the pieces
+together: state file, reconciliation, the kernel attacher, Kubernetes access (in-cluster, or a
+given API URL such as ``kubectl proxy``'s, or none for direct-``uri`` volumes only) and the gRPC
+server on the unix socket.
+
+What it must not do: hold CSI logic; print secrets (the API token is only read from a file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from nbd_agent.csi.attacher import Attacher, KernelAttacher
+from nbd_agent.csi.identity import IdentityService
+from nbd_agent.csi.kube import ClusterAccess, KubeApi
+from nbd_agent.csi.node import NodeService
+from nbd_agent.csi.reconcile import reconcile
+from nbd_agent.csi.server import build_server
+from nbd_agent.csi.state import NodeState
+
+log = logging.getLogger("nbd_agent.csi")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``csi`` subcommand to an argparse subparsers object; sets ``func``."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "csi", help="run the CSI node plugin (Identity and Node services) on a unix socket"
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", required=True, help="unix:///path/to/csi.sock")
+    parser.add_argument(
+        "--node-id", default=os.environ.get("NODE_NAME", ""), help="this node's name ($NODE_NAME)"
+    )
+    parser.add_argument(
+        "--state-dir", default="/var/lib/kube-nbd", help="hostPath folder for the node state"
+    )
+    parser.add_argument(
+        "--kube-api",
+        default="auto",
+        help="'auto' (in-cluster when running in a pod, else none), 'none', or an API URL"
+        " such as http://127.0.0.1:8001 (kubectl proxy)",
+    )
+    parser.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def cluster_access(kube_api: str, node_id: str) -> ClusterAccess | None:
+    if kube_api == "none":
+        return None
+    if kube_api == "auto":
+        if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            log.warning("no Kubernetes API: only volumes with a direct 'uri' attribute will work")
+            return None
+        return ClusterAccess(KubeApi.in_cluster(), node_id)
+    return ClusterAccess(KubeApi(kube_api), node_id)
+
+
+def serve(
+    endpoint: str,
+    node_id: str,
+    state_dir: str,
+    attacher: Attacher,
+    cluster: ClusterAccess | None,
+    stop: threading.Event,
+    workers: int = 8,
+) -> None:
+    """Reconcile, serve until ``stop`` is set, then stop gracefully (in-flight calls finish)."""
+    state = NodeState(state_dir).load()
+    node = NodeService(node_id, state, attacher, lookup=cluster, leases=cluster)
+    reconcile(node.volumes)
+    server = build_server(endpoint, IdentityService(attacher), node, workers=workers)
+    server.start()
+    log.info("CSI node plugin nbd.dev serving on %s as node %r", endpoint, node_id)
+    try:
+        stop.wait()
+    finally:
+        server.stop(grace=10).wait()
+        log.info("CSI node plugin stopped")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not args.node_id:
+        log.error("--node-id (or $NODE_NAME) is required")
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    serve(
+        args.endpoint,
+        args.node_id,
+        args.state_dir,
+        KernelAttacher(),
+        cluster_access(args.kube_api, args.node_id),
+        stop,
+        workers=args.workers,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m nbd_agent.csi.main``) for when the CLI has no hook yet."""
+    parser = argparse.ArgumentParser(prog="nbd-agent csi")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
