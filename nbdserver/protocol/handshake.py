@@ -60,10 +60,15 @@ BASE_ALLOCATION_ID: Final = 1  # the context id we hand out for base:allocation
 SERVER_HANDSHAKE_FLAGS: Final = (
     HandshakeFlag.NBD_FLAG_FIXED_NEWSTYLE | HandshakeFlag.NBD_FLAG_NO_ZEROES
 )
-_KNOWN_CLIENT_FLAGS: Final = ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE | ClientFlag.NBD_FLAG_C_NO_ZEROES
+# Plain ints: "~" on an IntFlag only complements the defined bits, hiding unknown ones.
+_KNOWN_CLIENT_FLAGS: Final = int(
+    ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE | ClientFlag.NBD_FLAG_C_NO_ZEROES
+)
 # Flags the export may never advertise through us, and flags that only make sense for writers.
-_NEVER: Final = TF.NBD_FLAG_SEND_DF | TF.NBD_FLAG_BLOCK_STATUS_PAYLOAD | TF.NBD_FLAG_SEND_RESIZE
-_WRITE_FLAGS: Final = (
+_NEVER: Final = int(
+    TF.NBD_FLAG_SEND_DF | TF.NBD_FLAG_BLOCK_STATUS_PAYLOAD | TF.NBD_FLAG_SEND_RESIZE
+)
+_WRITE_FLAGS: Final = int(
     TF.NBD_FLAG_SEND_FUA
     | TF.NBD_FLAG_SEND_TRIM
     | TF.NBD_FLAG_SEND_WRITE_ZEROES
@@ -265,11 +270,11 @@ class ServerHandshake:
 
     def wire_flags(self, export: ExportInfo) -> int:
         """The transmission flags sent for ``export`` under the current negotiation state."""
-        flags = (export.flags | TF.NBD_FLAG_HAS_FLAGS) & ~_NEVER
+        flags = (int(export.flags) | int(TF.NBD_FLAG_HAS_FLAGS)) & ~_NEVER
         if flags & TF.NBD_FLAG_READ_ONLY:
             flags &= ~_WRITE_FLAGS
         if not flags & TF.NBD_FLAG_SEND_WRITE_ZEROES:
-            flags &= ~TF.NBD_FLAG_SEND_FAST_ZERO
+            flags &= ~int(TF.NBD_FLAG_SEND_FAST_ZERO)
         if self.structured or self.extended:
             flags |= TF.NBD_FLAG_SEND_DF
         return int(flags) & 0xFFFF
