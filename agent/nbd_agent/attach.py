@@ -1,0 +1,228 @@
+"""Attach an export to /dev/nbdN (handshake in userspace, then NBD_CMD_CONNECT) and detach it.
+
+Why it exists: this is the agent's core promise, used by the CLI and the CSI node plugin. Every
+step that succeeded is undone if a later one fails, so a failed attach leaves no device
+configured and no socket open.
+
+Order of steps (and what undoes each): resolve the netlink family (nothing to undo); open and
+negotiate every connection (close them); pick a device and CONNECT (DISCONNECT); check the
+kernel took the size (DISCONNECT). Our copies of the socket fds are closed at the end either
+way: the kernel holds its own references.
+
+What it must not do: keep running after returning (staying attached across server restarts is
+persist.py's job), or detach a device that is mounted unless forced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+
+from nbd_agent import devices, handshake
+from nbd_agent.devices import Backend
+from nbd_agent.errors import (
+    AgentError,
+    DeviceBusy,
+    DeviceNotFound,
+    ExportChanged,
+    HandshakeError,
+    NetlinkError,
+    NoFreeDevice,
+    UsageError,
+)
+from nbd_agent.handshake import ExportInfo, Target
+from nbd_agent.netlink import NbdNetlink
+from nbdserver.protocol.constants import TransmissionFlag
+
+
+@dataclass
+class AttachOptions:
+    device: int | None = None  # None: the first free device
+    connections: int = 1
+    read_only: bool = False
+    timeout: int | None = None  # per-request timeout in seconds (kernel default if None)
+    dead_conn_timeout: int | None = None  # seconds I/O waits for a reconnect; None: fail at once
+    connect_timeout: float = 10.0  # reaching the server and the handshake
+    tls_context: ssl.SSLContext | None = field(default=None, repr=False)
+
+
+@dataclass
+class Attachment:
+    index: int
+    target: Target
+    info: ExportInfo
+    backend: Backend
+
+    @property
+    def device(self) -> str:
+        return f"/dev/nbd{self.index}"
+
+
+def kernel_flags(info: ExportInfo, read_only: bool) -> int:
+    """Server flags as the kernel must see them (read-only if either side says so)."""
+    flags = info.flags | TransmissionFlag.NBD_FLAG_HAS_FLAGS
+    if read_only:
+        flags |= TransmissionFlag.NBD_FLAG_READ_ONLY
+    return int(flags)
+
+
+def open_connections(
+    target: Target, count: int, opts: AttachOptions, expected: ExportInfo | None = None
+) -> tuple[list[socket.socket], ExportInfo]:
+    """Negotiate ``count`` connections that all describe the same export (and, on a reconnect,
+    the export the kernel already knows: same size, same read-only-ness)."""
+    socks: list[socket.socket] = []
+    info: ExportInfo | None = None
+    try:
+        for _ in range(count):
+            sock, this = handshake.open_export(
+                target, timeout=opts.connect_timeout, tls_context=opts.tls_context
+            )
+            socks.append(sock)
+            if info is not None and (this.size, this.flags) != (info.size, info.flags):
+                raise HandshakeError(f"{target.describe()}: connections disagree on the export")
+            info = this
+        assert info is not None
+        if expected is not None:
+            check_unchanged(expected, info, target)
+        if count > 1 and not info.multi_conn and not (opts.read_only or info.read_only):
+            raise UsageError(
+                f"{target.describe()}: the server does not advertise NBD_FLAG_CAN_MULTI_CONN, "
+                "so more than one writable connection could lose data; use --connections 1"
+            )
+        return socks, info
+    except BaseException:
+        close_all(socks)
+        raise
+
+
+def check_unchanged(before: ExportInfo, now: ExportInfo, target: Target) -> None:
+    # Compared in whole sectors: an adopted device only knows its size from sysfs.
+    if now.size // 512 != before.size // 512:
+        raise ExportChanged(
+            f"{target.describe()}: size changed from {before.size} to {now.size} bytes"
+        )
+    if now.read_only and not before.read_only:
+        raise ExportChanged(f"{target.describe()}: the export became read-only")
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
+
+
+def attach(uri: str | Target, opts: AttachOptions, nl: NbdNetlink | None = None) -> Attachment:
+    """Attach ``uri`` to a device; return the Attachment. Raises AgentError subclasses."""
+    target = handshake.parse_uri(uri) if isinstance(uri, str) else uri
+    if opts.connections < 1:
+        raise UsageError("--connections must be at least 1")
+    if target.tls:
+        raise UsageError(
+            f"{target.uri}: TLS exports need a process that stays (use --persist): "
+            "the kernel cannot speak TLS"
+        )
+    own_nl = nl is None
+    nl = nl or NbdNetlink()
+    try:
+        if opts.device is not None and not devices.device_node_exists(opts.device):
+            raise DeviceNotFound(f"/dev/nbd{opts.device} does not exist")
+        socks, info = open_connections(target, opts.connections, opts)
+        try:
+            return connect_sockets(nl, target, info, socks, opts)
+        finally:
+            close_all(socks)  # the kernel holds its own references now (or nothing did)
+    finally:
+        if own_nl:
+            nl.close()
+
+
+def connect_sockets(
+    nl: NbdNetlink,
+    target: Target,
+    info: ExportInfo,
+    socks: list[socket.socket],
+    opts: AttachOptions,
+) -> Attachment:
+    """CONNECT the negotiated sockets to the requested or first free device, then verify."""
+    read_only = opts.read_only or info.read_only
+    backend = Backend(target.uri, len(socks), read_only)
+    candidates = [opts.device] if opts.device is not None else devices.free_indexes(nl)
+    for index in candidates:
+        try:
+            got = nl.connect(
+                index=index,
+                fds=[s.fileno() for s in socks],
+                size_bytes=info.size,
+                block_size_bytes=info.block_size,
+                server_flags=kernel_flags(info, read_only),
+                timeout=opts.timeout,
+                dead_conn_timeout=opts.dead_conn_timeout,
+                backend_identifier=backend.identifier(),
+            )
+        except NetlinkError as exc:
+            if exc.errno == errno.EBUSY:
+                if opts.device is not None:
+                    raise DeviceBusy(f"/dev/nbd{index} is already in use") from exc
+                continue  # someone took it between STATUS and CONNECT: try the next one
+            raise AgentError(f"the kernel refused to attach /dev/nbd{index}: {exc}") from exc
+        attachment = Attachment(got, target, info, backend)
+        try:
+            verify(attachment)
+        except BaseException:
+            _disconnect_quietly(nl, got)
+            raise
+        return attachment
+    raise NoFreeDevice("no free nbd device (every /dev/nbdN is attached)")
+
+
+def verify(attachment: Attachment, deadline_s: float = 5.0) -> None:
+    """The kernel must show the export's size on the device (whole sectors)."""
+    want = attachment.info.size // 512 * 512
+    deadline = time.monotonic() + deadline_s
+    while True:
+        got = devices.describe(attachment.index, True).size_bytes
+        if got == want:
+            return
+        if time.monotonic() > deadline:
+            raise AgentError(f"{attachment.device} shows {got} bytes, expected {want}")
+        time.sleep(0.02)  # sysfs has no change notification we could wait on here
+
+
+def _disconnect_quietly(nl: NbdNetlink, index: int) -> None:
+    with contextlib.suppress(AgentError):
+        nl.disconnect(index)
+
+
+def detach(device: str | int, *, force: bool = False, nl: NbdNetlink | None = None) -> int:
+    """DISCONNECT a device; refuses a mounted/held one unless ``force``. Returns the index."""
+    index = device if isinstance(device, int) else devices.device_index(device)
+    own_nl = nl is None
+    nl = nl or NbdNetlink()
+    try:
+        status = nl.status(index) if devices.device_node_exists(index) else []
+        if not status:
+            raise DeviceNotFound(f"/dev/nbd{index} does not exist")
+        if not status[0].connected:
+            raise DeviceNotFound(f"/dev/nbd{index} is not attached")
+        in_use = devices.users(index)
+        if in_use and not force:
+            raise DeviceBusy(f"/dev/nbd{index} is in use ({', '.join(in_use)}); unmount it first")
+        nl.disconnect(index)
+        wait_disconnected(nl, index)
+        return index
+    finally:
+        if own_nl:
+            nl.close()
+
+
+def wait_disconnected(nl: NbdNetlink, index: int, deadline_s: float = 10.0) -> None:
+    """The kernel drops the configuration once its receive workers have exited."""
+    deadline = time.monotonic() + deadline_s
+    while devices.is_connected(nl, index):
+        if time.monotonic() > deadline:
+            raise AgentError(f"/dev/nbd{index} is still configured {deadline_s:.0f}s after detach")
+        time.sleep(0.02)  # no notification exists for "config released"

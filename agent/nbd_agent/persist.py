@@ -1,0 +1,194 @@
+"""Keep devices attached across server restarts: LINK_DEAD in, handshake + RECONFIGURE out.
+
+Why it exists: the kernel marks a socket dead when its server goes away and, if the device was
+attached with a dead-connection timeout, holds the I/O for that long waiting for a new socket.
+This module is the long-running side that provides it: it listens on ``nbd_mc_group``, redoes
+the handshake with backoff (reconnect.py decides when), checks the export did not change, and
+hands the new sockets over with NBD_CMD_RECONFIGURE. A restarted agent adopts the devices it
+attached earlier (found by their backend identifier) and verifies their links at once, since
+it cannot know what happened while nobody was listening.
+
+What it must not do: detach anything (a device outlives the agent on purpose), or give up on a
+device while it is still attached.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nbd_agent import attach, devices, handshake
+from nbd_agent.attach import Attachment, AttachOptions
+from nbd_agent.devices import Backend
+from nbd_agent.errors import AgentError, NetlinkError
+from nbd_agent.handshake import ExportInfo, Target
+from nbd_agent.netlink import NbdNetlink
+from nbd_agent.reconnect import Reconnector
+from nbdserver.protocol.constants import TransmissionFlag
+
+log = logging.getLogger("nbd_agent.persist")
+
+DEFAULT_DEAD_CONN_TIMEOUT = 120  # seconds the kernel holds I/O while we reconnect
+RESCAN_INTERVAL = 5.0  # how often the daemon looks for devices attached by someone else
+
+
+@dataclass
+class Kept:
+    index: int
+    target: Target
+    backend: Backend
+    expected: ExportInfo
+
+
+class Keeper:
+    """Watches devices and reconnects them. Not thread-safe: drive it from one thread."""
+
+    def __init__(
+        self,
+        nl: NbdNetlink,
+        opts: AttachOptions | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.nl = nl
+        self.opts = opts or AttachOptions()
+        self.clock = clock
+        self.reconnector = Reconnector()
+        self.kept: dict[int, Kept] = {}
+        self.outages: list[tuple[int, float]] = []  # (device index, seconds without a link)
+        # Subscribe first: a LINK_DEAD between attach and subscription would be lost.
+        self.listener = nl.link_dead_listener()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def keep(self, attachment: Attachment) -> None:
+        self.kept[attachment.index] = Kept(
+            attachment.index, attachment.target, attachment.backend, attachment.info
+        )
+        self.reconnector.watch(attachment.index, self.clock())
+
+    def adopt(self, *, uri: str | None = None, verify: bool = True) -> list[int]:
+        """Watch attached devices whose backend identifier is ours (optionally one URI's)."""
+        adopted = []
+        for dev in devices.list_devices(self.nl):
+            backend = dev.backend
+            if not dev.connected or backend is None or dev.index in self.kept:
+                continue
+            if uri is not None and backend.uri != uri:
+                continue
+            try:
+                target = handshake.parse_uri(backend.uri)
+            except AgentError as exc:
+                log.warning("cannot adopt %s: %s", dev.path, exc)
+                continue
+            flags = TransmissionFlag.NBD_FLAG_READ_ONLY if dev.read_only else 0
+            expected = ExportInfo(size=dev.size_bytes, flags=int(flags), block_size=None)
+            self.kept[dev.index] = Kept(dev.index, target, backend, expected)
+            self.reconnector.watch(dev.index, self.clock(), verify=verify)
+            log.warning("adopted %s (%s)", dev.path, backend.uri)
+            adopted.append(dev.index)
+        return adopted
+
+    def step(self, max_wait: float) -> None:
+        """Wait for LINK_DEAD (at most until the next due attempt), then run due attempts."""
+        now = self.clock()
+        deadline = self.reconnector.next_deadline()
+        wait = max_wait if deadline is None else max(0.0, min(max_wait, deadline - now))
+        for index in self.listener.read(wait):
+            if self.reconnector.link_dead(index, self.clock()):
+                log.warning("/dev/nbd%d: link dead, reconnecting", index)
+        for w in self.reconnector.due(self.clock()):
+            self._attempt(w.index)
+
+    def _attempt(self, index: int) -> None:
+        kept = self.kept[index]
+        if not devices.is_connected(self.nl, index):
+            log.warning("/dev/nbd%d was detached; no longer watching it", index)
+            self._forget(index)
+            return
+        try:
+            socks, _info = attach.open_connections(
+                kept.target, kept.backend.connections, self.opts, expected=kept.expected
+            )
+        except AgentError as exc:
+            delay = self.reconnector.failed(index, self.clock(), str(exc))
+            log.info("/dev/nbd%d: reconnect failed (%s); next try in %.2fs", index, exc, delay)
+            return
+        try:
+            self.nl.reconfigure(
+                index, [s.fileno() for s in socks], backend_identifier=kept.backend.identifier()
+            )
+        except NetlinkError as exc:
+            if exc.errno == errno.EINVAL and not devices.is_connected(self.nl, index):
+                self._forget(index)
+                return
+            self.reconnector.failed(index, self.clock(), str(exc))
+            log.warning("/dev/nbd%d: RECONFIGURE failed: %s", index, exc)
+            return
+        finally:
+            attach.close_all(socks)
+        outage = self.reconnector.succeeded(index, self.clock())
+        self.outages.append((index, outage))
+        log.warning("/dev/nbd%d: reconnected after %.3fs", index, outage)
+
+    def _forget(self, index: int) -> None:
+        self.kept.pop(index, None)
+        self.reconnector.forget(index)
+
+    def run(self, stop: threading.Event, *, rescan: bool = False) -> None:
+        last_scan = self.clock()
+        while not stop.is_set():
+            self.step(0.5)
+            if rescan and self.clock() - last_scan >= RESCAN_INTERVAL:
+                last_scan = self.clock()
+                self.adopt(verify=False)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def attach_and_watch(uri: str, opts: AttachOptions) -> int:
+    """``nbd-agent attach --persist``: attach (or adopt the device already attached to this
+    URI), print the device, then keep it attached until SIGTERM/SIGINT. The device stays."""
+    stop = _stop_on_signals()
+    with NbdNetlink() as nl:
+        keeper = Keeper(nl, opts)
+        try:
+            adopted = [i for i in keeper.adopt(uri=uri) if opts.device is None or i == opts.device]
+            if adopted:
+                index = adopted[0]
+            else:
+                attachment = attach.attach(uri, opts, nl=nl)
+                keeper.keep(attachment)
+                index = attachment.index
+            print(f"/dev/nbd{index}", flush=True)
+            keeper.run(stop)
+        finally:
+            keeper.close()
+    return 0
+
+
+def watch_all(opts: AttachOptions) -> int:
+    """``nbd-agent watch``: the daemon. Adopt every device this agent attached, keep them."""
+    stop = _stop_on_signals()
+    with NbdNetlink() as nl:
+        keeper = Keeper(nl, opts)
+        try:
+            keeper.adopt()
+            keeper.run(stop, rescan=True)
+        finally:
+            keeper.close()
+    return 0
