@@ -81,6 +81,8 @@ class Connection:
         self._state = _HANDSHAKE
         self._lock = threading.Lock()
         self._attached = False
+        guard = server.guard
+        self.guard_state = guard.opened(peer) if guard is not None else None
 
     # --- called from other threads -------------------------------------------------------------
     def begin_shutdown(self) -> None:
@@ -132,6 +134,8 @@ class Connection:
                 tx.requests if tx else 0,
                 reason,
             )
+            if self.guard_state is not None and self.server.guard is not None:
+                self.server.guard.closed(self.guard_state)
             self.server.connection_done(self)
 
     def _serve(self) -> str:
@@ -146,6 +150,9 @@ class Connection:
             return f"export {export.name!r} reached its limit of {export.config.connections}"
         self._attached = True
         tx = Transmission(self.sock, export, negotiated, pool=self.server.pool, peer=self.peer)
+        if self.guard_state is not None and self.server.guard is not None:
+            # Per-connection layers (single-writer view, metrics) over the export's backend.
+            tx.backend = self.server.guard.connection_backend(export, self.guard_state)
         with self._lock:
             self.transmission = tx
             self._state = _TRANSMISSION
@@ -168,7 +175,13 @@ class Connection:
 
     def _handshake(self) -> Negotiated | str:
         server = self.server
-        hs = ServerHandshake(self._resolve, server.list_exports, tls=server.tls_policy)
+        guard, state = server.guard, self.guard_state
+        lister = (
+            server.list_exports
+            if guard is None or state is None
+            else guard.lister(server.list_exports, state)  # LIST may be off or filtered
+        )
+        hs = ServerHandshake(self._resolve, lister, tls=server.tls_policy)
         deadline = time.monotonic() + server.handshake_timeout
         sock = self.sock
         while True:
@@ -184,7 +197,7 @@ class Connection:
                 hs.receive_data(sock.recv(65536))
             elif isinstance(event, StartTLS):
                 # Hook point for TLS: the server turns the plain socket into an SSL one.
-                self.sock = sock = server.start_tls(sock)
+                self.sock = sock = server.start_tls(sock, self.guard_state)
                 hs.tls_started()
             elif isinstance(event, Negotiated):
                 sock.settimeout(None)
@@ -198,4 +211,11 @@ class Connection:
 
     def _resolve(self, name: str) -> ExportInfo | None:
         export = self.server.resolve(name, self.peer)
-        return export_info(export) if export is not None else None
+        if export is None:
+            return None
+        guard, state = self.server.guard, self.guard_state
+        if guard is None or state is None:
+            return export_info(export)
+        if not guard.may_open(export.name, state):
+            return None
+        return guard.advertise(export_info(export), export, state)

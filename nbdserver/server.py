@@ -32,6 +32,7 @@ from nbdserver.exports import Export, ExportConfig, open_export
 from nbdserver.protocol.constants import NBD_DEFAULT_PORT
 from nbdserver.protocol.events import ExportInfo
 from nbdserver.protocol.handshake import TlsPolicy
+from nbdserver.security import ConnState, Guard
 
 log = logging.getLogger("nbdserver.server")
 
@@ -64,6 +65,9 @@ class Server:
         self.listeners: list[socket.socket] = []
         self.pool = ThreadPoolExecutor(max(1, config.workers), thread_name_prefix="nbd-slow")
         self.stopping = False
+        # Security and operations features (ACL, TLS, metrics...), attached by the CLI; None
+        # keeps every hook on its plain path.
+        self.guard: Guard | None = None
         self._conns: set[Connection] = set()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
@@ -133,6 +137,8 @@ class Server:
         limit = self.config.max_connections
         if limit and len(self._conns) >= limit:
             return f"connection limit of {limit} reached"
+        if self.guard is not None:
+            return self.guard.admit(peer)
         return None
 
     def resolve(self, name: str, peer: str) -> Export | None:
@@ -154,8 +160,10 @@ class Server:
     def list_exports(self) -> Iterable[ExportInfo]:
         return [export_info(e) for e in self.exports.values()]
 
-    def start_tls(self, sock: socket.socket) -> socket.socket:
-        raise ConnectionError("TLS is not configured")  # the handshake never asks when off
+    def start_tls(self, sock: socket.socket, state: ConnState | None = None) -> socket.socket:
+        if self.guard is None or state is None:
+            raise ConnectionError("TLS is not configured")  # the handshake never asks when off
+        return self.guard.start_tls(sock, state)
 
     # --- running -------------------------------------------------------------------------------
     def serve_forever(self) -> None:
