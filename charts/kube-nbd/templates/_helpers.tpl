@@ -15,18 +15,18 @@ which Kubernetes caps at 63.
 {{/*
 The prefix of every object name. When the release name already contains the chart name
 ("kube-nbd", "kube-nbd-prod") it is used as is, to avoid "kube-nbd-kube-nbd-operator".
-Truncated to 50 characters so the longest suffix we append ("-operator-metrics", 17) still fits
+Truncated to 46 characters so the longest suffix we append ("-operator-metrics", 17) still fits
 the 63-character limit on Service names.
 */}}
 {{- define "kube-nbd.fullname" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- .Values.fullnameOverride | trunc 46 | trimSuffix "-" -}}
 {{- else -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 46 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 46 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

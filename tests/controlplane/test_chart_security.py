@@ -1,0 +1,242 @@
+"""The security-relevant parts of the rendered chart, stated exactly.
+
+A privileged node agent is only acceptable if everything around it is narrow: one privileged
+container, Bidirectional propagation only where mounts must reach the host, RBAC with exactly
+the verbs the code uses. These tests pin those facts so that widening any of them is a visible
+change to a test, not a side effect of a template edit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from test_chart_render import EVERYTHING_ON, MINIMAL
+from test_chart_support import containers, find, pod_spec, render
+
+Rule = tuple[str, str, tuple[str, ...]]  # (apiGroup, resource, sorted verbs)
+
+OPERATOR_RULES: set[Rule] = {
+    ("nbd.dev", "nbdexports", ("get", "list", "patch", "watch")),
+    ("nbd.dev", "nbdexports/status", ("get", "patch")),
+    ("nbd.dev", "nbdexports/finalizers", ("update",)),
+    ("", "persistentvolumeclaims", ("create", "get", "list", "patch", "watch")),
+    ("", "services", ("create", "get", "list", "patch", "watch")),
+    ("apps", "deployments", ("create", "get", "list", "patch", "watch")),
+    ("networking.k8s.io", "networkpolicies", ("create", "get", "list", "patch", "watch")),
+    ("", "secrets", ("get",)),
+    ("coordination.k8s.io", "leases", ("get", "list", "watch")),
+    ("", "events", ("create",)),
+}
+AGENT_RULES: set[Rule] = {
+    ("nbd.dev", "nbdexports", ("get", "list", "watch")),
+    ("coordination.k8s.io", "leases", ("create", "delete", "get", "update")),
+    ("", "events", ("create",)),
+}
+
+
+def _rules(role: dict[str, Any]) -> set[Rule]:
+    out: set[Rule] = set()
+    for rule in role["rules"]:
+        assert "resourceNames" not in rule or role["kind"] == "Role", rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.add((group, resource, tuple(sorted(rule["verbs"]))))
+    return out
+
+
+def _all_rules(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for o in objects if o["kind"] in {"Role", "ClusterRole"} for r in o["rules"]]
+
+
+def test_only_the_agent_container_is_privileged() -> None:
+    privileged = [
+        (o["kind"], c["name"])
+        for o in render(EVERYTHING_ON)
+        if o["kind"] in {"Deployment", "DaemonSet"}
+        for c in containers(o)
+        if c.get("securityContext", {}).get("privileged")
+    ]
+    assert privileged == [("DaemonSet", "agent")]
+
+
+def test_the_module_loader_gets_sys_module_and_nothing_else() -> None:
+    daemonset = find(render(), "DaemonSet")
+    (init,) = pod_spec(daemonset)["initContainers"]
+    assert init["command"] == ["modprobe", "nbd", "nbds_max=16"]
+    sc = init["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYS_MODULE"]}
+    assert init["volumeMounts"] == [
+        {"name": "lib-modules", "mountPath": "/lib/modules", "readOnly": True}
+    ]
+
+
+def test_nbds_max_is_configurable_and_loading_can_be_switched_off() -> None:
+    spec = pod_spec(find(render({"agent": {"nbdModule": {"nbdsMax": 128}}}), "DaemonSet"))
+    assert spec["initContainers"][0]["command"][-1] == "nbds_max=128"
+    spec = pod_spec(find(render({"agent": {"nbdModule": {"load": False}}}), "DaemonSet"))
+    assert "initContainers" not in spec
+
+
+def test_sidecars_drop_every_capability_and_cannot_escalate() -> None:
+    for c in pod_spec(find(render(), "DaemonSet"))["containers"]:
+        if c["name"] == "agent":
+            continue
+        sc = c["securityContext"]
+        assert sc["capabilities"] == {"drop": ["ALL"]}, c["name"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+
+
+def test_the_operator_runs_unprivileged_as_the_images_non_root_user() -> None:
+    spec = pod_spec(find(render(), "Deployment"))
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 65532
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (c,) = spec["containers"]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert "hostNetwork" not in spec and not any("hostPath" in v for v in spec["volumes"])
+
+
+@pytest.mark.parametrize(
+    "kubelet_dir", ["/var/lib/kubelet", "/var/snap/microk8s/common/var/lib/kubelet/"]
+)
+def test_only_the_kubelet_dir_propagates_mounts_back_to_the_host(kubelet_dir: str) -> None:
+    daemonset = find(render({"agent": {"kubeletDir": kubelet_dir}}), "DaemonSet")
+    expected = kubelet_dir.rstrip("/")
+    propagation = {
+        (c["name"], m["mountPath"]): m.get("mountPropagation", "None")
+        for c in containers(daemonset)
+        for m in c.get("volumeMounts", [])
+        if m.get("mountPropagation")
+    }
+    assert propagation == {
+        ("agent", expected): "Bidirectional",
+        ("agent", "/dev"): "HostToContainer",
+    }
+    volumes = {v["name"]: v for v in pod_spec(daemonset)["volumes"]}
+    assert volumes["kubelet-dir"]["hostPath"]["path"] == expected
+    assert volumes["plugin-dir"]["hostPath"]["path"] == f"{expected}/plugins/nbd.dev"
+    assert volumes["registration-dir"]["hostPath"]["path"] == f"{expected}/plugins_registry"
+    registrar = next(c for c in containers(daemonset) if c["name"] == "node-driver-registrar")
+    assert f"--kubelet-registration-path={expected}/plugins/nbd.dev/csi.sock" in registrar["args"]
+
+
+def test_the_agent_sees_the_host_devices_sysfs_and_modules() -> None:
+    daemonset = find(render(), "DaemonSet")
+    agent = next(c for c in containers(daemonset) if c["name"] == "agent")
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    assert {"/dev", "/sys", "/lib/modules", "/csi", "/var/lib/kube-nbd"} <= set(mounts)
+    assert mounts["/lib/modules"]["readOnly"] is True
+    hostpaths = {v["hostPath"]["path"] for v in pod_spec(daemonset)["volumes"] if "hostPath" in v}
+    assert {"/dev", "/sys", "/lib/modules", "/var/lib/kube-nbd"} <= hostpaths
+
+
+def test_the_agent_tolerates_every_taint_by_default_and_sidecar_images_are_configurable() -> None:
+    spec = pod_spec(find(render(), "DaemonSet"))
+    assert spec["tolerations"] == [{"operator": "Exists"}]
+    custom = render(
+        {
+            "agent": {
+                "registrar": {"image": {"repository": "mirror/registrar", "tag": "v9"}},
+                "livenessProbe": {"image": {"repository": "mirror/probe", "tag": "v8"}},
+            }
+        }
+    )
+    images = {c["name"]: c["image"] for c in containers(find(custom, "DaemonSet"))}
+    assert images["node-driver-registrar"] == "mirror/registrar:v9"
+    assert images["liveness-probe"] == "mirror/probe:v8"
+
+
+def test_host_network_comes_with_cluster_dns_and_can_be_switched_off() -> None:
+    spec = pod_spec(find(render(), "DaemonSet"))
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    spec = pod_spec(find(render({"agent": {"hostNetwork": False}}), "DaemonSet"))
+    assert "hostNetwork" not in spec and "dnsPolicy" not in spec
+
+
+def test_operator_rbac_is_exactly_what_the_operator_uses() -> None:
+    objects = render()
+    role = find(objects, "ClusterRole", "-operator")
+    assert _rules(role) == OPERATOR_RULES
+    binding = find(objects, "ClusterRoleBinding", "-operator")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "nbd-kube-nbd-operator", "namespace": "kube-nbd"}
+    ]
+
+
+def test_agent_rbac_reads_exports_and_writes_only_leases_and_events() -> None:
+    objects = render()
+    assert _rules(find(objects, "ClusterRole", "-agent")) == AGENT_RULES
+    binding = find(objects, "ClusterRoleBinding", "-agent")
+    assert binding["subjects"][0]["name"] == "nbd-kube-nbd-agent"
+
+
+def test_no_role_uses_wildcards_or_reads_secrets_in_bulk() -> None:
+    for rule in _all_rules(render(EVERYTHING_ON)):
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+        assert "*" not in rule["apiGroups"], rule
+        if "secrets" in rule["resources"]:
+            assert rule["verbs"] == ["get"], rule
+
+
+def test_watching_namespaces_narrows_the_operator_to_roles_in_them() -> None:
+    objects = render(EVERYTHING_ON)
+    assert not [
+        o for o in objects if o["kind"] == "ClusterRole" and "operator" in o["metadata"]["name"]
+    ]
+    roles = [
+        o for o in objects if o["kind"] == "Role" and o["metadata"]["name"].endswith("-operator")
+    ]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["apps", "db"]
+    assert all(_rules(r) == OPERATOR_RULES for r in roles)
+    deployment = find(objects, "Deployment")
+    args = pod_spec(deployment)["containers"][0]["args"]
+    assert "--namespace=apps" in args and "--namespace=db" in args
+    assert "--all-namespaces" not in args
+
+
+def test_leader_election_follows_the_replica_count() -> None:
+    single = render()
+    assert not [o for o in single if o["kind"] == "Role"]
+    assert find(single, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert not any(
+        a.startswith("--leader-election")
+        for a in pod_spec(find(single, "Deployment"))["containers"][0]["args"]
+    )
+    for values in (
+        {"operator": {"replicas": 2}},
+        {"operator": {"leaderElection": {"enabled": True}}},
+    ):
+        objects = render(values)
+        role = find(objects, "Role", "-leader-election")
+        assert role["metadata"]["namespace"] == "kube-nbd"
+        assert role["rules"] == [
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "resourceNames": ["nbd-kube-nbd-operator"],
+                "verbs": ["get", "update", "patch"],
+            },
+        ]
+        deployment = find(objects, "Deployment")
+        assert "strategy" not in deployment["spec"]
+        assert "--leader-election" in pod_spec(deployment)["containers"][0]["args"]
+
+
+def test_without_rbac_creation_no_role_or_binding_is_rendered() -> None:
+    kinds = {o["kind"] for o in render(MINIMAL)}
+    assert not kinds & {
+        "Role",
+        "RoleBinding",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ServiceAccount",
+    }
+    assert pod_spec(find(render(MINIMAL), "Deployment"))["serviceAccountName"] == "byo-operator"
