@@ -48,7 +48,8 @@ class ServerSpec:
 
     def command(self, image: Path, port: int, workdir: Path) -> list[str]:
         if self.name == "nbdserver":
-            return [self.binary, "serve", str(image), "--port", str(port), *self.extra_args]
+            return [self.binary, "serve", str(image), "--bind", HOST, "--port", str(port),
+                    *self.extra_args]  # fmt: skip
         if self.name == "qemu-nbd":
             # -t: stay up between fio's connections; -e 8: allow the 4 multi-conn connections
             # (qemu-nbd then advertises CAN_MULTI_CONN); writeback: page cache like the others.
