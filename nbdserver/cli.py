@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from nbdserver import __version__
+from nbdserver import __version__, security_cli
 from nbdserver.errors import ConfigError
 from nbdserver.exports import BACKEND_KINDS, ExportConfig, parse_export_spec, parse_size
 from nbdserver.protocol.constants import NBD_DEFAULT_PORT
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--workers", type=int, default=4, help="threads for FLUSH/TRIM/WRITE_ZEROES")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    security_cli.add_arguments(s)
     return p  # fmt: skip
 
 
@@ -112,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cfg.validate()
         exports.append(cfg)
     exports.extend(parse_export_spec(spec) for spec in args.export)
+    exports.extend(security_cli.file_exports(args))  # --config FILE (nbd-server format)
     if not exports:
         raise ConfigError("nothing to serve: give IMAGE or --export NAME=PATH")
     if args.no_tcp and not args.unix:
@@ -137,8 +139,12 @@ def build_server(config: ServerConfig) -> Server:
 
 def serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    guard = security_cli.finish(args, config)  # TLS, ACLs, cow, QoS, metrics (or None)
     server = build_server(config)
+    server.guard = guard
     server.open()
+    if guard is not None:
+        guard.start()
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
@@ -146,7 +152,11 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        if guard is not None:
+            guard.close()
     log.info("stopped cleanly")
     return 0
 

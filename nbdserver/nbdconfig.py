@@ -247,6 +247,20 @@ def parse(text: str, filename: str = "<config>") -> NbdConfig:
         if current is not None and key == "exportname" and not str(value).startswith("/"):
             problems.append(f"{where(lineno)}: [{section}] exportname must be an absolute path, "
                             f"not {value!r}")  # fmt: skip
+        if key == "listenaddr" and isinstance(value, list) and len(value) > 1:
+            problems.append(
+                f"{where(lineno)}: [generic] listenaddr: nbdserver listens on one address; "
+                f"give one (0.0.0.0 or ::), not {', '.join(value)}"
+            )
+        if key == "timeout" and value:
+            warnings.append(
+                f"{where(lineno)}: [{section}] timeout: idle timeouts in transmission are not "
+                "implemented; connections may stay idle"
+            )
+        if key == "sparse_cow" and value is False:
+            warnings.append(
+                f"{where(lineno)}: [{section}] sparse_cow: the overlay is always a sparse file"
+            )
         if current is not None and key == "authfile":
             try:
                 current.acl = Acl.from_authfile(str(value))

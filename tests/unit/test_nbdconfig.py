@@ -24,7 +24,7 @@ def test_the_shipped_example_parses_with_one_warning() -> None:
     assert [e.name for e in cfg.exports] == ["golden", "scratch", "data"]
     golden, scratch, data = cfg.exports
     assert golden.readonly and golden.filesize == 64 << 20 and golden.flush
-    assert scratch.copyonwrite and scratch.sparse_cow and scratch.timeout == 600
+    assert scratch.copyonwrite and scratch.sparse_cow and scratch.timeout == 0
     assert scratch.maxconnections == 4 and scratch.fua and scratch.trim
     assert data.authfile == "/etc/nbd-server/allow"
     line = next(
@@ -123,3 +123,24 @@ def test_authfile_is_loaded_and_its_errors_reported(tmp_path: Path) -> None:
 def test_unreadable_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cannot read config: No such file or directory"):
         load(tmp_path / "absent.conf")
+
+
+def test_keys_honoured_only_partly_are_warnings_with_lines() -> None:
+    cfg = parse(
+        "[generic]\nsplice = true\n[a]\nexportname=/a\ntimeout = 30\nsparse_cow = false\n"
+        "listenaddr = 10.0.0.1\n",
+        "t.conf",
+    )
+    assert [w.split(": ")[0:2] for w in cfg.warnings] == [
+        ["t.conf:2", "[generic] splice"],
+        ["t.conf:5", "[a] timeout"],
+        ["t.conf:6", "[a] sparse_cow"],
+        ["t.conf:7", "[a] listenaddr"],
+    ]
+
+
+def test_more_than_one_listen_address_is_an_error() -> None:
+    assert _problems("[generic]\nlistenaddr = ::, 0.0.0.0\n[a]\nexportname=/a\n") == [
+        "t.conf:2: [generic] listenaddr: nbdserver listens on one address; give one "
+        "(0.0.0.0 or ::), not ::, 0.0.0.0"
+    ]
