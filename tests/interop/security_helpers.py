@@ -176,3 +176,20 @@ def run(cmd: list[str], timeout: float = 60, **kw: object) -> subprocess.Complet
 
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def nbd_connect_from(source: str, port: int, export: str = "", host: str = "127.0.0.1"):  # type: ignore[no-untyped-def]
+    """A negotiated nbdserver.client connection whose source address is ``source`` (any of
+    127.0.0.0/8 routes over lo, so tests can be several client hosts at once)."""
+    from nbdserver.client import NBDConnection, handshake
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(10)
+        sock.bind((source, 0))
+        sock.connect((host, port))
+        sock, details = handshake(sock, export)
+    except BaseException:
+        sock.close()
+        raise
+    return NBDConnection(sock, details)
