@@ -7,15 +7,14 @@ with reconnection on LINK_DEAD). Both sides meet at ``Attacher``; ``KernelAttach
 one and the only place where the agent's own errors become CSI errors.
 
 What it must not do: format, mount or know about CSI requests; keep its own idea of which volume
-owns which device (that is ``state.py``'s job).
+owns which device (that is ``state.py``'s job). The kernel implementation is ``kernel.py``.
 """
 
 from __future__ import annotations
 
-import threading
-from pathlib import Path
 from typing import Protocol
 
+from nbd_agent import errors
 from nbd_agent.csi.errors import (
     CsiError,
     FailedPrecondition,
@@ -59,10 +58,8 @@ class Attacher(Protocol):
         ...
 
 
-def _as_csi(exc: Exception, what: str) -> CsiError:
+def as_csi(exc: Exception, what: str) -> CsiError:
     """Map the attach layer's exception tree onto CSI codes (the one place this happens)."""
-    from nbd_agent import errors
-
     if isinstance(exc, CsiError):
         return exc
     if isinstance(exc, errors.ExportUnknown):
@@ -76,59 +73,3 @@ def _as_csi(exc: Exception, what: str) -> CsiError:
     if isinstance(exc, errors.UsageError):
         return InvalidArgument(f"{what}: {exc}")
     return Internal(f"{what}: {exc}")
-
-
-class KernelAttacher:
-    """``Attacher`` over the agent's netlink attach layer, with reconnect watching.
-
-    Kept here, not in ``attach.py``, so the agent engineer's API can stay CLI-shaped; this class
-    only adapts calls and errors.
-    """
-
-    def __init__(self, *, timeout: float = 30.0, dead_conn_timeout: float = 0.0) -> None:
-        self._timeout = timeout
-        self._dead_conn_timeout = dead_conn_timeout
-        self._lock = threading.Lock()
-
-    def ready(self) -> tuple[bool, str]:
-        from nbd_agent import attach
-
-        try:
-            attach.check_ready()
-        except Exception as exc:
-            return False, str(exc)
-        return True, ""
-
-    def max_devices(self) -> int:
-        return sum(1 for p in Path("/sys/block").glob("nbd*"))
-
-    def attach(self, uri: str, read_only: bool, connections: int) -> str:
-        from nbd_agent import attach
-
-        try:
-            return str(attach.attach_uri(uri, read_only=read_only, connections=connections))
-        except Exception as exc:
-            raise _as_csi(exc, f"attaching {uri}") from exc
-
-    def detach(self, device: str) -> None:
-        from nbd_agent import attach
-
-        try:
-            attach.detach_device(device)
-        except Exception as exc:
-            raise _as_csi(exc, f"detaching {device}") from exc
-
-    def is_attached(self, device: str, uri: str) -> bool:
-        from nbd_agent import attach
-
-        return bool(attach.device_backend(device) == uri)
-
-    def is_alive(self, device: str) -> bool:
-        from nbd_agent import attach
-
-        return bool(attach.device_alive(device))
-
-    def adopt(self, device: str, uri: str) -> None:
-        from nbd_agent import attach
-
-        attach.adopt_device(device, uri)

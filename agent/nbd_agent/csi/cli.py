@@ -1,10 +1,10 @@
 """``nbd-agent csi``: run the CSI node plugin until SIGTERM.
 
-Why it exists: the agent's CLI dispatches subcommands; this module owns the ``csi`` one, so the
-CLI only needs ``register(subparsers)`` and calls the ``func`` it sets. It wires the pieces
-together: state file, reconciliation, the kernel attacher, Kubernetes access (in-cluster, or a
-given API URL such as ``kubectl proxy``'s, or none for direct-``uri`` volumes only) and the gRPC
-server on the unix socket.
+Why it exists: the agent's CLI dispatches subcommands (``nbd_agent.cli.SUBCOMMANDS``); this
+module owns the ``csi`` one: ``add_parser(subparsers)`` adds it and sets ``func``. It wires
+the pieces together: state file, reconciliation, the kernel attacher, Kubernetes access
+(in-cluster, or a given API URL such as ``kubectl proxy``'s, or none for direct-``uri`` volumes
+only) and the gRPC server on the unix socket.
 
 What it must not do: hold CSI logic; print secrets (the API token is only read from a file).
 """
@@ -18,8 +18,9 @@ import signal
 import threading
 from typing import Any
 
-from nbd_agent.csi.attacher import Attacher, KernelAttacher
+from nbd_agent.csi.attacher import Attacher
 from nbd_agent.csi.identity import IdentityService
+from nbd_agent.csi.kernel import KernelAttacher
 from nbd_agent.csi.kube import ClusterAccess, KubeApi
 from nbd_agent.csi.node import NodeService
 from nbd_agent.csi.reconcile import reconcile
@@ -29,7 +30,7 @@ from nbd_agent.csi.state import NodeState
 log = logging.getLogger("nbd_agent.csi")
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``csi`` subcommand to an argparse subparsers object; sets ``func``."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "csi", help="run the CSI node plugin (Identity and Node services) on a unix socket"
@@ -92,29 +93,34 @@ def serve(
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The agent's CLI may have configured logging already (WARNING): the plugin logs every call.
+    logging.getLogger().setLevel(args.log_level.upper())
     if not args.node_id:
         log.error("--node-id (or $NODE_NAME) is required")
         return 2
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    serve(
-        args.endpoint,
-        args.node_id,
-        args.state_dir,
-        KernelAttacher(),
-        cluster_access(args.kube_api, args.node_id),
-        stop,
-        workers=args.workers,
-    )
+    attacher = KernelAttacher()
+    attacher.start()
+    try:
+        serve(
+            args.endpoint,
+            args.node_id,
+            args.state_dir,
+            attacher,
+            cluster_access(args.kube_api, args.node_id),
+            stop,
+            workers=args.workers,
+        )
+    finally:
+        attacher.close()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m nbd_agent.csi.main``) for when the CLI has no hook yet."""
+    """Stand-alone entry: ``python -m nbd_agent.csi.cli --endpoint ...``."""
     parser = argparse.ArgumentParser(prog="nbd-agent csi")
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -1,0 +1,164 @@
+"""``Attacher`` over the agent's kernel attach layer, with one thread keeping devices attached.
+
+Why it exists: the CSI node service runs its calls in gRPC's thread pool, while the agent's
+attach layer is plain blocking calls (``attach.attach``/``attach.detach``, each on its own
+netlink socket) and its reconnect engine (``persist.Keeper``) must be driven from a single
+thread. This class adapts the first and owns the second: attaches and detaches happen in the
+calling thread; "keep this device", "forget it" and "adopt it" are handed to the keeper thread
+through a queue, which applies them between its LINK_DEAD waits. Devices are attached with a
+dead-connection timeout, so while the keeper reconnects after a server restart the kernel holds
+I/O instead of failing it.
+
+What it must not do: mount, format or know volumes; call Keeper methods from any thread but its
+own; detach a device that is still in use (the attach layer refuses, and so do we).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from pathlib import Path
+
+from nbd_agent import attach, devices, persist
+from nbd_agent.csi.attacher import as_csi
+from nbd_agent.errors import AgentError, DeviceNotFound
+from nbd_agent.netlink import NbdNetlink
+from nbd_agent.reconnect import LinkState
+
+log = logging.getLogger(__name__)
+_STEP = 0.2  # longest wait of the keeper loop before it looks at its queue again
+
+
+class KernelAttacher:
+    """The real ``Attacher``. ``start()`` launches the keeper thread, ``close()`` stops it
+    (devices stay attached: a restarted agent adopts them)."""
+
+    def __init__(
+        self,
+        *,
+        dead_conn_timeout: int = persist.DEFAULT_DEAD_CONN_TIMEOUT,
+        timeout: int | None = None,
+    ) -> None:
+        self._dead_conn_timeout = dead_conn_timeout
+        self._timeout = timeout
+        self._requests: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._keeper: persist.Keeper | None = None
+        self._states: dict[int, LinkState] = {}  # snapshot published by the keeper thread
+        self._states_lock = threading.Lock()
+
+    # ---- keeper thread ----
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="nbd-keeper", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with NbdNetlink() as nl:
+                    keeper = persist.Keeper(nl, attach.AttachOptions())
+                    self._keeper = keeper
+                    try:
+                        self._loop(keeper)
+                    finally:
+                        keeper.close()
+                        self._keeper = None
+            except AgentError as exc:  # e.g. the nbd module is not loaded yet
+                log.warning("keeper: %s; retrying", exc)
+                self._stop.wait(2.0)
+
+    def _loop(self, keeper: persist.Keeper) -> None:
+        while not self._stop.is_set():
+            while True:
+                try:
+                    what, arg = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                if what == "keep":
+                    assert isinstance(arg, attach.Attachment)
+                    keeper.keep(arg)
+                elif what == "forget":
+                    assert isinstance(arg, int)
+                    keeper.kept.pop(arg, None)
+                    keeper.reconnector.forget(arg)
+                elif what == "adopt":
+                    assert isinstance(arg, str)
+                    keeper.adopt(uri=arg)
+            keeper.step(_STEP)
+            with self._states_lock:
+                self._states = {i: w.state for i, w in keeper.reconnector.watches.items()}
+
+    # ---- Attacher ----
+
+    def ready(self) -> tuple[bool, str]:
+        try:
+            with NbdNetlink():
+                pass
+        except AgentError as exc:
+            return False, str(exc)
+        return True, ""
+
+    def max_devices(self) -> int:
+        return sum(1 for _ in Path("/sys/block").glob("nbd*"))
+
+    def attach(self, uri: str, read_only: bool, connections: int) -> str:
+        opts = attach.AttachOptions(
+            connections=connections,
+            read_only=read_only,
+            timeout=self._timeout,
+            dead_conn_timeout=self._dead_conn_timeout,
+        )
+        try:
+            attachment = attach.attach(uri, opts)
+        except AgentError as exc:
+            raise as_csi(exc, f"attaching {uri}") from exc
+        self._requests.put(("keep", attachment))
+        log.info("attached %s at %s", uri, attachment.device)
+        return attachment.device
+
+    def detach(self, device: str) -> None:
+        index = devices.device_index(device)
+        self._requests.put(("forget", index))
+        try:
+            attach.detach(device)
+        except DeviceNotFound:
+            return  # not attached: already done
+        except AgentError as exc:
+            raise as_csi(exc, f"detaching {device}") from exc
+
+    def is_attached(self, device: str, uri: str) -> bool:
+        try:
+            index = devices.device_index(device)
+            with NbdNetlink() as nl:
+                connected = devices.is_connected(nl, index)
+        except AgentError:
+            return False
+        backend = devices.describe(index, connected).backend
+        return connected and backend is not None and backend.uri == uri
+
+    def is_alive(self, device: str) -> bool:
+        index = devices.device_index(device)
+        with self._states_lock:
+            state = self._states.get(index)
+        return state is not LinkState.RECONNECTING and self.is_attached_any(index)
+
+    @staticmethod
+    def is_attached_any(index: int) -> bool:
+        try:
+            with NbdNetlink() as nl:
+                return devices.is_connected(nl, index)
+        except AgentError:
+            return False
+
+    def adopt(self, device: str, uri: str) -> None:
+        self._requests.put(("adopt", uri))
