@@ -207,6 +207,37 @@ def handshake(
     if tls_required and tls_context is None:
         raise NBDTLSError("TLS is required but no TLS context was given")
     opts, server_flags = _start(sock)
+    try:
+        return _negotiate(
+            opts, server_flags, export_name, tls_context, tls_required, server_hostname,
+            structured_replies, meta_contexts,
+        )  # fmt: skip
+    except (NBDOptionError, NBDTLSError) as exc:
+        if not isinstance(exc, NBDTLSError) or "refused STARTTLS" in str(exc):
+            _soft_disconnect(opts)
+        raise
+
+
+def _soft_disconnect(opts: _Options) -> None:
+    """After an error reply the spec allows the client only a soft disconnect: NBD_OPT_ABORT,
+    then wait briefly for the ACK (which the server may omit) before closing."""
+    with contextlib.suppress(NBDClientError, OSError):
+        opts.sock.settimeout(2.0)
+        opts.send(Option.NBD_OPT_ABORT)
+        opts.reply(Option.NBD_OPT_ABORT)
+
+
+def _negotiate(
+    opts: _Options,
+    server_flags: int,
+    export_name: str,
+    tls_context: ssl.SSLContext | None,
+    tls_required: bool,
+    server_hostname: str | None,
+    structured_replies: bool,
+    meta_contexts: tuple[str, ...],
+) -> tuple[socket.socket, ExportDetails]:
+    sock = opts.sock
     details = ExportDetails(export_name=export_name)
     if tls_context is not None:
         upgraded = _starttls(opts, tls_context, server_hostname, tls_required)
