@@ -125,6 +125,10 @@ class Connection:
                 self.export.detach()
             with contextlib.suppress(OSError):
                 self.sock.close()
+            if self.guard_state is not None and self.server.guard is not None:
+                self.server.guard.closed(self.guard_state)
+            self.server.connection_done(self)
+            # Logged last: once this line is out, the connection no longer counts anywhere.
             tx = self.transmission
             log.info(
                 "connection from %s to export %r ended after %.1fs, %d requests: %s",
@@ -134,9 +138,6 @@ class Connection:
                 tx.requests if tx else 0,
                 reason,
             )
-            if self.guard_state is not None and self.server.guard is not None:
-                self.server.guard.closed(self.guard_state)
-            self.server.connection_done(self)
 
     def _serve(self) -> str:
         negotiated = self._handshake()
