@@ -14,6 +14,9 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
+from nbd_agent.csi.identity import DRIVER_NAME
+from nbd_api import CSI_DRIVER
+from nbd_operator.spec import child_labels
 from test_chart_support import (
     CHART_DIR,
     CLUSTER_SCOPED,
@@ -33,7 +36,7 @@ EVERYTHING_ON: dict[str, Any] = {
     "imagePullSecrets": [{"name": "regcred"}],
     "image": {"digest": "sha256:" + "a" * 64},
     "operator": {
-        "replicas": 3,
+        "verbose": True,
         "watchNamespaces": ["apps", "db"],
         "extraArgs": ["--verbose"],
         "extraEnv": [{"name": "EXTRA", "value": "1"}],
@@ -58,13 +61,7 @@ EVERYTHING_ON: dict[str, Any] = {
         "podLabels": {"x": "y"},
     },
     "storageClass": {"create": True, "default": True, "mountOptions": ["noatime"]},
-    "metrics": {
-        "operator": {"service": {"enabled": True}, "podMonitor": {"enabled": True}},
-        "agent": {
-            "service": {"enabled": True},
-            "podMonitor": {"enabled": True, "labels": {"release": "prom"}},
-        },
-    },
+    "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}},
 }
 
 MINIMAL: dict[str, Any] = {
@@ -173,16 +170,22 @@ def test_optional_objects_appear_only_when_asked_for() -> None:
     assert find(on, "StorageClass")["metadata"]["annotations"] == {
         "storageclass.kubernetes.io/is-default-class": "true"
     }
-    assert find(on, "Service", "-agent-metrics")["spec"]["clusterIP"] == "None"
-    assert find(on, "Service", "-operator-metrics")["spec"]["ports"][0]["targetPort"] == "metrics"
-    agent_monitor = find(on, "PodMonitor", "-agent")
-    assert agent_monitor["metadata"]["labels"]["release"] == "prom"
+    monitor = find(on, "PodMonitor", "-servers")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
     assert {o["kind"] for o in render(MINIMAL)} == {"Deployment"}
+
+
+def test_the_server_pod_monitor_selects_the_operators_server_pods() -> None:
+    monitor = find(render(EVERYTHING_ON), "PodMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    labels = child_labels("any-export")
+    assert {k: labels[k] for k in selector} == selector
 
 
 def test_csidriver_matches_what_the_agent_implements() -> None:
     driver = find(render(), "CSIDriver")
-    assert driver["metadata"]["name"] == "nbd.dev"
+    assert driver["metadata"]["name"] == CSI_DRIVER == DRIVER_NAME
     assert driver["spec"]["attachRequired"] is False
     assert driver["spec"]["podInfoOnMount"] is True
     assert driver["spec"]["volumeLifecycleModes"] == ["Persistent", "Ephemeral"]

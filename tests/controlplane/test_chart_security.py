@@ -10,28 +10,34 @@ from __future__ import annotations
 
 from typing import Any
 
+import helm_python as helm
 import pytest
 from test_chart_render import EVERYTHING_ON, MINIMAL
 from test_chart_support import containers, find, pod_spec, render
 
 Rule = tuple[str, str, tuple[str, ...]]  # (apiGroup, resource, sorted verbs)
 
-OPERATOR_RULES: set[Rule] = {
+# From nbd_operator (kube.Kube calls in reconcile.py, the kopf handlers' watches) and kopf.
+OPERATOR_NAMESPACED_RULES: set[Rule] = {
     ("nbd.dev", "nbdexports", ("get", "list", "patch", "watch")),
-    ("nbd.dev", "nbdexports/status", ("get", "patch")),
+    ("nbd.dev", "nbdexports/status", ("patch",)),
     ("nbd.dev", "nbdexports/finalizers", ("update",)),
-    ("", "persistentvolumeclaims", ("create", "get", "list", "patch", "watch")),
-    ("", "services", ("create", "get", "list", "patch", "watch")),
-    ("apps", "deployments", ("create", "get", "list", "patch", "watch")),
-    ("networking.k8s.io", "networkpolicies", ("create", "get", "list", "patch", "watch")),
+    ("apps", "deployments", ("create", "delete", "get", "list", "patch", "watch")),
+    ("", "persistentvolumeclaims", ("create", "delete", "get", "list", "patch", "watch")),
+    ("", "services", ("create", "delete", "get", "patch")),
+    ("networking.k8s.io", "networkpolicies", ("create", "delete", "get", "patch")),
     ("", "secrets", ("get",)),
-    ("coordination.k8s.io", "leases", ("get", "list", "watch")),
+    ("coordination.k8s.io", "leases", ("list", "watch")),
     ("", "events", ("create",)),
 }
+OPERATOR_CLUSTER_RULES: set[Rule] = {
+    ("", "nodes", ("get",)),
+    ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
+}
+# From nbd_agent.csi.kube.ClusterAccess: GET an export; GET/POST/PATCH/DELETE Leases.
 AGENT_RULES: set[Rule] = {
-    ("nbd.dev", "nbdexports", ("get", "list", "watch")),
-    ("coordination.k8s.io", "leases", ("create", "delete", "get", "update")),
-    ("", "events", ("create",)),
+    ("nbd.dev", "nbdexports", ("get",)),
+    ("coordination.k8s.io", "leases", ("create", "delete", "get", "patch")),
 }
 
 
@@ -162,7 +168,7 @@ def test_host_network_comes_with_cluster_dns_and_can_be_switched_off() -> None:
 def test_operator_rbac_is_exactly_what_the_operator_uses() -> None:
     objects = render()
     role = find(objects, "ClusterRole", "-operator")
-    assert _rules(role) == OPERATOR_RULES
+    assert _rules(role) == OPERATOR_NAMESPACED_RULES | OPERATOR_CLUSTER_RULES
     binding = find(objects, "ClusterRoleBinding", "-operator")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
@@ -170,7 +176,7 @@ def test_operator_rbac_is_exactly_what_the_operator_uses() -> None:
     ]
 
 
-def test_agent_rbac_reads_exports_and_writes_only_leases_and_events() -> None:
+def test_agent_rbac_reads_exports_and_writes_only_leases() -> None:
     objects = render()
     assert _rules(find(objects, "ClusterRole", "-agent")) == AGENT_RULES
     binding = find(objects, "ClusterRoleBinding", "-agent")
@@ -187,47 +193,26 @@ def test_no_role_uses_wildcards_or_reads_secrets_in_bulk() -> None:
 
 def test_watching_namespaces_narrows_the_operator_to_roles_in_them() -> None:
     objects = render(EVERYTHING_ON)
-    assert not [
-        o for o in objects if o["kind"] == "ClusterRole" and "operator" in o["metadata"]["name"]
-    ]
-    roles = [
-        o for o in objects if o["kind"] == "Role" and o["metadata"]["name"].endswith("-operator")
-    ]
+    cluster_role = find(objects, "ClusterRole", "-operator")
+    namespaces: Rule = ("", "namespaces", ("list", "watch"))
+    assert _rules(cluster_role) == OPERATOR_CLUSTER_RULES | {namespaces}
+    roles = [o for o in objects if o["kind"] == "Role"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["apps", "db"]
-    assert all(_rules(r) == OPERATOR_RULES for r in roles)
-    deployment = find(objects, "Deployment")
-    args = pod_spec(deployment)["containers"][0]["args"]
+    assert all(_rules(r) == OPERATOR_NAMESPACED_RULES for r in roles)
+    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["apps", "db"]
+    assert all(b["subjects"][0]["namespace"] == "kube-nbd" for b in bindings)
+    args = pod_spec(find(objects, "Deployment"))["containers"][0]["args"]
     assert "--namespace=apps" in args and "--namespace=db" in args
-    assert "--all-namespaces" not in args
 
 
-def test_leader_election_follows_the_replica_count() -> None:
-    single = render()
-    assert not [o for o in single if o["kind"] == "Role"]
-    assert find(single, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
-    assert not any(
-        a.startswith("--leader-election")
-        for a in pod_spec(find(single, "Deployment"))["containers"][0]["args"]
-    )
-    for values in (
-        {"operator": {"replicas": 2}},
-        {"operator": {"leaderElection": {"enabled": True}}},
-    ):
-        objects = render(values)
-        role = find(objects, "Role", "-leader-election")
-        assert role["metadata"]["namespace"] == "kube-nbd"
-        assert role["rules"] == [
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
-            {
-                "apiGroups": ["coordination.k8s.io"],
-                "resources": ["leases"],
-                "resourceNames": ["nbd-kube-nbd-operator"],
-                "verbs": ["get", "update", "patch"],
-            },
-        ]
-        deployment = find(objects, "Deployment")
-        assert "strategy" not in deployment["spec"]
-        assert "--leader-election" in pod_spec(deployment)["containers"][0]["args"]
+def test_one_operator_at_a_time_because_it_has_no_leader_election() -> None:
+    deployment = find(render(), "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert find(render({"operator": {"replicas": 0}}), "Deployment")["spec"]["replicas"] == 0
+    with pytest.raises(helm.HelmValuesError, match="replicas"):
+        render({"operator": {"replicas": 2}})
 
 
 def test_without_rbac_creation_no_role_or_binding_is_rendered() -> None:

@@ -105,9 +105,9 @@ def test_the_comment_checker_notices_a_bare_key() -> None:
         ({"image": {"digest": "latest"}}, "digest"),
         ({"agent": {"kubeletDir": "var/lib/kubelet"}}, "kubeletDir"),
         ({"csiDriver": {"fsGroupPolicy": "Always"}}, "fsGroupPolicy"),
-        ({"operator": {"logLevel": "verbose"}}, "logLevel"),
-        ({"operator": {"replicas": 0}}, "replicas"),
-        ({"metrics": {"agent": {"podMonitor": {"interval": "often"}}}}, "interval"),
+        ({"agent": {"logLevel": "verbose"}}, "logLevel"),
+        ({"operator": {"replicas": 2}}, "replicas"),
+        ({"metrics": {"podMonitor": {"interval": "often"}}}, "interval"),
         ({"unknownTopLevel": True}, "unknownTopLevel"),
     ],
 )

@@ -15,8 +15,8 @@ which Kubernetes caps at 63.
 {{/*
 The prefix of every object name. When the release name already contains the chart name
 ("kube-nbd", "kube-nbd-prod") it is used as is, to avoid "kube-nbd-kube-nbd-operator".
-Truncated to 46 characters so the longest suffix we append ("-operator-metrics", 17) still fits
-the 63-character limit on Service names.
+Truncated to 46 characters: with the longest suffix appended ("-operator") every object name
+stays a valid 63-character DNS label, with room to spare for longer suffixes later.
 */}}
 {{- define "kube-nbd.fullname" -}}
 {{- if .Values.fullnameOverride -}}
@@ -97,20 +97,12 @@ ServiceAccount names: the chart's own unless the user brings one.
 {{- end -}}
 
 {{/*
-Leader election is needed as soon as two operators could reconcile the same NBDExport: with
-more than one replica, whatever the user set. It is a string ("true"/"false") because named
-templates can only return text.
+The CSI driver name. Not a value: the agent answers GetPluginInfo with "nbd.dev"
+(nbd_api.CSI_DRIVER), and a CSIDriver object of another name would register a driver no plugin
+serves.
 */}}
-{{- define "kube-nbd.operator.leaderElection" -}}
-{{- if or .Values.operator.leaderElection.enabled (gt (int .Values.operator.replicas) 1) -}}
-true
-{{- else -}}
-false
-{{- end -}}
-{{- end -}}
-
-{{- define "kube-nbd.operator.leaseName" -}}
-{{- default (printf "%s-operator" (include "kube-nbd.fullname" .)) .Values.operator.leaderElection.leaseName -}}
+{{- define "kube-nbd.csiDriverName" -}}
+nbd.dev
 {{- end -}}
 
 {{/*
@@ -118,7 +110,7 @@ Paths on the node derived from the kubelet directory. The registration socket pa
 the kubelet dials, so it is the host path, not the path inside the agent container.
 */}}
 {{- define "kube-nbd.agent.pluginDir" -}}
-{{- printf "%s/plugins/%s" (trimSuffix "/" .Values.agent.kubeletDir) .Values.csiDriver.name -}}
+{{- printf "%s/plugins/%s" (trimSuffix "/" .Values.agent.kubeletDir) (include "kube-nbd.csiDriverName" .) -}}
 {{- end -}}
 
 {{- define "kube-nbd.agent.registrationDir" -}}
