@@ -96,12 +96,11 @@ class LoggingInterceptor(grpc.ServerInterceptor):
                 response = inner(request, context)
             except BaseException:
                 code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+                details = context.details() or ""  # type: ignore[attr-defined]
+                if isinstance(details, bytes):
+                    details = details.decode(errors="replace")
                 log.warning(
-                    "done %s: %s %s (%.3fs)",
-                    method,
-                    code.name,
-                    context.details() or "",  # type: ignore[attr-defined]
-                    time.monotonic() - started,
+                    "done %s: %s %s (%.3fs)", method, code.name, details, time.monotonic() - started
                 )
                 raise
             log.info("done %s: OK (%.3fs)", method, time.monotonic() - started)
