@@ -34,7 +34,7 @@ class LinkState(Enum):
 class Backoff:
     initial: float = 0.05
     factor: float = 2.0
-    maximum: float = 1.0
+    maximum: float = 0.5  # a dead server costs one connect() per half second
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after ``failures`` consecutive failed attempts (failures >= 1)."""

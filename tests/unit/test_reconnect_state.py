@@ -7,6 +7,7 @@ from nbd_agent.reconnect import Backoff, LinkState, Reconnector
 def test_backoff_doubles_and_is_capped():
     b = Backoff(initial=0.05, factor=2.0, maximum=1.0)
     assert [b.delay(n) for n in (1, 2, 3, 4, 5, 6, 7)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert Backoff().delay(100) == Backoff().maximum
 
 
 def test_a_watched_healthy_device_has_nothing_due():
