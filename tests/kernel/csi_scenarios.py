@@ -20,6 +20,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -120,9 +121,10 @@ class Volume:
 
 def step(res: Results, name: str, fn: Callable[[], Any]) -> Any:
     """Run one step; record its outcome (value, or the error and its gRPC code) under ``name``."""
+    started = time.monotonic()
     try:
         value = fn()
-        res[name] = {"ok": True, "value": value}
+        res[name] = {"ok": True, "value": value, "s": round(time.monotonic() - started, 3)}
         return value
     except grpc.RpcError as exc:
         res[name] = {"ok": False, "code": exc.code().name, "details": exc.details()}

@@ -46,6 +46,7 @@ class VolumeRecord:
     volume_id: str
     uri: str
     device: str = ""
+    connections: int = 1
     read_only: bool = False
     block: bool = False
     access_mode: int = 0  # the CSI VolumeCapability.AccessMode.Mode it was staged with

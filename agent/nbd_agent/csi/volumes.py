@@ -93,6 +93,7 @@ class Volumes:
             volume_id=volume_id,
             uri=source.uri,
             device=device,
+            connections=source.connections,
             read_only=read_only,
             block=cap.block,
             access_mode=cap.mode,
@@ -161,7 +162,7 @@ class Volumes:
         if not record.device or not self.attacher.is_attached(record.device, record.uri):
             if not record.block:
                 self._unmount(record.staging_path)
-            record.device = self.attacher.attach(record.uri, record.read_only, 1)
+            record.device = self.attacher.attach(record.uri, record.read_only, record.connections)
             self.state.save()
         if not record.block:
             self.mount_staging(record)
