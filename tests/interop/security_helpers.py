@@ -128,7 +128,13 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(args: list[str], tmp: Path, port: int | None = None, bind: str = "127.0.0.1"):  # type: ignore[no-untyped-def]
+def serve(  # type: ignore[no-untyped-def]
+    args: list[str],
+    tmp: Path,
+    port: int | None = None,
+    bind: str = "127.0.0.1",
+    preexec_fn: Callable[[], None] | None = None,
+):
     """Start ``nbdserver serve ARGS --bind BIND --port PORT``; stop it (SIGTERM) afterwards."""
     port = port or free_port()
     logfile = tmp / f"nbdserver-{port}.log"
@@ -144,7 +150,9 @@ def serve(args: list[str], tmp: Path, port: int | None = None, bind: str = "127.
         str(port),
     ]
     with open(logfile, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=preexec_fn
+        )
     served = Served(proc, port, logfile)
     try:
 
