@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import celpy
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
@@ -234,6 +235,61 @@ def crd_errors(obj: dict[str, Any]) -> list[str]:
         f"{obj['metadata'].get('name')} @ {'/'.join(map(str, e.absolute_path))}: {e.message}"
         for e in _crd_validator().iter_errors(obj)
     ]
+
+
+def _apply_defaults(node: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting as the API server does it, before CEL rules run."""
+    if isinstance(value, dict):
+        for key, child in node.get("properties", {}).items():
+            if key not in value and "default" in child:
+                value[key] = copy.deepcopy(child["default"])
+            if key in value:
+                value[key] = _apply_defaults(child, value[key])
+    elif isinstance(value, list) and "items" in node:
+        value = [_apply_defaults(node["items"], v) for v in value]
+    return value
+
+
+@functools.cache
+def _cel_program(rule: str) -> Any:
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def _cel_walk(node: dict[str, Any], value: Any, path: str, errors: list[str]) -> None:
+    for validation in node.get("x-kubernetes-validations", []):
+        rule = validation["rule"]
+        if "oldSelf" in rule:
+            continue  # transition rules run on update only; these are create-time checks
+        try:
+            ok = _cel_program(rule).evaluate({"self": celpy.json_to_cel(value)})
+        except Exception as exc:  # a rule that cannot evaluate is a failed validation too
+            errors.append(f"{path or '.'}: rule {rule!r} failed to evaluate: {exc}")
+            continue
+        if not ok:
+            errors.append(f"{path or '.'}: {validation.get('message', rule)}")
+    if isinstance(value, dict):
+        for key, child in node.get("properties", {}).items():
+            if key in value:
+                _cel_walk(child, value[key], f"{path}.{key}", errors)
+    elif isinstance(value, list) and "items" in node:
+        for i, item in enumerate(value):
+            _cel_walk(node["items"], item, f"{path}[{i}]", errors)
+
+
+def crd_cel_errors(obj: dict[str, Any]) -> list[str]:
+    """The CRD's x-kubernetes-validations (CEL) that ``obj`` breaks on create, after defaulting.
+
+    Evaluated with cel-python, the CEL implementation available here; rules that compare with
+    oldSelf (immutability) only apply to updates and are skipped.
+    """
+    crd = load_crd()
+    (version,) = [v for v in crd["spec"]["versions"] if v.get("storage")]
+    schema = version["schema"]["openAPIV3Schema"]
+    value = _apply_defaults(schema, copy.deepcopy(obj))
+    errors: list[str] = []
+    _cel_walk(schema, value, "", errors)
+    return errors
 
 
 # --------------------------------------------------------------------------- values.yaml text
