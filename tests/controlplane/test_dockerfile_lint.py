@@ -9,6 +9,7 @@ Debian versions are the ones of the Debian release the base image is built on.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -109,6 +110,35 @@ def test_every_node_tool_is_checked_for_during_the_build() -> None:
     check = re.search(r"command -v ([^&>]+)", runs)
     assert check, "no `command -v ...` smoke test of the node tools"
     assert set(NODE_TOOLS) <= set(check.group(1).split())
+
+
+def _commands_run_by(package_dir: Path) -> set[str]:
+    """Program names in a package's subprocess calls: run/_run/Popen(["prog", ...])."""
+    names: set[str] = set()
+    for source in package_dir.rglob("*.py"):
+        if "_generated" in source.parts:
+            continue
+        for node in ast.walk(ast.parse(source.read_text())):
+            if not (isinstance(node, ast.Call) and node.args):
+                continue
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            first = node.args[0]
+            if (
+                called in {"run", "_run", "check_output", "check_call", "Popen"}
+                and isinstance(first, ast.List)
+                and first.elts
+                and isinstance(first.elts[0], ast.Constant)
+                and isinstance(first.elts[0].value, str)
+            ):
+                names.add(first.elts[0].value)
+    return names
+
+
+def test_every_program_the_agent_runs_is_a_checked_node_tool() -> None:
+    used = _commands_run_by(ROOT / "agent" / "nbd_agent")
+    assert {"mkfs.ext4", "blkid", "mount"} <= used  # the scan sees the agent's calls at all
+    assert used <= set(NODE_TOOLS), used - set(NODE_TOOLS)
 
 
 def test_node_tools_come_from_installed_or_essential_packages() -> None:
