@@ -31,6 +31,7 @@ TOP = 15
 def summarize_collapsed(text: str, top: int = TOP) -> str:
     """Summarize py-spy's raw (collapsed) output: 'frame;frame;... count' per line."""
     own: collections.Counter[str] = collections.Counter()
+    own_lines: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
     for line in text.splitlines():
@@ -39,28 +40,36 @@ def summarize_collapsed(text: str, top: int = TOP) -> str:
             continue
         count = int(count_text)
         total += count
-        frames = [_function(f) for f in stack.split(";")]
+        raw_frames = stack.split(";")
+        frames = [_function(f) for f in raw_frames]
         own[frames[-1]] += count
+        own_lines[_function(raw_frames[-1], keep_line=True)] += count
         for f in set(frames):
             inclusive[f] += count
     if total == 0:
         return "no samples\n"
     out = [f"samples: {total}", "", "own time (where the CPU is):"]
     out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
+    out += ["", "own time by line (a C call such as recv_into counts on its Python line):"]
+    out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in own_lines.most_common(top)]
     out += ["", "inclusive time (under this function):"]
     out += [f"  {100 * n / total:5.1f}%  {f}" for f, n in inclusive.most_common(top)]
     return "\n".join(out) + "\n"
 
 
-def _function(frame: str) -> str:
-    """'read (nbdserver/server.py:120)' -> 'read (nbdserver/server.py)': group by function."""
+def _function(frame: str, keep_line: bool = False) -> str:
+    """'read (/x/nbdserver/server.py:120)' -> 'read (nbdserver/server.py)' (or ...py:120)."""
     name, _, where = frame.partition(" (")
-    path = where.rstrip(")").rsplit(":", 1)[0]
+    path, _, line = where.rstrip(")").rpartition(":")
+    if not path or not line.isdigit():
+        path, line = where.rstrip(")"), ""
     # Keep the project-relative part of a path; stdlib paths keep their last two parts.
     if "/nbdserver/" in path:
         path = "nbdserver/" + path.split("/nbdserver/", 1)[1]
     elif path.count("/") > 1:
         path = "/".join(path.split("/")[-2:])
+    if keep_line and line:
+        path = f"{path}:{line}"
     return f"{name} ({path})" if path else name
 
 

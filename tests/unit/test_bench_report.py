@@ -161,6 +161,7 @@ def test_profile_summary_counts_own_and_inclusive_time_per_function() -> None:
     assert "samples: 40" in text
     own, inclusive = text.split("inclusive time")
     assert "75.0%  recv (python3.11/socket.py)" in own
+    assert "25.0%  serve (nbdserver/server.py:51)" in own
     assert "25.0%  serve (nbdserver/server.py)" in own
     assert "100.0%  serve (nbdserver/server.py)" in inclusive
 
