@@ -74,6 +74,9 @@ class FileAttacher:
     def detach(self, device: str) -> None:
         self.attached.pop(device, None)
 
+    def attached_devices(self, uri: str) -> dict[str, bool]:
+        return {d: self.read_only[d] for d, u in self.attached.items() if u == uri}
+
     def is_attached(self, device: str, uri: str) -> bool:
         return self.attached.get(device) == uri
 

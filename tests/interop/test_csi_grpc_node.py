@@ -436,3 +436,24 @@ def test_every_call_is_logged_once_with_secrets_stripped(
     assert "***stripped***" in text
     assert text.count("call /csi.v1.Node/NodeStageVolume") == 1
     assert "done /csi.v1.Node/NodeStageVolume: OK" in text
+
+
+def test_device_left_by_a_crash_before_the_state_write_is_taken_over(
+    csi: CsiHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = csi.image("crash")
+    real_put = csi.node.state.put
+
+    def crash_once(record) -> None:
+        monkeypatch.setattr(csi.node.state, "put", real_put)
+        raise OSError("agent died here")
+
+    monkeypatch.setattr(csi.node.state, "put", crash_once)
+    with pytest.raises(grpc.RpcError):
+        stage(csi, "v", uri)
+    assert len(csi.attacher.attached) == 1  # the "kernel" kept the device
+    stage(csi, "v", uri)
+    assert csi.attacher.attach_calls == [uri]  # taken over, not attached twice
+    assert csi.attacher.adopted == [csi.path("devices", "crash.img")]
+    unstage(csi, "v")
+    assert csi.attacher.attached == {}

@@ -45,6 +45,10 @@ class Attacher(Protocol):
         """Disconnect; a device that is not attached is fine."""
         ...
 
+    def attached_devices(self, uri: str) -> dict[str, bool]:
+        """Devices this agent attached to ``uri``, mapped to whether they are read-only."""
+        ...
+
     def is_attached(self, device: str, uri: str) -> bool:
         """True when ``device`` is connected to ``uri`` (alive or reconnecting)."""
         ...

@@ -136,6 +136,18 @@ class KernelAttacher:
         except AgentError as exc:
             raise as_csi(exc, f"detaching {device}") from exc
 
+    def attached_devices(self, uri: str) -> dict[str, bool]:
+        try:
+            with NbdNetlink() as nl:
+                found = devices.list_devices(nl)
+        except AgentError:
+            return {}
+        return {
+            d.path: d.backend.read_only
+            for d in found
+            if d.connected and d.backend is not None and d.backend.uri == uri
+        }
+
     def is_attached(self, device: str, uri: str) -> bool:
         try:
             index = devices.device_index(device)

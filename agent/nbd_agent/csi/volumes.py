@@ -76,7 +76,9 @@ class Volumes:
         if self.leases is not None and self.needs_writer_lease(source, cap):
             lease = self.leases.acquire_writer(source.namespace, source.name)
         try:
-            device = self.attacher.attach(source.uri, read_only, source.connections)
+            device = self._orphan(source.uri, read_only) or self.attacher.attach(
+                source.uri, read_only, source.connections
+            )
         except BaseException:
             self._release(lease)
             raise
@@ -116,6 +118,18 @@ class Volumes:
             raise
         log.info("volume %s: %s attached at %s", volume_id, source.uri, device)
         return record
+
+    def _orphan(self, uri: str, read_only: bool) -> str | None:
+        """A device attached to ``uri`` that no record names: left by a crash between the
+        kernel's CONNECT and the state file write. The retried call takes it over instead of
+        attaching a second device and leaking the first."""
+        owned = {r.device for r in self.state.volumes.values()}
+        for device, ro in sorted(self.attacher.attached_devices(uri).items()):
+            if device not in owned and ro == read_only:
+                self.attacher.adopt(device, uri)
+                log.warning("taking over %s, attached to %s by an earlier attempt", device, uri)
+                return device
+        return None
 
     def mount_staging(self, record: VolumeRecord) -> None:
         """Mount the device's filesystem at the staging path, creating one only on a blank
