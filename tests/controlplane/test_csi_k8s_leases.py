@@ -19,7 +19,7 @@ import grpc
 import kmock as km
 import pytest
 from nbd_agent.csi._generated import csi_pb2 as pb
-from nbd_agent.csi.errors import FailedPrecondition, Unavailable
+from nbd_agent.csi.errors import FailedPrecondition, Internal, Unavailable
 from nbd_agent.csi.kube import ClusterAccess, KubeApi
 from nbd_api import (
     GROUP,
@@ -230,3 +230,17 @@ async def test_ephemeral_inline_export_resolves_in_the_pod_namespace(
     assert lease(cluster, writer_lease_name("scratch"), ns="apps") is None
     assert lease(cluster, attachment_lease_name("scratch", "node-a"), ns="apps") is None
     assert a.attacher.attached == {}
+
+
+async def test_api_refusals_map_to_csi_codes(cluster: Any) -> None:
+    exports = f"/apis/{GROUP}/{VERSION}/namespaces/team/{PLURAL}"
+    cluster[f"get {exports}/denied"] << 403 << {"kind": "Status", "message": "forbidden by RBAC"}
+    cluster[f"get {exports}/overloaded"] << 503
+    cluster["post /apis/coordination.k8s.io/v1/namespaces/team/leases"] << 403
+    acc = access(cluster, "node-a")
+    with pytest.raises(Internal, match="service account may not"):
+        await asyncio.to_thread(acc.get_export, "team", "denied")
+    with pytest.raises(Unavailable):
+        await asyncio.to_thread(acc.get_export, "team", "overloaded")
+    with pytest.raises(Internal, match="creating Lease"):
+        await asyncio.to_thread(acc.acquire_writer, "team", "db")
