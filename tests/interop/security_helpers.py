@@ -134,21 +134,14 @@ def serve(  # type: ignore[no-untyped-def]
     port: int | None = None,
     bind: str = "127.0.0.1",
     preexec_fn: Callable[[], None] | None = None,
+    cli_listen: bool = True,
 ):
     """Start ``nbdserver serve ARGS --bind BIND --port PORT``; stop it (SIGTERM) afterwards."""
     port = port or free_port()
     logfile = tmp / f"nbdserver-{port}.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "nbdserver.cli",
-        "serve",
-        *args,
-        "--bind",
-        bind,
-        "--port",
-        str(port),
-    ]
+    cmd = [sys.executable, "-m", "nbdserver.cli", "serve", *args]
+    if cli_listen:  # else the address comes from the arguments (a --config file)
+        cmd += ["--bind", bind, "--port", str(port)]
     with open(logfile, "wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=preexec_fn
