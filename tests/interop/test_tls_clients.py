@@ -142,3 +142,21 @@ def test_missing_certificate_file_is_a_startup_error(tmp_path: Path, pki: Pki) -
              "--tls-key", str(pki.server_key)])  # fmt: skip
     assert r.returncode == 2
     assert f"'{tmp_path / 'nope.pem'}' does not exist" in r.stderr
+
+
+def test_tls_only_export_is_invisible_and_unopenable_without_tls(tmp_path: Path, pki: Pki) -> None:
+    args = [
+        "--export", "secure=memory,size=1M,tls=1", "--export", "open=memory,size=1M",
+        "--tls", "on", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+    ]  # fmt: skip
+    with serve(args, tmp_path) as srv:
+        plain = run(["nbdinfo", "--list", "--json", f"nbd://localhost:{srv.port}/"])
+        assert plain.returncode == 0, plain.stderr
+        names = {e["export-name"] for e in json.loads(plain.stdout)["exports"]}
+        assert names == {"open"}
+        assert run(["nbdinfo", f"nbd://localhost:{srv.port}/secure"]).returncode != 0
+        tls = run(
+            ["nbdinfo", "--json", _nbds(srv, pki.client_dir_no_cert).replace("/?", "/secure?")]
+        )
+        assert tls.returncode == 0, tls.stderr
+        assert json.loads(tls.stdout)["exports"][0]["export-name"] == "secure"

@@ -1,0 +1,98 @@
+"""How --config and the security flags become server settings (nbdserver.security_cli)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nbdserver.backends.memory import MemoryBackend
+from nbdserver.cli import build_parser, config_from_args
+from nbdserver.errors import ConfigError
+from nbdserver.exports import open_export
+from nbdserver.filters.cow import CowFilter
+from nbdserver.filters.qos import QosFilter
+from nbdserver.security_cli import finish
+
+
+def _build(*argv: str):  # type: ignore[no-untyped-def]
+    args = build_parser().parse_args(["serve", *argv])
+    config = config_from_args(args)
+    return config, finish(args, config)
+
+
+def test_no_feature_flags_means_no_guard_and_unwrapped_backends() -> None:
+    config, guard = _build("--backend", "memory", "--size", "1M")
+    assert guard is None and config.tls_policy == "off"
+    export = open_export(config.exports[0])
+    try:
+        assert type(export.backend) is MemoryBackend  # the hot path sees the backend itself
+    finally:
+        export.backend.close()
+
+
+def test_qos_and_cow_flags_wrap_every_export(tmp_path: Path) -> None:
+    image = tmp_path / "a.img"
+    image.write_bytes(bytes(65536))
+    config, guard = _build(
+        str(image), "--copy-on-write", "--cow-dir", str(tmp_path), "--qos-write-bps", "1000"
+    )
+    assert guard is None  # filters live in the export; no per-connection work is needed
+    export = open_export(config.exports[0])
+    try:
+        assert isinstance(export.backend, QosFilter)
+        assert isinstance(export.backend.inner, CowFilter)
+        assert not export.backend.inner.inner.can_write  # the base is opened read-only
+    finally:
+        export.backend.close()
+
+
+def test_config_file_settings_and_command_line_precedence(tmp_path: Path) -> None:
+    conf = tmp_path / "c.conf"
+    conf.write_text(
+        "[generic]\nport = 12345\nlistenaddr = 127.0.0.9\nmaxconnections = 7\n"
+        f"[disk]\nexportname = {tmp_path}/d.img\nfilesize = 4096\nreadonly = true\n"
+    )
+    config, guard = _build("--config", str(conf))
+    assert (config.port, config.bind, config.max_connections) == (12345, "127.0.0.9", 7)
+    assert [(e.name, e.read_only, e.size) for e in config.exports] == [("disk", True, 4096)]
+    assert guard is not None and not guard.opts.list_allowed  # allowlist defaults to false
+    config, _ = _build("--config", str(conf), "--port", "2000", "--bind", "127.0.0.1")
+    assert (config.port, config.bind) == (2000, "127.0.0.1")
+
+
+def test_tls_flags(tmp_path: Path) -> None:
+    from tests.interop.security_helpers import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    config, guard = _build(
+        "--backend",
+        "memory",
+        "--size",
+        "1M",
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+    )
+    assert config.tls_policy == "on" and guard is not None and guard.tls_context is not None
+    with pytest.raises(ConfigError, match="TLS files given but --tls off"):
+        _build(
+            "--backend",
+            "memory",
+            "--size",
+            "1M",
+            "--tls",
+            "off",
+            "--tls-cert",
+            str(pki.server_cert),
+        )
+    with pytest.raises(ConfigError, match="an export is TLS-only but TLS is off"):
+        _build("--export", "a=memory,size=1M,tls=1")
+
+
+def test_config_file_errors_surface_as_config_errors(tmp_path: Path) -> None:
+    conf = tmp_path / "c.conf"
+    conf.write_text("[generic]\nuser = nbd\n[a]\nexportname = /x\n")
+    with pytest.raises(ConfigError, match=rf"{conf}:2: \[generic\] user is not supported"):
+        _build("--config", str(conf))
