@@ -100,7 +100,12 @@ class CowFilter(Filter):
             # A filesystem without hole punching (some tmpfs setups, overlayfs): write zeroes.
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            _full_pwrite(self._fd, memoryview(bytes(length)), offset)
+            chunk = memoryview(bytes(min(length, 1 << 20)))
+            end = offset + length
+            while offset < end:
+                n = min(len(chunk), end - offset)
+                _full_pwrite(self._fd, chunk[:n], offset)
+                offset += n
 
     # -- data path ----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -160,3 +161,27 @@ def test_concurrent_partial_writes_to_one_block_lose_nothing() -> None:
         assert data[i * 512 : i * 512 + 256] == bytes([i]) * 256
         assert data[i * 512 + 256 : i * 512 + 512] == b"\xee" * 256
     cow.close()
+
+
+def test_zeroes_fall_back_to_writing_where_holes_cannot_be_punched(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno as errno_mod
+
+    import nbdserver.filters.cow as cow_mod
+
+    def no_punch(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno_mod.EOPNOTSUPP, "no hole punching here")
+
+    monkeypatch.setattr(cow_mod, "punch_hole", no_punch)
+    base = MemoryBackend(3 << 20)
+    base.pwrite(b"\xff" * (3 << 20), 0, False)
+    cow = CowFilter(base)
+    try:
+        cow.zero(100, (2 << 20) + 5, True, False, False)  # spans more than one fallback chunk
+        data = _read(cow, 0, 3 << 20)
+        assert data[:100] == b"\xff" * 100
+        assert data[100 : 100 + (2 << 20) + 5] == bytes((2 << 20) + 5)
+        assert data[100 + (2 << 20) + 5 :] == b"\xff" * ((1 << 20) - 105)
+    finally:
+        cow.close()
