@@ -98,6 +98,17 @@ def test_the_image_ends_as_a_fixed_non_root_user() -> None:
     assert users[-1] == "65532:65532"
 
 
+def test_the_image_carries_oci_labels() -> None:
+    labels = " ".join(args for word, args in _final_stage() if word == "LABEL")
+    for key in ("title", "description", "licenses", "version", "revision", "source"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in labels
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    version_arg = [a for w, a in _final_stage() if w == "ARG" and a.startswith("VERSION=")]
+    assert version_arg == [f"VERSION={project['version']}"]
+
+
 def test_every_console_script_is_smoke_tested_in_the_final_stage() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     runs = " ".join(args for word, args in _final_stage() if word == "RUN")
