@@ -1,0 +1,53 @@
+"""Operator-wide settings: the server image, default resources, retry delays.
+
+Why it exists: the chart and the command line configure the operator; the handlers and the
+manifest builders need those values without each reading the environment on its own.
+
+What it must not do: read anything at import time. ``OperatorConfig.from_env`` is called once
+by the command line; tests build the dataclass directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_SERVER_IMAGE = "ghcr.io/kube-nbd/kube-nbd:0.1.0"
+
+
+def _default_resources() -> dict[str, Any]:
+    return {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Settings that apply to every export unless its spec.server overrides them."""
+
+    server_image: str = DEFAULT_SERVER_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    server_resources: Mapping[str, Any] = field(default_factory=_default_resources)
+    # How long kopf waits before retrying an export whose inputs are missing (no PVC, no
+    # Secret, unknown node). A retry is how a fixed input is noticed; tests shorten it.
+    retry_delay: float = 15.0
+    # How long deletion waits between checks while nodes still have the export attached. A
+    # Lease deletion wakes the operator earlier (it touches the export), so this is a fallback.
+    detach_poll_delay: float = 30.0
+    # The uid/gid the server runs as when it needs no root (file-backed and memory sources).
+    server_uid: int = 65532
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        """Read NBD_OPERATOR_* variables (set by the chart); missing ones keep the defaults."""
+        env = os.environ if env is None else env
+        kwargs: dict[str, Any] = {}
+        if image := env.get("NBD_OPERATOR_SERVER_IMAGE"):
+            kwargs["server_image"] = image
+        if policy := env.get("NBD_OPERATOR_IMAGE_PULL_POLICY"):
+            kwargs["image_pull_policy"] = policy
+        if delay := env.get("NBD_OPERATOR_RETRY_DELAY"):
+            kwargs["retry_delay"] = float(delay)
+        if delay := env.get("NBD_OPERATOR_DETACH_POLL_DELAY"):
+            kwargs["detach_poll_delay"] = float(delay)
+        return cls(**kwargs)

@@ -1,0 +1,191 @@
+"""The kopf registry: which events run which reconciliation, and how failures map to kopf.
+
+Why it exists: kopf decides when to act; this module wires its triggers (an export created,
+changed, resumed or deleted; a server Deployment, a claim or an attachment Lease changed) to the
+``reconcile`` functions, and is the one place where our errors become kopf's Temporary/Permanent
+errors. Handlers are built on a fresh ``OperatorRegistry`` per call, so tests and the command
+line run the same wiring without module-level state.
+
+What it must not do: build manifests, compute status or call the API itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import kopf
+from nbd_api import FINALIZER, GROUP, KIND, LABEL_EXPORT, PLURAL, VERSION
+
+from nbd_operator import reconcile
+from nbd_operator.config import OperatorConfig
+from nbd_operator.kube import Kube, KubeError
+from nbd_operator.spec import MANAGED_BY
+
+LOG = logging.getLogger("nbd_operator")
+
+
+def configure_settings(settings: kopf.OperatorSettings) -> None:
+    """Our own finalizer and annotation prefix (nbd.dev), and progress kept out of status.
+
+    The CRD's status schema has no room for kopf's bookkeeping (the API server would prune it,
+    and kopf would then redo finished work), so progress and the diff base live in annotations.
+    """
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.reporting_component = "nbd-operator"
+    settings.posting.event_name_prefix = "nbd-operator-"
+
+
+class Runtime:
+    """The per-process state the handlers share: settings, the API client, per-export locks."""
+
+    def __init__(self, config: OperatorConfig, connection: kopf.ConnectionInfo | None) -> None:
+        self.config = config
+        self.connection = connection
+        self.kube: Kube | None = None
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def ctx(self) -> reconcile.Ctx:
+        if self.kube is None:
+            raise kopf.TemporaryError("not logged in yet", delay=1)
+        return reconcile.Ctx(self.kube, self.config)
+
+    @contextlib.asynccontextmanager
+    async def locked(self, namespace: str, name: str) -> AsyncIterator[reconcile.Ctx]:
+        """One reconciliation per export at a time: a child's refresh must not interleave
+        with a sync and write an older view of the children last."""
+        lock = self._locks.setdefault((namespace, name), asyncio.Lock())
+        async with lock:
+            yield self.ctx()
+
+    async def login(self, info: kopf.ConnectionInfo) -> None:
+        old, self.kube = self.kube, Kube(info)
+        if old is not None:
+            await old.close()
+
+    async def close(self) -> None:
+        if self.kube is not None:
+            await self.kube.close()
+            self.kube = None
+
+
+def _to_kopf(exc: Exception, config: OperatorConfig) -> Exception:
+    """The one mapping of our failures to kopf's retry semantics."""
+    if isinstance(exc, reconcile.InvalidSpec):
+        return kopf.PermanentError(exc.message)
+    if isinstance(exc, reconcile.DetachPending):
+        return kopf.TemporaryError(exc.message, delay=config.detach_poll_delay)
+    if isinstance(exc, reconcile.InputMissing):
+        return kopf.TemporaryError(exc.message, delay=config.retry_delay)
+    if isinstance(exc, KubeError):
+        return kopf.TemporaryError(f"Kubernetes API: {exc}", delay=config.retry_delay)
+    return exc
+
+
+def _reraise(exc: Exception, config: OperatorConfig) -> None:
+    mapped = _to_kopf(exc, config)
+    if mapped is exc:
+        raise exc
+    raise mapped from exc
+
+
+def build_registry(
+    config: OperatorConfig, connection: kopf.ConnectionInfo | None = None
+) -> kopf.OperatorRegistry:
+    """All handlers on a new registry. ``connection`` overrides the login (tests)."""
+    registry = kopf.OperatorRegistry()
+    rt = Runtime(config, connection)
+    owned: dict[str, Any] = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_settings(settings)
+
+    @kopf.on.login(registry=registry)
+    async def login(
+        logger: kopf.Logger, settings: kopf.OperatorSettings, **_: Any
+    ) -> kopf.ConnectionInfo | None:
+        info = rt.connection
+        if info is None:
+            info = await kopf.login_via_async_client(logger=logger, settings=settings)
+        if info is None:
+            info = kopf.login_with_service_account(logger=logger, settings=settings)
+        if info is None:
+            info = kopf.login_with_kubeconfig(logger=logger, settings=settings)
+        if info is not None:
+            await rt.login(info)
+        return info
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await rt.close()
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
+    async def reconcile_export(
+        body: kopf.Body, namespace: str | None, name: str | None, **_: Any
+    ) -> None:
+        async with rt.locked(str(namespace), str(name)) as ctx:
+            try:
+                await reconcile.sync(ctx, body)
+            except Exception as exc:
+                _reraise(exc, config)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
+    async def delete_export(
+        body: kopf.Body, namespace: str | None, name: str | None, **_: Any
+    ) -> None:
+        async with rt.locked(str(namespace), str(name)) as ctx:
+            try:
+                await reconcile.finalize(ctx, body)
+            except Exception as exc:
+                _reraise(exc, config)
+
+    async def owner_changed(namespace: str, export_name: str, *, resync: bool) -> None:
+        """A child or a Lease changed: recompute the owner's status (re-create on drift)."""
+        async with rt.locked(namespace, export_name) as ctx:
+            body = await ctx.kube.get(KIND, namespace, export_name)
+            if body is None:
+                return
+            deleting = bool(body.get("metadata", {}).get("deletionTimestamp"))
+            try:
+                if resync and not deleting:
+                    await reconcile.sync(ctx, body)
+                else:
+                    await reconcile.refresh(ctx, body)
+            except reconcile.ExportError as exc:
+                # Reported in status already; the export's own handler retries.
+                LOG.info("export %s/%s: %s", namespace, export_name, exc)
+
+    async def child_changed(
+        labels: Mapping[str, str], namespace: str | None, *, resync: bool = False
+    ) -> None:
+        if (export_name := labels.get(LABEL_EXPORT)) is not None and namespace is not None:
+            await owner_changed(namespace, export_name, resync=resync)
+
+    @kopf.on.event("apps", "v1", "deployments", labels=owned, registry=registry)
+    async def server_changed(
+        type: str, labels: Mapping[str, str], namespace: str | None, **_: Any
+    ) -> None:
+        # A deleted server Deployment is drift: put it back (unless the export is going away).
+        await child_changed(labels, namespace, resync=type == "DELETED")
+
+    @kopf.on.event("", "v1", "persistentvolumeclaims", labels=owned, registry=registry)
+    async def claim_changed(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+        await child_changed(labels, namespace)
+
+    ours: dict[str, Any] = {LABEL_EXPORT: kopf.PRESENT}
+
+    @kopf.on.event("coordination.k8s.io", "v1", "leases", labels=ours, registry=registry)
+    async def lease_changed(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+        await child_changed(labels, namespace)
+
+    return registry

@@ -1,0 +1,373 @@
+"""One export's reconciliation: check its inputs, apply its children, write its status.
+
+Why it exists: kopf decides *when* to act (create, update, resume, a child changed, delete);
+this module decides *what* to do, the same way each time, so every trigger converges on the
+same objects and the same truthful status. Failures are raised as the ``ExportError`` tree;
+``handlers`` maps them to kopf's temporary/permanent errors in one place.
+
+What it must not do: keep state between calls (everything is re-read from the API), sleep, or
+talk to the API other than through ``kube.Kube``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import kopf
+from nbd_api import KIND, LABEL_EXPORT, LABEL_ROLE, ROLE_ATTACHMENT, attachment_from_lease
+from nbd_api import parse_quantity as _parse_quantity
+
+from nbd_operator import manifests
+from nbd_operator.config import OperatorConfig
+from nbd_operator.kube import Kube, NotFound
+from nbd_operator.spec import ExportSpec, SpecError, claim_name, parse_spec, policy_name
+from nbd_operator.spec import server_name as _server_name
+from nbd_operator.status import Observed, Problem, compute_status
+
+RETAINED_ANNOTATION = "nbd.dev/retained-from"
+
+
+class ExportError(Exception):
+    """Base of the operator's errors about one export."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class InvalidSpec(ExportError):
+    """The spec cannot be served; only a spec change can fix it (permanent)."""
+
+
+class InputMissing(ExportError):
+    """Something the spec refers to is missing or wrong; fixed outside the export (retry)."""
+
+
+class DetachPending(ExportError):
+    """Deletion waits: nodes still have the export attached (retry)."""
+
+
+@dataclass(frozen=True)
+class Ctx:
+    kube: Kube
+    config: OperatorConfig
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _event(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    # kopf queues Events and posts them in the background; never blocks a handler.
+    kopf.event(kopf.Body(cast(kopf.RawBody, dict(body))), type=kind, reason=reason, message=message)
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What the reconciler learnt about an export before touching anything."""
+
+    spec: ExportSpec  # the spec to serve (a refused shrink keeps the served size)
+    base: ExportSpec | None  # the base export of a copy-on-write clone
+    served_size: int | None
+    refused: Problem | None
+    claim: dict[str, Any] | None
+
+
+async def _check_tls(ctx: Ctx, spec: ExportSpec) -> None:
+    if spec.tls is None:
+        return
+    secret = await ctx.kube.get("Secret", spec.namespace, spec.tls.secret_name)
+    where = f"Secret {spec.namespace}/{spec.tls.secret_name}"
+    if secret is None:
+        raise InputMissing(
+            "TLSSecretNotFound", f"{where} does not exist: create it (tls.crt, tls.key)"
+        )
+    keys = set((secret.get("data") or {}) | (secret.get("stringData") or {}))
+    needed = {"tls.crt", "tls.key"} | ({"ca.crt"} if spec.tls.client_certificate else set())
+    if missing := sorted(needed - keys):
+        raise InputMissing("TLSSecretIncomplete", f"{where} lacks {', '.join(missing)}")
+
+
+async def _check_source(
+    ctx: Ctx, spec: ExportSpec
+) -> tuple[dict[str, Any] | None, ExportSpec | None]:
+    """Returns (claim, base export) after checking that the source exists and fits."""
+    ns, src = spec.namespace, spec.source
+    if spec.source_kind == "volumeClaimTemplate":
+        return await ctx.kube.get("PersistentVolumeClaim", ns, claim_name(spec.name)), None
+    if spec.source_kind == "persistentVolumeClaim":
+        claim = await ctx.kube.get("PersistentVolumeClaim", ns, src["claimName"])
+        if claim is None:
+            raise InputMissing(
+                "ClaimNotFound",
+                f"PersistentVolumeClaim {ns}/{src['claimName']} does not exist: create it "
+                "or fix spec.source.persistentVolumeClaim.claimName",
+            )
+        mode = (claim.get("spec") or {}).get("volumeMode", "Filesystem")
+        if mode != spec.volume_mode:
+            raise InputMissing(
+                "VolumeModeMismatch",
+                f"PersistentVolumeClaim {ns}/{src['claimName']} is {mode}, the export says "
+                f"{spec.volume_mode}",
+            )
+        return claim, None
+    if spec.source_kind == "hostDevice":
+        if await ctx.kube.get("Node", None, src["nodeName"]) is None:
+            raise InputMissing(
+                "NodeNotFound",
+                f"node {src['nodeName']} does not exist: fix spec.source.hostDevice.nodeName",
+            )
+        return None, None
+    if spec.source_kind == "export":
+        base_body = await ctx.kube.get(KIND, ns, src["name"])
+        if base_body is None:
+            raise InputMissing("BaseExportNotFound", f"NBDExport {ns}/{src['name']} does not exist")
+        try:
+            base = parse_spec(base_body)
+        except SpecError as exc:
+            raise InputMissing("BaseExportInvalid", f"NBDExport {ns}/{src['name']}: {exc}") from exc
+        if not base.read_only:
+            raise InputMissing(
+                "BaseNotReadOnly",
+                f"NBDExport {ns}/{src['name']} must be readOnly to be cloned (its data would "
+                "change under the clone)",
+            )
+        if base.source_kind in ("memory", "export"):
+            raise InputMissing(
+                "BaseNotCloneable",
+                f"NBDExport {ns}/{src['name']} has a {base.source_kind} source, which no "
+                "other pod can read",
+            )
+        base_claim = None
+        if base.source_kind == "persistentVolumeClaim":
+            base_claim = await ctx.kube.get("PersistentVolumeClaim", ns, base.source["claimName"])
+        elif base.source_kind == "volumeClaimTemplate":
+            base_claim = await ctx.kube.get("PersistentVolumeClaim", ns, claim_name(base.name))
+        return base_claim, base
+    return None, None
+
+
+def _served_size(
+    spec: ExportSpec, body: Mapping[str, Any], claim: Mapping[str, Any] | None
+) -> int | None:
+    if spec.size_bytes is not None:
+        return spec.size_bytes
+    if spec.source_kind == "persistentVolumeClaim" and claim is not None:
+        capacity = ((claim.get("status") or {}).get("capacity") or {}).get("storage")
+        if capacity is not None:
+            return _parse_quantity(capacity)
+    return None
+
+
+async def assess(ctx: Ctx, body: Mapping[str, Any]) -> Assessment:
+    """Parse the spec and check its inputs; raises InvalidSpec or InputMissing."""
+    try:
+        spec = parse_spec(body)
+    except SpecError as exc:
+        raise InvalidSpec("InvalidSpec", str(exc)) from exc
+    served = (body.get("status") or {}).get("sizeBytes")
+    refused: Problem | None = None
+    shrinking = isinstance(served, int) and (spec.size_bytes or 0) < served
+    if spec.file_backed and spec.size_bytes is not None and shrinking:
+        refused = (
+            "ShrinkRefused",
+            f"spec.size {spec.size_bytes} is smaller than the {served} bytes being served; "
+            f"shrinking would cut data off: set it back to at least {served}",
+        )
+        spec = dataclasses.replace(spec, size_bytes=served)
+    await _check_tls(ctx, spec)
+    claim, base = await _check_source(ctx, spec)
+    served_size = _served_size(spec, body, claim)
+    if base is not None:
+        served_size = ((await _base_status(ctx, base)) or {}).get("sizeBytes")
+    return Assessment(spec, base, served_size, refused, claim)
+
+
+async def _base_status(ctx: Ctx, base: ExportSpec) -> dict[str, Any] | None:
+    obj = await ctx.kube.get(KIND, base.namespace, base.name)
+    return None if obj is None else obj.get("status")
+
+
+async def attachments(ctx: Ctx, namespace: str, name: str) -> list[Any]:
+    leases = await ctx.kube.list(
+        "Lease", namespace, {LABEL_EXPORT: name, LABEL_ROLE: ROLE_ATTACHMENT}
+    )
+    found = [attachment_from_lease(lease) for lease in leases]
+    return sorted((a for a in found if a is not None), key=lambda a: a.node)
+
+
+async def write_status(ctx: Ctx, body: Mapping[str, Any], **observed: Any) -> dict[str, Any]:
+    """Gather the children's state and patch the export's status with the computed result."""
+    meta = body.get("metadata") or {}
+    ns, name = str(meta.get("namespace")), str(meta.get("name"))
+    spec: ExportSpec | None = observed.pop("spec", None)
+    deployment = await ctx.kube.get("Deployment", ns, _server_name(name))
+    obs = Observed(
+        name=name,
+        namespace=ns,
+        generation=meta.get("generation"),
+        spec=spec,
+        deleting=bool(meta.get("deletionTimestamp")),
+        deployment=deployment,
+        attachments=await attachments(ctx, ns, name),
+        previous_conditions=(body.get("status") or {}).get("conditions") or (),
+        **observed,
+    )
+    status = compute_status(obs, now())
+    await ctx.kube.patch(KIND, ns, name, {"status": status}, subresource="status")
+    return status
+
+
+async def sync(ctx: Ctx, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Make the children match the spec, then report. The create/update/resume path."""
+    try:
+        a = await assess(ctx, body)
+    except InvalidSpec as exc:
+        await write_status(ctx, body, spec_problem=(exc.reason, exc.message))
+        _event(body, "Warning", exc.reason, exc.message)
+        raise
+    except InputMissing as exc:
+        spec = _parse_or_none(body)
+        await write_status(ctx, body, spec=spec, source_problem=(exc.reason, exc.message))
+        _event(body, "Warning", exc.reason, exc.message)
+        raise
+    if a.refused is not None:
+        _event(body, "Warning", a.refused[0], a.refused[1])
+    claim = await _apply(ctx, body, a)
+    return await write_status(
+        ctx, body, spec=a.spec, claim=claim, refused=a.refused, served_size=a.served_size
+    )
+
+
+async def refresh(ctx: Ctx, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Recompute the status only (a child or a Lease changed); never creates anything."""
+    try:
+        a = await assess(ctx, body)
+    except InvalidSpec as exc:
+        return await write_status(ctx, body, spec_problem=(exc.reason, exc.message))
+    except InputMissing as exc:
+        spec = _parse_or_none(body)
+        return await write_status(ctx, body, spec=spec, source_problem=(exc.reason, exc.message))
+    claim = a.claim if a.spec.source_kind != "export" else None
+    return await write_status(
+        ctx, body, spec=a.spec, claim=claim, refused=a.refused, served_size=a.served_size
+    )
+
+
+def _parse_or_none(body: Mapping[str, Any]) -> ExportSpec | None:
+    try:
+        return parse_spec(body)
+    except SpecError:
+        return None
+
+
+async def _apply(ctx: Ctx, body: Mapping[str, Any], a: Assessment) -> dict[str, Any] | None:
+    spec, kube = a.spec, ctx.kube
+    claim = a.claim
+    if spec.source_kind == "volumeClaimTemplate":
+        claim = await _ensure_claim(ctx, body, spec, claim)
+    _, how = await kube.ensure(
+        manifests.deployment(spec, ctx.config, a.base),
+        prune=(("spec", "template", "spec", "nodeSelector"),),
+    )
+    if how == "created":
+        _event(body, "Normal", "ServerCreated", f"created Deployment {_server_name(spec.name)}")
+    elif how == "updated":
+        _event(body, "Normal", "ServerUpdated", f"rolling Deployment {_server_name(spec.name)}")
+    _, how = await kube.ensure(manifests.service(spec))
+    if how == "created":
+        _event(body, "Normal", "ServiceCreated", f"created Service {_server_name(spec.name)}")
+    policy = manifests.network_policy(spec)
+    if policy is not None:
+        _, how = await kube.ensure(policy)
+        if how != "unchanged":
+            _event(
+                body,
+                "Normal",
+                "NetworkPolicyApplied",
+                f"admitting {', '.join(spec.allowed_clients)}",
+            )
+    elif await kube.delete("NetworkPolicy", spec.namespace, policy_name(spec.name)):
+        _event(
+            body,
+            "Normal",
+            "NetworkPolicyRemoved",
+            "allowedClients is empty: every client may connect",
+        )
+    return claim if spec.source_kind != "export" else None
+
+
+async def _ensure_claim(
+    ctx: Ctx, body: Mapping[str, Any], spec: ExportSpec, claim: dict[str, Any] | None
+) -> dict[str, Any]:
+    desired = manifests.persistent_volume_claim(spec)
+    if claim is None:
+        claim, _ = await ctx.kube.ensure(desired)
+        _event(
+            body, "Normal", "ClaimCreated", f"created PersistentVolumeClaim {claim_name(spec.name)}"
+        )
+        return claim
+    want = manifests.claim_storage_bytes(spec)
+    requests = ((claim.get("spec") or {}).get("resources") or {}).get("requests") or {}
+    have = _parse_quantity(requests.get("storage", 0))
+    if want > have:
+        patch = {"spec": {"resources": {"requests": {"storage": manifests.quantity(want)}}}}
+        claim = await ctx.kube.patch(
+            "PersistentVolumeClaim", spec.namespace, claim_name(spec.name), patch
+        )
+        _event(body, "Normal", "ClaimResizing", f"growing the claim to {want} bytes")
+    return claim
+
+
+async def finalize(ctx: Ctx, body: Mapping[str, Any]) -> None:
+    """Deletion: wait while nodes have the export attached, then remove the children.
+
+    Raises DetachPending while any attachment Lease exists; the finalizer stays until then, so
+    the server keeps serving the nodes that still use it.
+    """
+    meta = body.get("metadata") or {}
+    ns, name = str(meta.get("namespace")), str(meta.get("name"))
+    spec = _parse_or_none(body)
+    attached = await attachments(ctx, ns, name)
+    if attached:
+        nodes = ", ".join(a.node for a in attached)
+        message = f"deletion waits until {len(attached)} node(s) detach: {nodes}"
+        previous = (body.get("status") or {}).get("message")
+        await write_status(ctx, body, spec=spec, deletion_blocked=("DetachPending", message))
+        if previous != message:  # one Event per change, not one per retry
+            _event(body, "Warning", "DeletionBlocked", message)
+        raise DetachPending("DetachPending", message)
+
+    await write_status(ctx, body, spec=spec)
+    kube = ctx.kube
+    await kube.delete("NetworkPolicy", ns, policy_name(name))
+    await kube.delete("Service", ns, _server_name(name))
+    await kube.delete("Deployment", ns, _server_name(name))
+    if spec is not None and spec.source_kind == "volumeClaimTemplate":
+        if spec.reclaim_policy == "Retain":
+            # Without the owner reference the garbage collector leaves the claim alone.
+            patch = {
+                "metadata": {
+                    "ownerReferences": None,
+                    "annotations": {RETAINED_ANNOTATION: f"{ns}/{name}"},
+                }
+            }
+            with contextlib.suppress(NotFound):  # already gone: nothing left to retain
+                await kube.patch("PersistentVolumeClaim", ns, claim_name(name), patch)
+                _event(
+                    body,
+                    "Normal",
+                    "ClaimRetained",
+                    f"kept PersistentVolumeClaim {claim_name(name)}",
+                )
+        elif await kube.delete("PersistentVolumeClaim", ns, claim_name(name)):
+            _event(
+                body, "Normal", "ClaimDeleted", f"deleted PersistentVolumeClaim {claim_name(name)}"
+            )
+    _event(body, "Normal", "Deleted", "server, service and policy removed")
