@@ -457,3 +457,21 @@ def test_device_left_by_a_crash_before_the_state_write_is_taken_over(
     assert csi.attacher.adopted == [csi.path("devices", "crash.img")]
     unstage(csi, "v")
     assert csi.attacher.attached == {}
+
+
+def test_unpublish_of_another_volumes_target_is_not_found_and_unmounts_nothing(
+    csi: CsiHarness,
+) -> None:
+    stage(csi, "mine", csi.image("mine"))
+    publish(csi, "mine", csi.path("t"))
+    with pytest.raises(grpc.RpcError) as info:
+        unpublish(csi, "someone-else", csi.path("t"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert mounter.is_mounted(csi.path("t"))
+
+
+def test_restaging_from_another_uri_is_already_exists(csi: CsiHarness) -> None:
+    stage(csi, "v", csi.image("one"))
+    with pytest.raises(grpc.RpcError) as info:
+        stage(csi, "v", csi.image("two"))
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS

@@ -21,7 +21,7 @@ from nbd_agent.csi._generated import csi_pb2 as pb
 from nbd_agent.csi.attacher import Attacher
 from nbd_agent.csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from nbd_agent.csi.locks import VolumeLocks
-from nbd_agent.csi.sources import ExportLookup, check_access, is_ephemeral, resolve
+from nbd_agent.csi.sources import ATTR_URI, ExportLookup, check_access, is_ephemeral, resolve
 from nbd_agent.csi.state import NodeState, Target, VolumeRecord
 from nbd_agent.csi.volumes import Capability, Leases, Volumes, to_csi
 
@@ -120,6 +120,8 @@ class NodeService:
             record = self.state.get(volume_id)
             if record is not None:
                 self._check_compatible_stage(record, staging, cap)
+                if context.get(ATTR_URI, record.uri) != record.uri:
+                    raise AlreadyExists(f"volume {volume_id} is staged from {record.uri}")
                 try:
                     self.volumes.ensure_staged(record)
                 except Exception as exc:
@@ -243,6 +245,9 @@ class NodeService:
         volume_id = _required(req.volume_id, "volume_id")
         target = _absolute(req.target_path, "target_path")
         with self.locks.hold(volume_id):
+            owner = self.state.find_target(target)
+            if owner is not None and owner.volume_id != volume_id:
+                raise NotFound(f"{target} belongs to volume {owner.volume_id}, not {volume_id}")
             record = self.state.get(volume_id)
             try:
                 mounter.unmount(target)
