@@ -36,6 +36,7 @@ from nbd_agent.errors import (
 )
 from nbd_agent.handshake import ExportInfo, Target
 from nbd_agent.netlink import NbdNetlink
+from nbd_agent.tlsproxy import TlsProxy
 from nbdserver.protocol.constants import TransmissionFlag
 
 
@@ -47,6 +48,7 @@ class AttachOptions:
     timeout: int | None = None  # per-request timeout in seconds (kernel default if None)
     dead_conn_timeout: int | None = None  # seconds I/O waits for a reconnect; None: fail at once
     connect_timeout: float = 10.0  # reaching the server and the handshake
+    allow_tls_proxy: bool = False  # nbds:// needs a process that stays (persist mode)
     tls_context: ssl.SSLContext | None = field(default=None, repr=False)
 
 
@@ -56,6 +58,7 @@ class Attachment:
     target: Target
     info: ExportInfo
     backend: Backend
+    proxies: list[TlsProxy] = field(default_factory=list)  # nbds:// only; keep them running
 
     @property
     def device(self) -> str:
@@ -115,12 +118,31 @@ def close_all(socks: list[socket.socket]) -> None:
         sock.close()
 
 
+def kernel_sockets(
+    target: Target, socks: list[socket.socket]
+) -> tuple[list[socket.socket], list[TlsProxy]]:
+    """The sockets to hand to the kernel: the negotiated ones, or for TLS one end of a
+    socketpair per connection with a running proxy behind it."""
+    if not target.tls:
+        return socks, []
+    proxies = [
+        TlsProxy(s, name=f"{target.describe()}#{i}").start()  # type: ignore[arg-type]
+        for i, s in enumerate(socks)
+    ]
+    return [p.kernel_end for p in proxies], proxies
+
+
+def close_proxies(proxies: list[TlsProxy]) -> None:
+    for proxy in proxies:
+        proxy.close()
+
+
 def attach(uri: str | Target, opts: AttachOptions, nl: NbdNetlink | None = None) -> Attachment:
     """Attach ``uri`` to a device; return the Attachment. Raises AgentError subclasses."""
     target = handshake.parse_uri(uri) if isinstance(uri, str) else uri
     if opts.connections < 1:
         raise UsageError("--connections must be at least 1")
-    if target.tls:
+    if target.tls and not opts.allow_tls_proxy:
         raise UsageError(
             f"{target.uri}: TLS exports need a process that stays (use --persist): "
             "the kernel cannot speak TLS"
@@ -131,10 +153,16 @@ def attach(uri: str | Target, opts: AttachOptions, nl: NbdNetlink | None = None)
         if opts.device is not None and not devices.device_node_exists(opts.device):
             raise DeviceNotFound(f"/dev/nbd{opts.device} does not exist")
         socks, info = open_connections(target, opts.connections, opts)
+        ksocks, proxies = kernel_sockets(target, socks)
         try:
-            return connect_sockets(nl, target, info, socks, opts)
+            attachment = connect_sockets(nl, target, info, ksocks, opts)
+        except BaseException:
+            close_proxies(proxies)
+            raise
         finally:
-            close_all(socks)  # the kernel holds its own references now (or nothing did)
+            close_all(ksocks)  # the kernel holds its own references now (or nothing did)
+        attachment.proxies = proxies
+        return attachment
     finally:
         if own_nl:
             nl.close()

@@ -29,6 +29,7 @@ from nbd_agent.errors import AgentError, NetlinkError
 from nbd_agent.handshake import ExportInfo, Target
 from nbd_agent.netlink import NbdNetlink
 from nbd_agent.reconnect import Reconnector
+from nbd_agent.tlsproxy import TlsProxy
 from nbdserver.protocol.constants import TransmissionFlag
 
 log = logging.getLogger("nbd_agent.persist")
@@ -60,6 +61,7 @@ class Keeper:
         self.reconnector = Reconnector()
         self.kept: dict[int, Kept] = {}
         self.outages: list[tuple[int, float]] = []  # (device index, seconds without a link)
+        self.proxies: dict[int, list[TlsProxy]] = {}  # nbds:// devices: the running bridges
         # Subscribe first: a LINK_DEAD between attach and subscription would be lost.
         self.listener = nl.link_dead_listener()
 
@@ -70,6 +72,7 @@ class Keeper:
         self.kept[attachment.index] = Kept(
             attachment.index, attachment.target, attachment.backend, attachment.info
         )
+        self.proxies[attachment.index] = list(attachment.proxies)
         self.reconnector.watch(attachment.index, self.clock())
 
     def adopt(self, *, uri: str | None = None, verify: bool = True) -> list[int]:
@@ -119,11 +122,13 @@ class Keeper:
             delay = self.reconnector.failed(index, self.clock(), str(exc))
             log.info("/dev/nbd%d: reconnect failed (%s); next try in %.2fs", index, exc, delay)
             return
+        ksocks, proxies = attach.kernel_sockets(kept.target, socks)
         try:
             self.nl.reconfigure(
-                index, [s.fileno() for s in socks], backend_identifier=kept.backend.identifier()
+                index, [s.fileno() for s in ksocks], backend_identifier=kept.backend.identifier()
             )
         except NetlinkError as exc:
+            attach.close_proxies(proxies)
             if exc.errno == errno.EINVAL and not devices.is_connected(self.nl, index):
                 self._forget(index)
                 return
@@ -131,12 +136,15 @@ class Keeper:
             log.warning("/dev/nbd%d: RECONFIGURE failed: %s", index, exc)
             return
         finally:
-            attach.close_all(socks)
+            attach.close_all(ksocks)
+        # Proxies whose socket the kernel did not take see EOF and stop by themselves.
+        self.proxies[index] = [p for p in self.proxies.get(index, []) + proxies if p.alive]
         outage = self.reconnector.succeeded(index, self.clock())
         self.outages.append((index, outage))
         log.warning("/dev/nbd%d: reconnected after %.3fs", index, outage)
 
     def _forget(self, index: int) -> None:
+        attach.close_proxies(self.proxies.pop(index, []))
         self.kept.pop(index, None)
         self.reconnector.forget(index)
 
@@ -164,6 +172,7 @@ def attach_and_watch(uri: str, opts: AttachOptions) -> int:
     """``nbd-agent attach --persist``: attach (or adopt the device already attached to this
     URI), print the device, then keep it attached until SIGTERM/SIGINT. The device stays."""
     stop = _stop_on_signals()
+    opts.allow_tls_proxy = True  # this process stays, so it can carry TLS for the kernel
     with NbdNetlink() as nl:
         keeper = Keeper(nl, opts)
         try:
@@ -184,6 +193,7 @@ def attach_and_watch(uri: str, opts: AttachOptions) -> int:
 def watch_all(opts: AttachOptions) -> int:
     """``nbd-agent watch``: the daemon. Adopt every device this agent attached, keep them."""
     stop = _stop_on_signals()
+    opts.allow_tls_proxy = True
     with NbdNetlink() as nl:
         keeper = Keeper(nl, opts)
         try:

@@ -324,6 +324,65 @@ def reconnect(kind: str = "nbdserver") -> None:
     res["detach_rc"] = agent("detach", dev).returncode
     res["configured_at_end"] = guest.configured_devices()
     srv.stop()
+    _tls_phase(res)
+
+
+def _tls_phase(res: Results) -> None:
+    """Phase 3: an nbds:// export through the userspace TLS bridge, across a server crash."""
+    import trustme
+
+    certs = guest.SCRATCH / "certs"
+    certs.mkdir()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(certs / "ca-cert.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(certs / "server.pem"))
+    cert.private_key_pem.write_to_path(str(certs / "server.key"))
+    image = guest.make_image("tls.img", 16 * MiB)
+    port = guest.free_port()
+    tls_args = ["--tls", "require", "--tls-cert", str(certs / "server.pem")]
+    tls_args += ["--tls-key", str(certs / "server.key")]
+
+    def start() -> guest.Server:
+        srv = guest.server("nbdserver", image, name="disk", port=port)
+        srv.argv += tls_args
+        return srv.start()
+
+    srv = start()
+    out: dict[str, object] = {}
+    plain = agent("attach", f"nbd://127.0.0.1:{port}/disk")
+    out["plain_refused"] = {"rc": plain.returncode, "stderr": plain.stderr.strip()}
+    uri = f"nbds://127.0.0.1:{port}/disk?tls-certificates={certs}"
+    no_persist = agent("attach", uri)
+    out["no_persist"] = {"rc": no_persist.returncode, "stderr": no_persist.stderr.strip()}
+    log = open(guest.WORK / "agent3.log", "wb")  # noqa: SIM115
+    a3 = subprocess.Popen(
+        [guest.PY, "-m", "nbd_agent.cli", "-v", "attach", "--persist", uri],
+        stdout=subprocess.PIPE,
+        stderr=log,
+    )
+    assert a3.stdout is not None
+    dev = a3.stdout.readline().decode().strip()
+    out["device"] = dev
+    pattern = os.urandom(1 * MiB)
+    (guest.SCRATCH / "pattern").write_bytes(pattern)
+    w = run(["dd", f"if={guest.SCRATCH / 'pattern'}", f"of={dev}", "bs=64k", "oflag=direct"])
+    out["write_rc"] = w.returncode
+    srv.kill()
+    wait_until(lambda: "link dead" in (guest.WORK / "agent3.log").read_text(), 10, "TLS dead")
+    srv = start()
+    out["io_flow_s"] = round(_io_flows(dev), 3)
+    r = run(["cmp", "-n", str(MiB), str(guest.SCRATCH / "pattern"), dev])
+    out["read_back_rc"] = r.returncode
+    a3.send_signal(signal.SIGTERM)
+    a3.wait(10)
+    log.close()
+    out["detach_rc"] = agent("detach", dev).returncode
+    srv.stop()
+    image_head = image.read_bytes()[:MiB]
+    out["in_image"] = image_head == pattern
+    out["log"] = (guest.WORK / "agent3.log").read_text()[-2000:]
+    res["tls"] = out
 
 
 def _written(dev: str) -> int:

@@ -5,6 +5,8 @@
    mid-workload and restarted: fio ends with zero errors and verified data.
 2. The agent is SIGKILLed; ``nbd-agent watch`` adopts the device (by its backend identifier);
    the server is killed again under a verifying randrw fio: zero errors again.
+3. An nbds:// export (nbdserver --tls require) through the agent's TLS bridge: data written,
+   server killed and restarted, data read back through a new TLS session.
 """
 
 from __future__ import annotations
@@ -54,6 +56,19 @@ def test_an_adopted_device_survives_the_next_server_crash(rec):
     assert rec["agent2_rc"] == 0  # SIGTERM ends the daemon cleanly ...
     assert rec["detach_rc"] == 0  # ... and leaves the device attached until detach
     assert rec["configured_at_end"] == []
+
+
+def test_tls_export_goes_through_the_userspace_bridge_and_survives_a_crash(rec):
+    out = _get(rec, "tls")
+    assert out["plain_refused"]["rc"] == 1  # the server requires TLS
+    assert out["no_persist"]["rc"] == 1 and "--persist" in out["no_persist"]["stderr"]
+    assert out["device"].startswith("/dev/nbd")
+    assert out["write_rc"] == 0
+    assert "reconnected after" in out["log"]
+    assert out["read_back_rc"] == 0  # read through a new TLS session after the crash
+    assert out["detach_rc"] == 0
+    assert out["in_image"] is True
+    assert out["io_flow_s"] < 5.0
 
 
 def test_the_guest_scenario_itself_succeeded(rec):
