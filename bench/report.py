@@ -17,9 +17,10 @@ from typing import Any
 from bench.workloads import Workload
 
 SUBJECT = "nbdserver"
+CPU_TITLE = "server CPU (median, 100% = one core) and spread of its figures ((max-min)/median):"
 # What a Markdown export states about its run, so a pasted table keeps its context.
-META_FACTS = ("date", "commit", "nbdserver_commit", "rounds", "runtime", "image_size", "cpus",
-              "loadavg_start", "loadavg_end")  # fmt: skip
+META_FACTS = ("date", "commit", "nbdserver_commit", "nbdserver_uncommitted", "rounds", "runtime",
+              "image_size", "cpus", "loadavg_start", "loadavg_end")  # fmt: skip
 
 
 @dataclass
@@ -33,6 +34,14 @@ class Cell:
     @property
     def median(self) -> float | None:
         return statistics.median(self.figures) if self.figures else None
+
+    @property
+    def spread_percent(self) -> float | None:
+        """(max - min) / median over rounds: how much to trust the median on a noisy machine."""
+        m = self.median
+        if not m or len(self.figures) < 2:
+            return None
+        return 100.0 * (max(self.figures) - min(self.figures)) / m
 
     @property
     def cpu_median(self) -> float | None:
@@ -94,11 +103,17 @@ def rows(results: BenchResults) -> tuple[list[str], list[list[str]]]:
 
 
 def cpu_rows(results: BenchResults) -> tuple[list[str], list[list[str]]]:
-    header = ["workload", *[f"{s} cpu%" for s in results.servers]]
-    body = [
-        [w.name, *[_num(results.cell(w.name, s).cpu_median) for s in results.servers]]
-        for w in results.workloads
-    ]
+    """Per server: median CPU during the jobs, and the spread of its figures over rounds."""
+    header = ["workload"]
+    for s in results.servers:
+        header += [f"{s} cpu%", f"{s} spread%"]
+    body = []
+    for w in results.workloads:
+        row = [w.name]
+        for s in results.servers:
+            cell = results.cell(w.name, s)
+            row += [_num(cell.cpu_median), _num(cell.spread_percent)]
+        body.append(row)
     return header, body
 
 
@@ -151,7 +166,7 @@ def markdown_table(header: list[str], body: list[list[str]], text_columns: int =
 
 
 def render_text(results: BenchResults) -> str:
-    parts = [plain_table(*rows(results)), "", "server CPU (median over rounds, 100% = one core):",
+    parts = [plain_table(*rows(results)), "", CPU_TITLE,
              plain_table(*cpu_rows(results), text_columns=1)]  # fmt: skip
     n = notes(results)
     if n:
@@ -170,6 +185,8 @@ def render_markdown(results: BenchResults) -> str:
     parts += [
         "",
         markdown_table(*rows(results)),
+        "",
+        CPU_TITLE,
         "",
         markdown_table(*cpu_rows(results), text_columns=1),
     ]

@@ -115,6 +115,8 @@ def git_facts() -> dict[str, str]:
     return {
         "commit": git("rev-parse", "--short", "HEAD"),
         "nbdserver_commit": git("log", "-1", "--format=%h %s", "--", "nbdserver"),
+        # The bench runs the working tree: say when it differs from that commit.
+        "nbdserver_uncommitted": str(bool(git("status", "--porcelain", "--", "nbdserver"))),
     }
 
 

@@ -184,3 +184,9 @@ def test_census_table_shows_na_for_a_server_without_counts() -> None:
     census = {("seq-read", "a"): {"syscalls/io": 4.0, "ctxsw/io": 0.5, "cpu_us/io": 9.25}}
     table = census_table(census, [SEQ], ["a", "b"])
     assert table.splitlines()[2] == "| seq-read | 4.0 | 0.5 | 9.2 | n/a | n/a | n/a |"
+
+
+def test_spread_is_range_over_median_and_needs_two_rounds() -> None:
+    r = sample_results()
+    assert r.cell("seq-read", "nbdserver").spread_percent == pytest.approx(20.0)
+    assert r.cell("rand-write", "nbdserver").spread_percent is None
