@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Final, Literal
 
-from nbdserver.protocol import wire
+from nbdserver.protocol import options, wire
 from nbdserver.protocol.constants import (
     BASE_ALLOCATION,
     IHAVEOPT,
@@ -317,7 +317,7 @@ class ServerHandshake:
         return self._negotiated(name, export, flags, go=False, bs=False)
 
     def _info_go(self, opt: int, data: bytes) -> HandshakeEvent | None:
-        parsed = _parse_info_request(data)
+        parsed = options.parse_info_request(data)
         if isinstance(parsed, str):
             self._error(opt, R.NBD_REP_ERR_INVALID, parsed)
             return None
@@ -363,7 +363,7 @@ class ServerHandshake:
             if not (self.structured or self.extended):
                 self._error(opt, R.NBD_REP_ERR_INVALID, "negotiate structured replies first")
                 return
-        parsed = _parse_meta_request(data)
+        parsed = options.parse_meta_request(data)
         if isinstance(parsed, str):
             self._error(opt, R.NBD_REP_ERR_INVALID, parsed)
             return
@@ -371,16 +371,10 @@ class ServerHandshake:
         if self._resolve(name) is None:
             self._error(opt, R.NBD_REP_ERR_UNKNOWN, f"export {name!r} not found")
             return
-        found = False
-        for query in queries if queries else [BASE_ALLOCATION]:
-            namespace, colon, leaf = query.partition(":")
-            if not colon:
-                self._error(opt, R.NBD_REP_ERR_INVALID, f"query {query!r} lacks a namespace")
-                return
-            # "base:" is a wildcard when listing and ignored when setting; other namespaces
-            # and unknown base: leaves are ignored, as the spec demands.
-            if namespace == "base" and (leaf == "allocation" or (leaf == "" and not setting)):
-                found = True
+        found = options.match_base_allocation(queries, setting)
+        if isinstance(found, str):
+            self._error(opt, R.NBD_REP_ERR_INVALID, found)
+            return
         if found:
             cid = BASE_ALLOCATION_ID if setting else 0
             self._reply(
@@ -390,50 +384,3 @@ class ServerHandshake:
             self._meta = ((BASE_ALLOCATION_ID, BASE_ALLOCATION),) if found else ()
             self._meta_export = name
         self._reply(opt, R.NBD_REP_ACK)
-
-
-def _parse_info_request(data: bytes) -> tuple[str, frozenset[int]] | str:
-    """Parse NBD_OPT_INFO/GO data into (name, info requests), or return an error message."""
-    if len(data) < 6:
-        return "NBD_OPT_INFO/GO data shorter than 6 bytes"
-    (n,) = wire.U32.unpack_from(data)
-    if n > len(data) - 6:
-        return "export name length exceeds the option"
-    try:
-        name = wire.check_string(data[4 : 4 + n])
-    except ValueError as exc:
-        return f"invalid export name: {exc}"
-    (count,) = wire.U16.unpack_from(data, 4 + n)
-    if len(data) != 6 + n + 2 * count:
-        return "information request count does not match the option length"
-    start = 6 + n
-    return name, frozenset(wire.U16.unpack_from(data, start + 2 * i)[0] for i in range(count))
-
-
-def _parse_meta_request(data: bytes) -> tuple[str, list[str]] | str:
-    """Parse LIST/SET_META_CONTEXT data into (export name, queries), or an error message."""
-    try:
-        if len(data) < 8:
-            return "meta context request shorter than 8 bytes"
-        (n,) = wire.U32.unpack_from(data)
-        if n > len(data) - 8:
-            return "export name length exceeds the option"
-        name = wire.check_string(data[4 : 4 + n])
-        pos = 4 + n
-        (count,) = wire.U32.unpack_from(data, pos)
-        pos += 4
-        queries = []
-        for _ in range(count):
-            if pos + 4 > len(data):
-                return "query count exceeds the option"
-            (qlen,) = wire.U32.unpack_from(data, pos)
-            pos += 4
-            if pos + qlen > len(data):
-                return "query length exceeds the option"
-            queries.append(wire.check_string(data[pos : pos + qlen]))
-            pos += qlen
-        if pos != len(data):
-            return "trailing bytes after the queries"
-        return name, queries
-    except ValueError as exc:
-        return f"invalid string: {exc}"

@@ -274,6 +274,15 @@ def test_set_meta_context_selects_base_allocation_for_the_export_used_by_go() ->
     assert isinstance(event, Negotiated) and event.meta_contexts == ((1, "base:allocation"),)
 
 
+def test_set_meta_context_with_no_queries_selects_nothing() -> None:
+    hs = started()
+    step(hs, opt(8))
+    assert step(hs, opt(10, meta_data("disk")))[1] == rep(10, ACK)
+    assert step(hs, opt(10, meta_data("disk", "base:")))[1] == rep(10, ACK)  # ignored in SET
+    event, _ = step(hs, opt(7, go_data("disk")))
+    assert isinstance(event, Negotiated) and event.meta_contexts == ()
+
+
 def test_set_meta_context_for_another_export_does_not_carry_over() -> None:
     hs = started()
     step(hs, opt(8))

@@ -1,14 +1,12 @@
-"""A blocking userspace NBD client: connect, negotiate, and (for tests and tools) do simple I/O.
+"""The client handshake over a blocking socket: connect, STARTTLS, options, GO, LIST.
 
-Why: the node agent must finish the handshake in userspace and then hand the socket to the
-kernel's NBD driver, positioned exactly at the start of transmission. This is that handshake,
-built on the pure pieces in ``nbdserver.protocol`` (codecs, ``client_handshake``, ``uri``).
+Why: the node agent negotiates in userspace and then hands the socket to the kernel, positioned
+exactly at the start of transmission; this module is that negotiation, built on the pure pieces
+in ``nbdserver.protocol`` (codecs, ``client_handshake``, ``uri``).
 
-Kernel safety: by default it negotiates neither structured replies nor extended headers, because
-the kernel parses only simple replies. ``structured_replies=True`` is for userspace use only.
-
-What this module must not do: talk to the kernel, retry, or sleep. Errors are raised as the
-exceptions of ``nbdserver.protocol.client_handshake`` (re-exported here).
+What it must not do: negotiate structured replies or extended headers unless asked (the kernel
+parses only simple replies), retry, or sleep. After an error reply it performs the soft
+disconnect the spec requires (NBD_OPT_ABORT) before raising.
 """
 
 from __future__ import annotations
@@ -16,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
 
+from nbdserver.client.connection import NBDConnection, recv_exact, send_all
 from nbdserver.protocol import wire
 from nbdserver.protocol.client_handshake import (
     GO_INFO_REQUESTS,
@@ -29,9 +27,7 @@ from nbdserver.protocol.client_handshake import (
     NBDConnectError,
     NBDOptionError,
     NBDProtocolError,
-    NBDServerRefused,
     NBDTLSError,
-    NBDTLSRequired,
     NBDUnknownExport,
     client_flags,
     is_error,
@@ -40,61 +36,13 @@ from nbdserver.protocol.client_handshake import (
 )
 from nbdserver.protocol.constants import (
     BASE_ALLOCATION,
-    NBD_SIMPLE_REPLY_MAGIC,
-    NBD_STRUCTURED_REPLY_MAGIC,
-    Command,
     HandshakeFlag,
     Option,
     OptionReply,
-    ReplyType,
 )
 from nbdserver.protocol.uri import NBDURI, parse_uri
 
-__all__ = [
-    "ExportDetails",
-    "NBDClientError",
-    "NBDConnectError",
-    "NBDConnection",
-    "NBDOptionError",
-    "NBDProtocolError",
-    "NBDServerRefused",
-    "NBDTLSError",
-    "NBDTLSRequired",
-    "NBDUnknownExport",
-    "connect",
-    "handshake",
-    "list_exports",
-    "open_socket",
-    "tls_context_for",
-]
-
 DEFAULT_TIMEOUT = 30.0
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        try:
-            k = sock.recv_into(view[got:])
-        except TimeoutError:
-            raise NBDProtocolError("timed out waiting for the server") from None
-        except ssl.SSLError as exc:
-            raise NBDTLSError(f"TLS error: {exc}") from None
-        except OSError as exc:
-            raise NBDProtocolError(f"connection lost: {exc}") from None
-        if k == 0:
-            raise NBDProtocolError(f"server closed the connection ({got} of {n} bytes read)")
-        got += k
-    return bytes(buf)
-
-
-def _send(sock: socket.socket, data: bytes) -> None:
-    try:
-        sock.sendall(data)
-    except OSError as exc:
-        raise NBDProtocolError(f"connection lost while sending: {exc}") from None
 
 
 def open_socket(target: NBDURI | str, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
@@ -143,15 +91,15 @@ class _Options:
         self.sock = sock
 
     def send(self, option: int, payload: bytes = b"") -> None:
-        _send(self.sock, wire.pack_option(option, payload))
+        send_all(self.sock, wire.pack_option(option, payload))
 
     def reply(self, option: int) -> tuple[int, bytes]:
-        got, rtype, length = wire.unpack_option_reply_header(_recv_exact(self.sock, 20))
+        got, rtype, length = wire.unpack_option_reply_header(recv_exact(self.sock, 20))
         if got != option:
             raise NBDProtocolError(f"reply for option {got} while waiting for option {option}")
         if length > MAX_OPTION_REPLY:
             raise NBDProtocolError(f"option reply of {length} bytes")
-        return rtype, _recv_exact(self.sock, length) if length else b""
+        return rtype, recv_exact(self.sock, length) if length else b""
 
     def simple(self, option: int, payload: bytes = b"") -> tuple[int, bytes]:
         """Send an option whose only reply is ACK or an error."""
@@ -164,12 +112,12 @@ class _Options:
 
 def _start(sock: socket.socket) -> tuple[_Options, int]:
     try:
-        server_flags = wire.unpack_greeting(_recv_exact(sock, wire.GREETING.size))
+        server_flags = wire.unpack_greeting(recv_exact(sock, wire.GREETING.size))
     except wire.ProtocolError as exc:
         raise NBDProtocolError(str(exc)) from None
     except NBDProtocolError as exc:
         raise NBDProtocolError(f"no NBD greeting: {exc}") from None
-    _send(sock, wire.CLIENT_FLAGS.pack(client_flags(server_flags)))
+    send_all(sock, wire.CLIENT_FLAGS.pack(client_flags(server_flags)))
     return _Options(sock), server_flags
 
 
@@ -296,7 +244,7 @@ def _export_name(
 ) -> ExportDetails:
     opts.send(Option.NBD_OPT_EXPORT_NAME, name.encode())
     try:
-        head = _recv_exact(opts.sock, wire.EXPORT_NAME_REPLY.size)
+        head = recv_exact(opts.sock, wire.EXPORT_NAME_REPLY.size)
     except NBDProtocolError:
         raise NBDUnknownExport(
             Option.NBD_OPT_EXPORT_NAME,
@@ -304,7 +252,7 @@ def _export_name(
             f"server closed the connection on export {name!r}",
         ) from None
     if not server_flags & HandshakeFlag.NBD_FLAG_NO_ZEROES:
-        _recv_exact(opts.sock, 124)
+        recv_exact(opts.sock, 124)
     details.meta_contexts.clear()
     return parse_export_name_reply(head, details)
 
@@ -383,110 +331,3 @@ def connect(
         sock.close()
         raise
     return NBDConnection(sock, details)
-
-
-@dataclass
-class NBDConnection:
-    """A negotiated connection. ``sock`` is what the agent hands to the kernel (``detach()``);
-    the I/O helpers below are for tests and tools, one request at a time."""
-
-    sock: socket.socket
-    details: ExportDetails
-    _cookie: int = 0
-
-    def detach(self) -> socket.socket:
-        """Give up ownership of the socket (e.g. to pass its fd to the kernel)."""
-        sock, self.sock = self.sock, None  # type: ignore[assignment]
-        return sock
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None  # type: ignore[assignment]
-
-    def __enter__(self) -> NBDConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _request(
-        self, cmd: int, offset: int, length: int, flags: int = 0, data: bytes = b""
-    ) -> int:
-        self._cookie += 1
-        _send(self.sock, wire.pack_request(flags, cmd, self._cookie, offset, length) + data)
-        return self._cookie
-
-    def _simple(self, cookie: int) -> None:
-        magic, error, got = wire.SIMPLE_REPLY.unpack(_recv_exact(self.sock, 16))
-        if magic == NBD_SIMPLE_REPLY_MAGIC:
-            if got != cookie:
-                raise NBDProtocolError(f"reply cookie {got} for request {cookie}")
-            if error:
-                raise OSError(error, f"NBD error {error}")
-            return
-        self._chunks(magic, error, got, cookie, None, 0)
-
-    def _chunks(
-        self, magic: int, word: int, got: int, cookie: int, out: bytearray | None, base: int
-    ) -> None:
-        """Consume structured chunks until DONE; data lands in ``out`` at offset - base."""
-        failure: OSError | None = None
-        while True:
-            if magic != NBD_STRUCTURED_REPLY_MAGIC:
-                raise NBDProtocolError(f"bad reply magic {magic:#x}")
-            flags, rtype = word >> 16, word & 0xFFFF
-            (length,) = wire.U32.unpack(_recv_exact(self.sock, 4))
-            if got != cookie:
-                raise NBDProtocolError(f"reply cookie {got} for request {cookie}")
-            payload = _recv_exact(self.sock, length)
-            if rtype == ReplyType.NBD_REPLY_TYPE_OFFSET_DATA and out is not None:
-                (off,) = wire.U64.unpack_from(payload)
-                out[off - base : off - base + length - 8] = payload[8:]
-            elif rtype == ReplyType.NBD_REPLY_TYPE_OFFSET_HOLE and out is not None:
-                (off,) = wire.U64.unpack_from(payload)
-                (n,) = wire.U32.unpack_from(payload, 8)
-                out[off - base : off - base + n] = bytes(n)
-            elif rtype & 0x8000:
-                error, _mlen = wire.ERROR_HEAD.unpack_from(payload)
-                failure = OSError(error, payload[6 : 6 + _mlen].decode(errors="replace"))
-            elif rtype not in (
-                ReplyType.NBD_REPLY_TYPE_NONE,
-                ReplyType.NBD_REPLY_TYPE_BLOCK_STATUS,
-            ):
-                raise NBDProtocolError(f"unexpected chunk type {rtype}")
-            if flags & 1:
-                break
-            magic, word, got = wire.SIMPLE_REPLY.unpack(_recv_exact(self.sock, 16))
-        if failure is not None:
-            raise failure
-
-    def pread(self, offset: int, length: int) -> bytes:
-        cookie = self._request(Command.NBD_CMD_READ, offset, length)
-        magic, word, got = wire.SIMPLE_REPLY.unpack(_recv_exact(self.sock, 16))
-        if magic == NBD_SIMPLE_REPLY_MAGIC:
-            if got != cookie:
-                raise NBDProtocolError(f"reply cookie {got} for request {cookie}")
-            if word:
-                raise OSError(word, f"NBD error {word}")
-            return _recv_exact(self.sock, length)
-        out = bytearray(length)
-        self._chunks(magic, word, got, cookie, out, offset)
-        return bytes(out)
-
-    def pwrite(self, data: bytes, offset: int, flags: int = 0) -> None:
-        self._simple(self._request(Command.NBD_CMD_WRITE, offset, len(data), flags, data))
-
-    def flush(self) -> None:
-        self._simple(self._request(Command.NBD_CMD_FLUSH, 0, 0))
-
-    def trim(self, offset: int, length: int) -> None:
-        self._simple(self._request(Command.NBD_CMD_TRIM, offset, length))
-
-    def disconnect(self) -> None:
-        """NBD_CMD_DISC (no reply), then close."""
-        if self.sock is not None:
-            try:
-                self._request(Command.NBD_CMD_DISC, 0, 0)
-            finally:
-                self.close()
