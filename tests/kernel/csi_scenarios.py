@@ -227,6 +227,7 @@ def lifecycle() -> None:
     step(res, "ro_unstage", ro.unstage)
 
     block_and_dirty(res, plugin)
+    tls_volume(res, plugin)
 
     res["agent_stop_rc"] = plugin.stop()
     res["devices_at_end"] = guest.configured_devices()
@@ -270,3 +271,38 @@ def block_and_dirty(res: Results, plugin: Plugin) -> None:
     res["devices_after_dirty"] = guest.configured_devices()
     dirty_srv.stop()
     res["dirty_unchanged"] = sha(dirty) == before
+
+
+def tls_volume(res: Results, plugin: Plugin) -> None:
+    """An nbds:// export (TLS required by the server) staged and published as a filesystem:
+    the plugin's attach runs it through the userspace TLS bridge inside the plugin process."""
+    import trustme
+
+    certs = guest.SCRATCH / "certs"
+    certs.mkdir()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(certs / "ca-cert.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(certs / "server.pem"))
+    cert.private_key_pem.write_to_path(str(certs / "server.key"))
+    image = guest.make_image("tls.img", 32 * MiB)
+    srv = guest.server("nbdserver", image, name="secure")
+    srv.argv += ["--tls", "require", "--tls-cert", str(certs / "server.pem")]
+    srv.argv += ["--tls-key", str(certs / "server.key")]
+    srv.start()
+    uri = f"nbds://127.0.0.1:{srv.port}/secure?tls-certificates={certs}"
+    vol = Volume(plugin, "tls-vol", uri, cap())
+    data = os.urandom(MiB)
+    step(res, "tls_stage", vol.stage)
+    step(res, "tls_publish", vol.publish)
+    step(res, "tls_write", lambda: write_synced(Path(vol.target, "f.bin"), data))
+    step(res, "tls_unpublish", vol.unpublish)
+    step(res, "tls_unstage", vol.unstage)
+    step(res, "tls_restage", vol.stage)
+    step(res, "tls_republish", vol.publish)
+    res["tls_data_back"] = step(res, "tls_read", lambda: sha(Path(vol.target, "f.bin"))) == (
+        hashlib.sha256(data).hexdigest()
+    )
+    step(res, "tls_unpublish2", vol.unpublish)
+    step(res, "tls_unstage2", vol.unstage)
+    srv.stop()

@@ -85,3 +85,9 @@ def test_dirty_device_is_never_formatted_and_not_left_attached(csi_run: dict[str
     assert "refusing to format" in csi_run["dirty_stage"]["details"]
     assert csi_run["dirty_unchanged"] is True
     assert csi_run["devices_after_dirty"] == []
+
+
+def test_tls_export_is_staged_through_the_userspace_bridge(csi_run: dict[str, Any]) -> None:
+    ok(csi_run, "tls_stage", "tls_publish", "tls_write", "tls_unpublish", "tls_unstage")
+    ok(csi_run, "tls_restage", "tls_republish", "tls_read", "tls_unpublish2", "tls_unstage2")
+    assert csi_run["tls_data_back"] is True

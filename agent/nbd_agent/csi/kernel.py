@@ -5,7 +5,8 @@ attach layer is plain blocking calls (``attach.attach``/``attach.detach``, each 
 netlink socket) and its reconnect engine (``persist.Keeper``) must be driven from a single
 thread. This class adapts the first and owns the second: attaches and detaches happen in the
 calling thread; "keep this device", "forget it" and "adopt it" are handed to the keeper thread
-through a queue, which applies them between its LINK_DEAD waits. Devices are attached with a
+through a queue, which applies them between its LINK_DEAD waits (``nbds://`` devices also keep
+their TLS bridge threads in this process). Devices are attached with a
 dead-connection timeout, so while the keeper reconnects after a server restart the kernel holds
 I/O instead of failing it.
 
@@ -117,6 +118,9 @@ class KernelAttacher:
             read_only=read_only,
             timeout=self._timeout,
             dead_conn_timeout=self._dead_conn_timeout,
+            # This process stays (it is the node's daemon), so nbds:// exports can run through
+            # the attach layer's userspace TLS bridge; the keeper keeps the bridges.
+            allow_tls_proxy=True,
         )
         try:
             attachment = attach.attach(uri, opts)
