@@ -1,0 +1,255 @@
+"""The NBDExport CRD: a valid CustomResourceDefinition whose schema and CEL rules say what the
+API contract says, checked with sample objects (the examples/ and hand-made invalid ones).
+
+How: the CRD is validated against the real apiextensions.k8s.io/v1 schema (kubernetes-validate);
+samples get the schema's defaults applied (as the API server does before validation), are
+checked with jsonschema against openAPIV3Schema, and every x-kubernetes-validations rule on a
+present field is evaluated with cel-python, with ``oldSelf`` for updates.
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import celpy
+import jsonschema
+import kubernetes_validate
+import nbd_api
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CRD = yaml.safe_load((ROOT / "crds" / "nbdexport.yaml").read_text())
+VERSION = CRD["spec"]["versions"][0]
+SCHEMA = VERSION["schema"]["openAPIV3Schema"]
+EXAMPLES = sorted((ROOT / "examples").glob("nbdexport-*.yaml"))
+CEL = celpy.Environment()
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting as the API server does it: absent fields with a default get it."""
+    if isinstance(value, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                apply_defaults(sub, value[key])
+    elif isinstance(value, list) and "items" in schema:
+        for item in value:
+            apply_defaults(schema["items"], item)
+    return value
+
+
+def rules_at(
+    schema: dict[str, Any], new: Any, old: Any, path: str = ""
+) -> Iterator[tuple[str, dict[str, Any], Any, Any]]:
+    """Every (path, rule, self, oldSelf) where the rule applies to a present value."""
+    for rule in schema.get("x-kubernetes-validations") or []:
+        yield path, rule, new, old
+    if isinstance(new, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key in new:
+                old_sub = old.get(key) if isinstance(old, dict) else None
+                yield from rules_at(sub, new[key], old_sub, f"{path}.{key}")
+
+
+def cel_errors(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    errors = []
+    for path, rule, new, previous in rules_at(SCHEMA, obj, old):
+        transition = "oldSelf" in rule["rule"]
+        if transition and previous is None:
+            continue  # transition rules run on updates only, where the old value exists
+        activation = {"self": celpy.json_to_cel(new)}
+        if transition:
+            activation["oldSelf"] = celpy.json_to_cel(previous)
+        program = CEL.program(CEL.compile(rule["rule"]))
+        result = program.evaluate(activation)
+        assert isinstance(result, celpy.celtypes.BoolType), f"{path}: {rule['rule']} -> {result!r}"
+        if not result:
+            errors.append(f"{path}: {rule['message']}")
+    return errors
+
+
+def admit(obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+    """What the API server would say: schema errors first, then CEL rule failures."""
+    obj = apply_defaults(SCHEMA, copy.deepcopy(obj))
+    if old is not None:
+        old = apply_defaults(SCHEMA, copy.deepcopy(old))
+    validator = jsonschema.Draft7Validator(SCHEMA)
+    errors = [f"schema: {e.message}" for e in validator.iter_errors(obj)]
+    return errors or cel_errors(obj, old)
+
+
+def export(spec: dict[str, Any], name: str = "disk") -> dict[str, Any]:
+    return {
+        "apiVersion": "nbd.dev/v1alpha1",
+        "kind": "NBDExport",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
+
+
+MEMORY = {"source": {"memory": {}}, "size": "1Gi"}
+
+
+def test_the_crd_is_a_valid_custom_resource_definition() -> None:
+    kubernetes_validate.validate(CRD, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_crd_names_match_the_api_package() -> None:
+    names = CRD["spec"]["names"]
+    assert CRD["metadata"]["name"] == f"{nbd_api.PLURAL}.{nbd_api.GROUP}"
+    assert CRD["spec"]["group"] == nbd_api.GROUP
+    assert VERSION["name"] == nbd_api.VERSION
+    assert (names["kind"], names["plural"], names["singular"]) == (
+        nbd_api.KIND,
+        nbd_api.PLURAL,
+        nbd_api.SINGULAR,
+    )
+    assert names["shortNames"] == [nbd_api.SHORT_NAME]
+    assert CRD["spec"]["scope"] == "Namespaced"
+    assert VERSION["subresources"] == {"status": {}}
+    phases = SCHEMA["properties"]["status"]["properties"]["phase"]["enum"]
+    assert tuple(phases) == nbd_api.PHASES
+    modes = SCHEMA["properties"]["spec"]["properties"]["accessMode"]["enum"]
+    assert tuple(modes) == nbd_api.ACCESS_MODES
+
+
+def test_printer_columns_show_phase_size_uri_attachments_and_age() -> None:
+    columns = {c["name"]: c["jsonPath"] for c in VERSION["additionalPrinterColumns"]}
+    assert columns == {
+        "Phase": ".status.phase",
+        "Size": ".spec.size",
+        "URI": ".status.uri",
+        "Attached": ".status.attachmentCount",
+        "Age": ".metadata.creationTimestamp",
+    }
+    for path in columns.values():
+        if path.startswith(".metadata."):
+            continue  # metadata is the API server's, not the CRD's schema
+        node = SCHEMA
+        for part in path.strip(".").split("."):
+            node = node["properties"][part]  # KeyError: a column points at nothing
+
+
+def _walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, schema
+    for key, sub in (schema.get("properties") or {}).items():
+        yield from _walk(sub, f"{path}.{key}")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from _walk(schema["additionalProperties"], f"{path}.*")
+    if "items" in schema:
+        yield from _walk(schema["items"], f"{path}[]")
+
+
+def test_the_schema_is_structural_and_prunes_unknown_fields() -> None:
+    for path, node in _walk(SCHEMA):
+        assert not node.get("x-kubernetes-preserve-unknown-fields"), path
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_admitted(path: pathlib.Path) -> None:
+    assert admit(yaml.safe_load(path.read_text())) == []
+
+
+def test_there_is_an_example_for_every_source_kind() -> None:
+    kinds = {next(iter(yaml.safe_load(p.read_text())["spec"]["source"])) for p in EXAMPLES}
+    assert kinds == set(SCHEMA["properties"]["spec"]["properties"]["source"]["properties"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"source": {}}, "exactly one of"),
+        ({"source": {"memory": {}, "export": {"name": "a"}}, "size": "1Gi"}, "exactly one of"),
+        ({"source": {"memory": {}}}, "size is required"),
+        ({"source": {"volumeClaimTemplate": {}}}, "size is required"),
+        ({"source": {"persistentVolumeClaim": {"claimName": "c"}}}, "size is required"),
+        (
+            {"source": {"hostDevice": {"nodeName": "n", "path": "/dev/sdb"}}, "size": "1Gi"},
+            "size must not",
+        ),
+        ({**MEMORY, "accessMode": "ReadWriteMany"}, "clusterFilesystemAcknowledged"),
+        ({**MEMORY, "accessMode": "ReadOnlyMany"}, "needs readOnly"),
+        ({**MEMORY, "readOnly": True}, "memory export starts empty"),
+        ({"source": {"export": {"name": "base"}}, "readOnly": True}, "readOnly must be false"),
+        ({"source": {"hostDevice": {"nodeName": "n", "path": "/etc/passwd"}}}, "schema"),
+        ({"source": {"hostDevice": {"nodeName": "n", "path": "/dev/../etc"}}}, "'..'"),
+        (
+            {
+                "source": {"persistentVolumeClaim": {"claimName": "c", "path": "a/../../x"}},
+                "size": 1,
+            },
+            "inside the claim",
+        ),
+        ({**MEMORY, "size": "1.5Gx"}, "schema"),
+        ({**MEMORY, "size": "-1"}, "schema"),
+        ({**MEMORY, "allowedClients": ["10.0.0.0"]}, "schema"),
+        ({**MEMORY, "allowedClients": ["10.0.0.0/33"]}, "schema"),
+        ({**MEMORY, "accessMode": "ReadWriteSometimes"}, "schema"),
+        ({**MEMORY, "connections": 0}, "schema"),
+        ({**MEMORY, "qos": {"readIOPS": 0}}, "schema"),
+        ({**MEMORY, "tls": {}}, "schema"),
+        ({**MEMORY, "tls": {"secretName": "s", "mode": "Sometimes"}}, "schema"),
+    ],
+)
+def test_an_invalid_export_is_rejected_with_a_reason(spec: dict[str, Any], message: str) -> None:
+    errors = admit(export(spec))
+    assert errors, "admitted, but should have been rejected"
+    assert any(message in e for e in errors), errors
+
+
+def test_read_write_many_is_admitted_with_the_acknowledgement() -> None:
+    spec = {**MEMORY, "accessMode": "ReadWriteMany", "clusterFilesystemAcknowledged": True}
+    assert admit(export(spec)) == []
+
+
+def test_the_export_name_must_fit_a_service_name() -> None:
+    assert admit(export(MEMORY, name="a" * 50)) == []
+    assert any("DNS-1035" in e for e in admit(export(MEMORY, name="a" * 51)))
+    assert any("DNS-1035" in e for e in admit(export(MEMORY, name="9lives")))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({}, None),  # no change at all
+        ({"size": "2Gi"}, None),  # growth is allowed (the operator resizes)
+        ({"readOnly": False, "qos": {"readIOPS": 10}}, None),
+        ({"source": {"volumeClaimTemplate": {}}}, "source is immutable"),
+        (
+            {"accessMode": "ReadWriteMany", "clusterFilesystemAcknowledged": True},
+            "accessMode is immutable",
+        ),
+        ({"tls": {"secretName": "s"}}, "tls cannot be switched"),
+    ],
+)
+def test_updates_keep_immutable_fields_immutable(
+    change: dict[str, Any], message: str | None
+) -> None:
+    old = export(MEMORY)
+    new = copy.deepcopy(old)
+    new["spec"].update(copy.deepcopy(change))
+    errors = admit(new, old)
+    if message is None:
+        assert errors == []
+    else:
+        assert any(message in e for e in errors), errors
+
+
+def test_defaults_are_applied_where_the_api_server_applies_them() -> None:
+    obj = apply_defaults(
+        SCHEMA, export({"source": {"persistentVolumeClaim": {"claimName": "c"}}, "size": 1})
+    )
+    spec = obj["spec"]
+    assert spec["accessMode"] == "ReadWriteOnce"
+    assert spec["readOnly"] is False and spec["copyOnWrite"] is False
+    assert spec["source"]["persistentVolumeClaim"] == {
+        "claimName": "c",
+        "volumeMode": "Filesystem",
+        "path": "disk.img",
+    }
