@@ -36,7 +36,7 @@ COMMANDS = ("read", "write", "disc", "flush", "trim", "cache", "write_zeroes", "
 LATENCY_BOUNDS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
 )  # fmt: skip
-_BOUNDS_NS = tuple(int(b * 1e9) for b in LATENCY_BOUNDS)
+BOUNDS_NS = tuple(int(b * 1e9) for b in LATENCY_BOUNDS)
 _NCMD = len(COMMANDS)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -51,7 +51,7 @@ class ConnStats:
         self.ops = [0] * _NCMD
         self.bytes = [0] * _NCMD
         self.latency_ns = [0] * _NCMD
-        self.buckets = [[0] * (len(_BOUNDS_NS) + 1) for _ in range(_NCMD)]
+        self.buckets = [[0] * (len(BOUNDS_NS) + 1) for _ in range(_NCMD)]
         self.errors: dict[tuple[int, str], int] = {}
 
     def record(self, cmd: int, nbytes: int, elapsed_ns: int, err: int = 0) -> None:
@@ -59,7 +59,7 @@ class ConnStats:
         self.ops[cmd] += 1
         self.bytes[cmd] += nbytes
         self.latency_ns[cmd] += elapsed_ns
-        self.buckets[cmd][bisect_left(_BOUNDS_NS, elapsed_ns)] += 1
+        self.buckets[cmd][bisect_left(BOUNDS_NS, elapsed_ns)] += 1
         if err:
             key = (cmd, errno_mod.errorcode.get(err, str(err)))
             self.errors[key] = self.errors.get(key, 0) + 1
