@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "detach": "nbd_agent.cli:add_detach",
     "list": "nbd_agent.cli:add_list",
     "watch": "nbd_agent.cli:add_watch",
+    "csi": "nbd_agent.csi.cli:add_parser",
 }
 
 
