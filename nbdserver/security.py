@@ -26,6 +26,7 @@ from nbdserver.filters.stats import StatsFilter
 from nbdserver.metrics import ConnStats, Metrics, MetricsServer
 from nbdserver.protocol.constants import TransmissionFlag
 from nbdserver.tls import (
+    HANDSHAKE_TIMEOUT,
     TlsHandshakeError,
     TlsMode,
     TlsSettings,
@@ -133,8 +134,11 @@ class Guard:
     def start_tls(self, sock: socket.socket, state: ConnState) -> ssl.SSLSocket:
         if self.tls_context is None:  # the handshake machine refuses STARTTLS when off
             raise TlsHandshakeError("TLS is not configured")
+        # The edge bounds the whole negotiation with the socket's timeout; stay within it.
+        current = sock.gettimeout()
+        timeout = min(HANDSHAKE_TIMEOUT, current) if current else HANDSHAKE_TIMEOUT
         try:
-            tls = server_handshake(self.tls_context, sock)
+            tls = server_handshake(self.tls_context, sock, timeout)
         except TlsHandshakeError:
             if self.metrics is not None:
                 self.metrics.tls_handshake(False)
