@@ -45,7 +45,7 @@ def plugin_env() -> dict[str, str]:
 def plugin(tmp_path: Path) -> Iterator[Plugin]:
     log = tmp_path / "agent.log"
     sock = tmp_path / "csi.sock"
-    argv = [sys.executable, "-m", "nbd_agent.csi.cli", "--endpoint", f"unix://{sock}"]
+    argv = [sys.executable, "-m", "nbd_agent.cli", "csi", "--endpoint", f"unix://{sock}"]
     argv += ["--node-id", "host-node", "--state-dir", str(tmp_path / "state")]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=out, env=plugin_env())

@@ -45,7 +45,7 @@ class Plugin:
     def __init__(self, number: int) -> None:
         self.log_path = guest.WORK / f"csi-agent-{number}.log"
         log = open(self.log_path, "wb")  # noqa: SIM115
-        argv = [guest.PY, "-m", "nbd_agent.csi.cli", "--endpoint", f"unix://{SOCKET}"]
+        argv = [guest.PY, "-m", "nbd_agent.cli", "csi", "--endpoint", f"unix://{SOCKET}"]
         argv += ["--node-id", "uml-node", "--state-dir", str(STATE), "--kube-api", "none"]
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
         log.close()
