@@ -153,7 +153,7 @@ class Connection:
         tx = Transmission(self.sock, export, negotiated, pool=self.server.pool, peer=self.peer)
         if self.guard_state is not None and self.server.guard is not None:
             # Per-connection layers (single-writer view, metrics) over the export's backend.
-            tx.backend = self.server.guard.connection_backend(export, self.guard_state)
+            self.server.guard.attach(tx, export, self.guard_state)
         with self._lock:
             self.transmission = tx
             self._state = _TRANSMISSION

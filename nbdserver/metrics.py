@@ -19,6 +19,7 @@ import threading
 from bisect import bisect_left
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 #: NBD command numbers (doc/proto.md) to label values; the index is the command.
 COMMANDS = ("read", "write", "disc", "flush", "trim", "cache", "write_zeroes", "block_status")
@@ -39,6 +40,9 @@ LATENCY_BOUNDS = (
 BOUNDS_NS = tuple(int(b * 1e9) for b in LATENCY_BOUNDS)
 _NCMD = len(COMMANDS)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: The error values NBD allows on the wire, by their names in doc/proto.md.
+WIRE_ERRNO = {1: "EPERM", 5: "EIO", 12: "ENOMEM", 22: "EINVAL", 28: "ENOSPC", 75: "EOVERFLOW",
+              95: "ENOTSUP", 108: "ESHUTDOWN"}  # fmt: skip
 
 
 class ConnStats:
@@ -87,6 +91,7 @@ class Metrics:
         self.connections_total = 0
         self.refused: dict[str, int] = {}
         self.tls_handshakes: dict[str, int] = {"ok": 0, "failed": 0}
+        self.wire_errors: dict[tuple[str, int], int] = {}
 
     # Connection lifecycle: a lock here is per connection, not per request.
     def connection_opened(self) -> None:
@@ -105,6 +110,12 @@ class Metrics:
     def tls_handshake(self, ok: bool) -> None:
         with self._lock:
             self.tls_handshakes["ok" if ok else "failed"] += 1
+
+    def wire_error(self, export: str, errno: int) -> None:
+        """An error reply was sent (the error path only, so a lock is fine here)."""
+        with self._lock:
+            key = (export, errno)
+            self.wire_errors[key] = self.wire_errors.get(key, 0) + 1
 
     def open_stats(self, export: str) -> ConnStats:
         stats = ConnStats(export)
@@ -173,12 +184,17 @@ def _render(m: Metrics, per_export: dict[str, ConnStats]) -> Iterable[str]:
             if s.bytes[i]:
                 labels = f'export="{_esc(export)}",command="{cmd}"'
                 yield f"nbdserver_bytes_total{{{labels}}} {s.bytes[i]}\n"
-    yield "# HELP nbdserver_errors_total Requests answered with an error, by errno.\n"
+    yield "# HELP nbdserver_errors_total Error replies sent, by NBD errno.\n"
     yield "# TYPE nbdserver_errors_total counter\n"
+    for (export, errno), n in sorted(m.wire_errors.items()):
+        name = WIRE_ERRNO.get(errno, str(errno))
+        yield f'nbdserver_errors_total{{export="{_esc(export)}",errno="{name}"}} {n}\n'
+    yield "# HELP nbdserver_backend_errors_total Backend failures, by command and OS errno.\n"
+    yield "# TYPE nbdserver_backend_errors_total counter\n"
     for export, s in rows:
         for (cmd_i, name), n in sorted(s.errors.items()):
             labels = f'export="{_esc(export)}",command="{COMMANDS[cmd_i]}",errno="{name}"'
-            yield f"nbdserver_errors_total{{{labels}}} {n}\n"
+            yield f"nbdserver_backend_errors_total{{{labels}}} {n}\n"
     yield "# HELP nbdserver_request_duration_seconds Time from request receipt to reply.\n"
     yield "# TYPE nbdserver_request_duration_seconds histogram\n"
     for export, s in rows:
@@ -192,6 +208,30 @@ def _render(m: Metrics, per_export: dict[str, ConnStats]) -> Iterable[str]:
                 yield f'nbdserver_request_duration_seconds_bucket{{{labels},le="{le}"}} {running}\n'
             yield f"nbdserver_request_duration_seconds_sum{{{labels}}} {s.latency_ns[i] / 1e9!r}\n"
             yield f"nbdserver_request_duration_seconds_count{{{labels}}} {s.ops[i]}\n"
+
+
+class CountingReplies:
+    """Stands in for a connection's reply encoder and counts every error reply it encodes.
+
+    Only ``error`` is intercepted; the other encoders are the inner encoder's own bound methods,
+    so successful replies cost nothing extra.
+    """
+
+    def __init__(self, inner: Any, metrics: Metrics, export: str) -> None:
+        self._inner = inner
+        self._inner_error = inner.error
+        self._metrics = metrics
+        self._export = export
+        for name in ("ok", "read", "block_status"):
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
+
+    def error(self, cookie: int, errno: int, *args: Any, **kwargs: Any) -> Any:
+        self._metrics.wire_error(self._export, errno)
+        return self._inner_error(cookie, errno, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 class _Handler(BaseHTTPRequestHandler):

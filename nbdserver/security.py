@@ -18,12 +18,12 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nbdserver.acl import AccessPolicy, Acl, address_of
 from nbdserver.filters.access import ReadOnlyFilter, WriterLease
 from nbdserver.filters.stats import StatsFilter
-from nbdserver.metrics import ConnStats, Metrics, MetricsServer
+from nbdserver.metrics import ConnStats, CountingReplies, Metrics, MetricsServer
 from nbdserver.protocol.constants import TransmissionFlag
 from nbdserver.tls import (
     HANDSHAKE_TIMEOUT,
@@ -187,6 +187,13 @@ class Guard:
         return dataclasses.replace(info, flags=info.flags | TransmissionFlag.NBD_FLAG_READ_ONLY)
 
     # --- transmission --------------------------------------------------------------------------
+    def attach(self, tx: Any, export: Export, state: ConnState) -> None:
+        """Set up a transmission loop (``nbdserver.edge_transmission.Transmission``) before it
+        runs: its backend view, and error counting on its replies when metrics are on."""
+        tx.backend = self.connection_backend(export, state)
+        if self.metrics is not None:
+            tx.replies = CountingReplies(tx.replies, self.metrics, export.name)
+
     def connection_backend(self, export: Export, state: ConnState) -> Backend:
         """The backend this connection's transmission loop should call."""
         backend = export.backend

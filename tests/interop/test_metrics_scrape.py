@@ -71,11 +71,16 @@ def test_counts_bytes_latency_errors_and_connections(tmp_path: Path) -> None:
             "    print('no error')\n"
             "except nbd.Error as e:\n"
             "    print('errno', e.errno)\n"
+            "h.set_strict_mode(0)\n"  # let libnbd send a read past the end
+            "try:\n"
+            "    h.pread(4096, 4 << 20)\n"
+            "except nbd.Error as e:\n"
+            "    print('errno', e.errno)\n"
             "h.shutdown()\n"
         )
         r = run(["/usr/bin/python3", "-m", "nbd", "-c", script])
         assert r.returncode == 0, r.stderr
-        assert r.stdout.split()[0] == "errno", r.stdout  # the failing write did fail
+        assert r.stdout.split() == ["errno", "ENOSPC", "errno", "EINVAL"], r.stdout
         wait_for(lambda: _scrape(mport)[("nbdserver_connections_open", _l())] == 0,
                  what="the connection to close")  # fmt: skip
         m = _scrape(mport)
@@ -85,7 +90,11 @@ def test_counts_bytes_latency_errors_and_connections(tmp_path: Path) -> None:
     assert m[("nbdserver_requests_total", rd)] == 5
     assert m[("nbdserver_bytes_total", rd)] == 5 * 4096
     assert m[("nbdserver_requests_total", fl)] == 1
-    assert m[("nbdserver_errors_total", _l(export="disk", command="write", errno="EFBIG"))] == 1
+    efbig = _l(export="disk", command="write", errno="EFBIG")
+    assert m[("nbdserver_backend_errors_total", efbig)] == 1  # what the file system said
+    assert m[("nbdserver_errors_total", _l(export="disk", errno="ENOSPC"))] == 1  # on the wire
+    # Refused by the protocol core before any backend call, and still counted.
+    assert m[("nbdserver_errors_total", _l(export="disk", errno="EINVAL"))] == 1
     assert m[("nbdserver_request_duration_seconds_count", w)] == 4
     assert m[("nbdserver_request_duration_seconds_bucket", w | {("le", "+Inf")})] == 4
     assert m[("nbdserver_request_duration_seconds_sum", rd)] > 0

@@ -39,7 +39,7 @@ def test_counts_of_live_and_closed_connections_add_up_per_export_and_command() -
     assert got[("nbdserver_requests_total", wr)] == 2
     assert got[("nbdserver_bytes_total", wr)] == 512
     err = (("command", "write"), ("errno", "ENOSPC"), ("export", "disk"))
-    assert got[("nbdserver_errors_total", err)] == 1
+    assert got[("nbdserver_backend_errors_total", err)] == 1
     # Histogram: both reads under 50 us, one write at 2 ms lands in the 2.5 ms bucket.
     assert got[("nbdserver_request_duration_seconds_bucket", (*rd, ("le", "5e-05")))] == 2
     assert got[("nbdserver_request_duration_seconds_bucket", (*wr, ("le", "0.001")))] == 1
@@ -109,7 +109,7 @@ def test_stats_filter_times_every_call_and_counts_errors() -> None:
         "cache": 1,
     }
     err = (("command", "read"), ("errno", "EIO"), ("export", "mem"))
-    assert got[("nbdserver_errors_total", err)] == 1
+    assert got[("nbdserver_backend_errors_total", err)] == 1
     assert f.fileno() is None
 
 
@@ -154,3 +154,19 @@ def test_scrapes_during_traffic_never_break_the_format() -> None:
     finally:
         stop.set()
         t.join()
+
+
+def test_error_replies_are_counted_by_wire_errno_and_other_replies_pass_through() -> None:
+    from nbdserver.metrics import CountingReplies
+    from nbdserver.protocol.transmission import ReplyEncoder
+
+    m = Metrics()
+    inner = ReplyEncoder(structured=False, extended=False)
+    counting = CountingReplies(inner, m, "disk")
+    assert counting.ok(7, 0) == inner.ok(7, 0)
+    assert counting.error(8, errno.EINVAL, 0, "bad") == inner.error(8, errno.EINVAL, 0, "bad")
+    counting.error(9, errno.EINVAL, 0, "bad")
+    counting.error(10, 95, 0, "no")
+    got = _samples(m.render())
+    assert got[("nbdserver_errors_total", (("errno", "EINVAL"), ("export", "disk")))] == 2
+    assert got[("nbdserver_errors_total", (("errno", "ENOTSUP"), ("export", "disk")))] == 1
