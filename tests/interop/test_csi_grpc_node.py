@@ -475,3 +475,18 @@ def test_restaging_from_another_uri_is_already_exists(csi: CsiHarness) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stage(csi, "v", csi.image("two"))
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_one_export_twice_on_a_node_only_when_everyone_reads(csi: CsiHarness) -> None:
+    uri = csi.image("shared")
+    stage(csi, "w1", uri)
+    with pytest.raises(grpc.RpcError) as info:
+        stage(csi, "w2", uri)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "w1" in (info.value.details() or "")
+    with pytest.raises(grpc.RpcError) as reader:
+        stage(csi, "r1", uri, cap=mount_cap(mode=Mode.MULTI_NODE_READER_ONLY))
+    assert reader.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    unstage(csi, "w1")
+    stage(csi, "r1", uri, cap=mount_cap(mode=Mode.MULTI_NODE_READER_ONLY))
+    stage(csi, "r2", uri, cap=mount_cap(mode=Mode.MULTI_NODE_READER_ONLY))

@@ -168,6 +168,11 @@ def remove_path(path: str) -> None:
 
 
 def device_size(device: str) -> int:
+    """Size in bytes. For a block device from sysfs: opening a device whose NBD link is down
+    could wait for the reconnect, and stats must answer at once."""
+    sysfs = Path("/sys/class/block") / Path(device).name / "size"
+    if device.startswith("/dev/") and sysfs.exists():
+        return int(sysfs.read_text().strip()) * 512
     with open(device, "rb") as dev:
         return dev.seek(0, os.SEEK_END)
 

@@ -67,6 +67,7 @@ class Volumes:
     ) -> VolumeRecord:
         """Lease, attach, record, and for filesystem volumes format-if-blank and mount."""
         read_only = source.read_only or not cap.write
+        self._check_no_second_writer(volume_id, source, read_only)
         lease = ""
         attachment = ""
         if source.export and self.leases is None:
@@ -118,6 +119,25 @@ class Volumes:
             raise
         log.info("volume %s: %s attached at %s", volume_id, source.uri, device)
         return record
+
+    def _check_no_second_writer(
+        self, volume_id: str, source: VolumeSource, read_only: bool
+    ) -> None:
+        """Two volumes on one node over the same export would be two independent filesystem
+        mounts of one device's data: fine when all are read-only or the export is declared
+        ReadWriteMany (cluster filesystem), corruption otherwise. The cluster-wide writer Lease
+        cannot see this (the same node holds it for both), so it is checked here."""
+        if source.access_mode == "ReadWriteMany":
+            return
+        for other in self.state.volumes.values():
+            if other.volume_id == volume_id or other.uri != source.uri:
+                continue
+            if not (read_only and other.read_only):
+                raise FailedPrecondition(
+                    f"{source.export or source.uri} is already attached on this node as volume"
+                    f" {other.volume_id} ({'read-only' if other.read_only else 'read-write'});"
+                    " a second attachment with a writer would corrupt it"
+                )
 
     def _orphan(self, uri: str, read_only: bool) -> str | None:
         """A device attached to ``uri`` that no record names: left by a crash between the
