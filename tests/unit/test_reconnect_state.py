@@ -43,7 +43,9 @@ def test_failures_back_off_and_never_give_up():
         assert [w.index for w in r.due(now)] == [0]
         delays.append(r.failed(0, now, "refused"))
         assert r.due(now) == []  # not before the backoff expires
-        now = r.next_deadline()
+        deadline = r.next_deadline()
+        assert deadline == pytest.approx(now + delays[-1])
+        now = deadline
     assert delays == [0.1, 0.2, 0.4, 0.4, 0.4, 0.4]
     assert r.watches[0].last_error == "refused"
     assert r.watches[0].state is LinkState.RECONNECTING
