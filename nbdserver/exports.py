@@ -101,6 +101,9 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
 }
 
 
+_QOS_OPTIONS = ("qos-read-bps", "qos-write-bps", "qos-read-iops", "qos-write-iops")
+
+
 def parse_export_spec(spec: str) -> ExportConfig:
     """Parse ``NAME=PATH[,key=value...]``; PATH may be ``memory`` (with ``size=``)."""
     name, sep, rest = spec.partition("=")
@@ -114,6 +117,14 @@ def parse_export_spec(spec: str) -> ExportConfig:
         key, _, value = opt.partition("=")
         if key == "allow":
             cfg.allowed_clients.append(value)
+            continue
+        if key in _QOS_OPTIONS:  # qos-read-bps=N etc.: this export's own rate limits
+            if not value.isdigit():
+                raise ConfigError(f"bad value for {key!r} in {spec!r}: expected an integer")
+            cfg.qos[key[4:].replace("-", "_")] = int(value)
+            continue
+        if key == "cow-dir":
+            cfg.cow_dir = value
             continue
         if key not in _OPTIONS:
             raise ConfigError(f"unknown export option {key!r} in {spec!r}")

@@ -96,3 +96,17 @@ def test_config_file_errors_surface_as_config_errors(tmp_path: Path) -> None:
     conf.write_text("[generic]\nuser = nbd\n[a]\nexportname = /x\n")
     with pytest.raises(ConfigError, match=rf"{conf}:2: \[generic\] user is not supported"):
         _build("--config", str(conf))
+
+
+def test_per_export_qos_and_cow_dir_options(tmp_path: Path) -> None:
+    config, _ = _build(
+        "--export", f"a=memory,size=1M,qos-read-iops=5,qos-write-bps=100,cow-dir={tmp_path}",
+        "--export", "b=memory,size=1M",
+        "--qos-write-bps", "999",
+    )  # fmt: skip
+    a, b = config.exports
+    assert a.qos == {"read_iops": 5, "write_bps": 100}  # the export's own value wins
+    assert b.qos == {"write_bps": 999}
+    assert a.cow_dir == str(tmp_path)
+    with pytest.raises(ConfigError, match="expected an integer"):
+        _build("--export", "a=memory,size=1M,qos-read-bps=fast")
