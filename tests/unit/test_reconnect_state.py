@@ -44,7 +44,7 @@ def test_failures_back_off_and_never_give_up():
         delays.append(r.failed(0, now, "refused"))
         assert r.due(now) == []  # not before the backoff expires
         deadline = r.next_deadline()
-        assert deadline == pytest.approx(now + delays[-1])
+        assert deadline is not None and deadline == pytest.approx(now + delays[-1])
         now = deadline
     assert delays == [0.1, 0.2, 0.4, 0.4, 0.4, 0.4]
     assert r.watches[0].last_error == "refused"
