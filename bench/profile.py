@@ -116,7 +116,7 @@ def profile_nbdserver(
     pyspy = shutil.which("py-spy") or str(Path(args.nbdserver).parent / "py-spy")
     raw = outdir / f"{w.name}.pyspy.txt"
     recorders = [[pyspy, "record", "--pid", str(server.pid), "--subprocesses", "--format", "raw",
-                  "--rate", "250", "-o", str(raw)]]  # fmt: skip
+                  "--rate", "250", "--nonblocking", "-o", str(raw)]]  # fmt: skip
     perf_data = outdir / f"{w.name}.perf.data"
     if args.perf and shutil.which("perf"):
         recorders.append(["perf", "record", "-q", "-F", "499", "-g", "-p", str(server.pid),
