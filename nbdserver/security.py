@@ -154,13 +154,15 @@ class Guard:
         )
         return tls
 
-    def may_open(self, name: str, state: ConnState) -> bool:
+    def may_open(self, name: str, state: ConnState, quiet: bool = False) -> bool:
         """Per-export rules for NBD_OPT_GO/INFO/EXPORT_NAME: allow list and TLS-only."""
         if name in self.opts.tls_only and not state.tls:
-            log.info("%s refused export %r: it is served only over TLS", state.peer, name)
+            if not quiet:
+                log.info("%s refused export %r: it is served only over TLS", state.peer, name)
             return False
         if self.access.active and not self.access.admits_export(address_of(state.peer), name):
-            log.info("%s refused export %r: address not in its allow list", state.peer, name)
+            if not quiet:
+                log.info("%s refused export %r: address not in its allow list", state.peer, name)
             return False
         return True
 
@@ -172,7 +174,7 @@ class Guard:
             return None
 
         def visible() -> list[ExportInfo]:
-            return [e for e in list_all() if self.may_open(e.name, state)]
+            return [e for e in list_all() if self.may_open(e.name, state, quiet=True)]
 
         return visible
 
