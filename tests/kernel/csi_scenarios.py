@@ -253,11 +253,26 @@ def block_and_dirty(res: Results, plugin: Plugin) -> None:
 
     step(res, "blk_write", write_block)
     step(res, "blk_unpublish", blk.unpublish)
+
+    def write_read_only() -> None:
+        with open(blk.target, "r+b") as dev:
+            dev.write(b"must not land")
+            dev.flush()
+            os.fsync(dev.fileno())
+
+    step(res, "blk_publish_ro", lambda: blk.publish(readonly=True))
+    step(res, "blk_write_ro", write_read_only)
+    step(res, "blk_unpublish_ro", blk.unpublish)
+    step(res, "blk_publish_rw_again", blk.publish)
+    step(res, "blk_write_rw_again", write_block)
+    step(res, "blk_unpublish_rw_again", blk.unpublish)
     step(res, "blk_unstage", blk.unstage)
     raw_srv.stop()
     with open(raw, "rb") as img:
         img.seek(MiB)
         res["blk_pattern_in_image"] = img.read(len(pattern)) == pattern
+        img.seek(0)
+        res["blk_ro_write_absent"] = b"must not land" not in img.read(MiB)
     res["blk_blkid"] = guest.run(["blkid", "-p", str(raw)]).stdout  # still no filesystem
 
     dirty = guest.make_image("dirty.img", 16 * MiB)

@@ -75,6 +75,10 @@ def test_reader_only_volume_is_read_only_all_the_way_down(csi_run: dict[str, Any
 def test_block_volume_publishes_the_raw_device(csi_run: dict[str, Any]) -> None:
     ok(csi_run, "blk_stage", "blk_publish", "blk_write", "blk_unpublish", "blk_unstage")
     assert csi_run["blk_write"]["value"] is True  # the target is a block device node
+    ok(csi_run, "blk_publish_ro", "blk_unpublish_ro", "blk_publish_rw_again")
+    assert csi_run["blk_write_ro"]["ok"] is False, "a readonly block publish took a write"
+    assert csi_run["blk_ro_write_absent"] is True
+    ok(csi_run, "blk_write_rw_again", "blk_unpublish_rw_again")
     assert csi_run["blk_pattern_in_image"] is True
     assert "TYPE=" not in csi_run["blk_blkid"]
 

@@ -167,6 +167,15 @@ def remove_path(path: str) -> None:
         os.unlink(path)
 
 
+def set_block_read_only(device: str, read_only: bool) -> None:
+    """Mark a block device read-only (BLKROSET) or writable again. A read-only bind mount of a
+    device node does not stop writes through it; the device flag does. No-op on anything that is
+    not a block device."""
+    if not stat.S_ISBLK(os.stat(device).st_mode):
+        return
+    _run(["blockdev", "--setro" if read_only else "--setrw", device])
+
+
 def device_size(device: str) -> int:
     """Size in bytes. For a block device from sysfs: opening a device whose NBD link is down
     could wait for the reconnect, and stats must answer at once."""

@@ -234,10 +234,21 @@ class NodeService:
                 return
             source = record.device if record.block else record.staging_path
             mounter.bind(source, target, read_only)
+            record.targets[target] = Target(read_only=read_only)
+            self._sync_block_read_only(record)
         except Exception as exc:
+            record.targets.pop(target, None)
             raise to_csi(exc, f"publishing {record.volume_id} at {target}") from exc
-        record.targets[target] = Target(read_only=read_only)
         self.state.save()
+
+    @staticmethod
+    def _sync_block_read_only(record: VolumeRecord) -> None:
+        """A block volume's device is read-only while every target is (or the attach is)."""
+        if record.block and record.device and not record.read_only:
+            all_read_only = bool(record.targets) and all(
+                t.read_only for t in record.targets.values()
+            )
+            mounter.set_block_read_only(record.device, all_read_only)
 
     def NodeUnpublishVolume(
         self, req: pb.NodeUnpublishVolumeRequest
@@ -254,6 +265,7 @@ class NodeService:
                 mounter.remove_path(target)
                 if record is not None:
                     record.targets.pop(target, None)
+                    self._sync_block_read_only(record)
                     if record.ephemeral and not record.targets:
                         self.volumes.teardown(record)
                     else:
