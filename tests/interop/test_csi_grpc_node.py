@@ -353,8 +353,10 @@ def test_ephemeral_volume_is_attached_on_publish_and_gone_after_unpublish(
     csi.node_stub.NodePublishVolume(request)
     csi.node_stub.NodePublishVolume(request)
     Path(target, "f").write_text("x")
-    assert csi.node.state.get("csi-abc123") is not None
+    record = csi.node.state.get("csi-abc123")
+    assert record is not None and mounter.is_mounted(record.staging_path)
     unpublish(csi, "csi-abc123", target)
+    assert not os.path.exists(record.staging_path)
     assert csi.attacher.attached == {}
     assert csi.node.state.volumes == {}
     assert not os.path.exists(target)

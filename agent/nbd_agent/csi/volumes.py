@@ -12,7 +12,9 @@ before calling in), or talk to gRPC.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -208,6 +210,9 @@ class Volumes:
         """
         if not record.block and record.staging_path:
             self._unmount(record.staging_path)
+            if record.ephemeral:  # our own folder (kubelet's staging folders are kubelet's)
+                with contextlib.suppress(OSError):
+                    os.rmdir(record.staging_path)
         if record.device and self.attacher.is_attached(record.device, record.uri):
             self.attacher.detach(record.device)
         self._release(record.attachment)
