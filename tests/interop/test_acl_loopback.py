@@ -7,6 +7,7 @@ bound to 127.0.0.2 reaches a server on 127.0.0.1 and the server sees 127.0.0.2 a
 from __future__ import annotations
 
 import errno
+import socket
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,26 @@ def test_single_writer_gives_one_host_write_access_and_others_a_read_only_view(
         with nbd_connect_from("127.0.0.3", srv.port) as conn:
             assert not conn.details.has(ro)
             conn.pwrite(b"3" * 512, 0)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback in this environment")
+def test_dual_stack_listener_matches_ipv4_mapped_and_ipv6_peers(tmp_path: Path) -> None:
+    args = ["--backend", "memory", "--size", "1M", "--allow", "127.0.0.2", "--allow", "::1"]
+    with serve(args, tmp_path, bind="::") as srv:
+        # IPv4 clients reach a "::" listener as ::ffff:127.0.0.x and match IPv4 rules.
+        assert is_greeting(raw_greeting("127.0.0.1", srv.port, source="127.0.0.2"))
+        assert raw_greeting("127.0.0.1", srv.port, source="127.0.0.3") == b""
+        with socket.socket(socket.AF_INET6) as s:
+            s.settimeout(5)
+            s.connect(("::1", srv.port))
+            assert s.recv(8) == b"NBDMAGIC"
+        wait_for(lambda: "refused [::ffff:127.0.0.3]" in srv.log(), what="the mapped refusal log")
