@@ -59,10 +59,10 @@ class Conflict(KubeError):
 class Kube:
     """A few verbs on namespaced objects, with the operator's credentials."""
 
-    def __init__(self, info: kopf.ConnectionInfo) -> None:
+    def __init__(self, info: kopf.ConnectionInfo, *, keepalive: bool = True) -> None:
         self._server = info.server.rstrip("/")
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=info.as_ssl_context()),
+            connector=aiohttp.TCPConnector(ssl=info.as_ssl_context(), force_close=not keepalive),
             headers={**info.as_http_headers(), "User-Agent": "nbd-operator"},
             timeout=aiohttp.ClientTimeout(total=30),
         )

@@ -174,7 +174,7 @@ async def assess(ctx: Ctx, body: Mapping[str, Any]) -> Assessment:
     served = (body.get("status") or {}).get("sizeBytes")
     refused: Problem | None = None
     shrinking = isinstance(served, int) and (spec.size_bytes or 0) < served
-    if spec.file_backed and spec.size_bytes is not None and shrinking:
+    if spec.size_bytes is not None and shrinking:
         refused = (
             "ShrinkRefused",
             f"spec.size {spec.size_bytes} is smaller than the {served} bytes being served; "
