@@ -157,10 +157,10 @@ def _status_kib(pid: int, key: str) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU of the tree, counting children it has already reaped."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the tree, counting children it has already reaped."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
@@ -168,8 +168,13 @@ def cpu_seconds(pid: int) -> float:
         except OSError:
             continue
         # fields[0] is the state (field 3); utime, stime, cutime, cstime are fields 14-17.
-        total += sum(int(x) for x in fields[11:15])
-    return total / tick
+        user += int(fields[11]) + int(fields[13])
+        system += int(fields[12]) + int(fields[14])
+    return user / tick, system / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 @dataclass

@@ -158,7 +158,9 @@ def syscall_census(
     recorder = ["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter,context-switches,task-clock",
                 "-p", pids, "-o", str(stat)]  # fmt: skip
     cmd = fio_command(w, server.uri, args.runtime, args.image_bytes, str(out), 0, args.fio)
+    user0, _ = peers.cpu_split(server.pid)
     _, fio_text = _recording(cmd, args.runtime + 120, out, [recorder])
+    user1, _ = peers.cpu_split(server.pid)
     try:
         ios = parse_fio_json(fio_text, w).total_ios
     except FioError:
@@ -170,22 +172,22 @@ def syscall_census(
         "syscalls/io": counts.get("raw_syscalls:sys_enter", 0) / ios,
         "ctxsw/io": counts.get("context-switches", 0) / ios,
         "cpu_us/io": 1000 * counts.get("task-clock", 0) / ios,
+        # User-space share: for nbdserver, the interpreter's own cost per request.
+        "user_us/io": 1e6 * (user1 - user0) / ios,
     }
 
 
-def census_table(census: dict[tuple[str, str], dict[str, float]], workloads: list[Workload],
-                 servers: list[str]) -> str:  # fmt: skip
-    header = ["workload", *[f"{s} {k}" for s in servers for k in ("sys/io", "cs/io", "cpu_us/io")]]
+def census_table(
+    census: dict[tuple[str, str], dict[str, float]], workloads: list[Workload], servers: list[str]
+) -> str:
+    """One row per workload and server: syscalls, context switches, CPU and user CPU per I/O."""
+    keys = ("syscalls/io", "ctxsw/io", "cpu_us/io", "user_us/io")
     body = []
     for w in workloads:
-        row = [w.name]
         for s in servers:
             c = census.get((w.name, s), {})
-            row += [
-                f"{c[k]:.1f}" if k in c else "n/a" for k in ("syscalls/io", "ctxsw/io", "cpu_us/io")
-            ]
-        body.append(row)
-    return markdown_table(header, body, text_columns=1)
+            body.append([w.name, s, *[f"{c[k]:.1f}" if k in c else "n/a" for k in keys]])
+    return markdown_table(["workload", "server", *keys], body)
 
 
 def profile_workloads(

@@ -180,10 +180,19 @@ def test_perf_stat_csv_is_read_per_event() -> None:
     }
 
 
-def test_census_table_shows_na_for_a_server_without_counts() -> None:
-    census = {("seq-read", "a"): {"syscalls/io": 4.0, "ctxsw/io": 0.5, "cpu_us/io": 9.25}}
-    table = census_table(census, [SEQ], ["a", "b"])
-    assert table.splitlines()[2] == "| seq-read | 4.0 | 0.5 | 9.2 | n/a | n/a | n/a |"
+def test_census_table_has_a_row_per_server_and_na_without_counts() -> None:
+    census = {
+        ("seq-read", "a"): {
+            "syscalls/io": 4.0,
+            "ctxsw/io": 0.5,
+            "cpu_us/io": 9.25,
+            "user_us/io": 2.0,
+        }
+    }
+    lines = census_table(census, [SEQ], ["a", "b"]).splitlines()
+    assert lines[0] == "| workload | server | syscalls/io | ctxsw/io | cpu_us/io | user_us/io |"
+    assert lines[2] == "| seq-read | a | 4.0 | 0.5 | 9.2 | 2.0 |"
+    assert lines[3] == "| seq-read | b | n/a | n/a | n/a | n/a |"
 
 
 def test_spread_is_range_over_median_and_needs_two_rounds() -> None:
