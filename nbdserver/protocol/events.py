@@ -40,6 +40,23 @@ class ExportInfo:
     preferred_block: int = DEFAULT_PREFERRED_BLOCK
     maximum_payload: int = DEFAULT_MAXIMUM_PAYLOAD
 
+    def __post_init__(self) -> None:
+        # Refuse values the wire cannot carry now, at configuration time, rather than with a
+        # struct.error in the middle of some client's handshake.
+        if not 0 <= self.size < 1 << 64:
+            raise ValueError(f"export size {self.size} does not fit 64 bits")
+        if not 0 <= self.flags <= 0xFFFF:
+            raise ValueError(f"transmission flags {self.flags:#x} do not fit 16 bits")
+        minimum, preferred, maximum = self.minimum_block, self.preferred_block, self.maximum_payload
+        if minimum < 1 or minimum & (minimum - 1) or minimum > 65536:
+            raise ValueError(f"minimum block size {minimum} is not a power of two <= 65536")
+        if preferred < minimum or preferred & (preferred - 1):
+            raise ValueError(f"preferred block size {preferred} is not a power of two >= minimum")
+        if not preferred <= maximum <= 0xFFFFFFFF:
+            raise ValueError(f"maximum payload {maximum} is not in [preferred, 2^32-1]")
+        if len(self.name.encode()) > 4096 or len(self.description.encode()) > 4096:
+            raise ValueError("export names and descriptions are limited to 4096 bytes")
+
     @property
     def read_only(self) -> bool:
         return bool(self.flags & TransmissionFlag.NBD_FLAG_READ_ONLY)

@@ -205,7 +205,8 @@ def pack_extended_header(flags: int, rtype: int, cookie: int, offset: int, lengt
 
 def error_payload(error: int, message: str = "") -> bytes:
     """Payload of NBD_REPLY_TYPE_ERROR (add a 64-bit offset for ERROR_OFFSET)."""
-    raw = message.encode()[:NBD_MAX_STRING]
+    # Cut at 4096 bytes without splitting a UTF-8 sequence (the spec wants valid strings).
+    raw = message.encode()[:NBD_MAX_STRING].decode(errors="ignore").encode()
     return ERROR_HEAD.pack(error, len(raw)) + raw
 
 

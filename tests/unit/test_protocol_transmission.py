@@ -236,3 +236,23 @@ def test_block_status_fitting_rules() -> None:
     assert enc.fit_extents([Ext(1 << 40, 3)], 1 << 30, False) == [(0xFFFFFE00, 3)]
     # zero-length extents are dropped; nothing left still yields one safe descriptor
     assert enc.fit_extents([Ext(0, 3)], 4096, False) == [(4096, 0)]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"size": 1 << 64},
+        {"flags": 1 << 16},
+        {"minimum_block": 3},
+        {"minimum_block": 1 << 17, "preferred_block": 1 << 17, "maximum_payload": 1 << 20},
+        {"preferred_block": 6000},
+        {"maximum_payload": 1024},
+        {"maximum_payload": 1 << 32},
+        {"name": "n" * 4097},
+    ],
+)
+def test_export_info_refuses_values_the_wire_cannot_carry(kw: dict[str, object]) -> None:
+    fields: dict[str, object] = {"name": "d", "size": SIZE}
+    fields.update(kw)
+    with pytest.raises(ValueError):
+        ExportInfo(**fields)  # type: ignore[arg-type]

@@ -96,3 +96,9 @@ def test_reply_header_decoder_for_clients() -> None:
     assert wire.unpack_simple_or_chunk_header(chunk) == (0x668E33EF, 1, 0x8001, 9)
     with pytest.raises(wire.ProtocolError):
         wire.unpack_simple_or_chunk_header(bytes(16))
+
+
+def test_error_messages_are_cut_at_4096_bytes_on_a_character_boundary() -> None:
+    payload = wire.error_payload(5, "x" + "\u00e9" * 4000)
+    (length,) = struct.unpack_from(">H", payload, 4)
+    assert length == 4095 and payload[6:].decode() == "x" + "\u00e9" * 2047
