@@ -13,10 +13,12 @@ import contextlib
 import hashlib
 import os
 import socket
+import ssl
 import struct
 from pathlib import Path
 
 import pytest
+import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +32,7 @@ OPT_REPLY_MAGIC = 0x3E889045565A9
 SIMPLE, STRUCTURED, EXTENDED = 0x67446698, 0x668E33EF, 0x6E8A278C
 HANDSHAKE_EXAMPLES = 2000
 TRANSMISSION_EXAMPLES = 1000
+TLS_EXAMPLES = 300
 FUZZ_SETTINGS = {
     "deadline": None,
     "database": None,
@@ -275,4 +278,42 @@ def test_fuzzed_handshakes_and_requests_leave_the_server_serving_and_data_intact
         assert hashlib.sha256(conn.pread(0, MiB)).digest() == hashlib.sha256(original).digest()
         conn.disconnect()
     assert canary.read_bytes() == original
+    assert "Traceback" not in srv.text(), srv.text()[-4000:]
+
+
+def test_fuzzed_streams_after_starttls_are_survived(nbdserver, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """STARTTLS is acknowledged, then garbage (or a pipelined option) arrives instead of a TLS
+    ClientHello: the server must drop that connection only, and serve TLS clients after."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    srv = nbdserver(
+        "--tls", "on", "--tls-cert", str(tmp_path / "cert.pem"),
+        "--tls-key", str(tmp_path / "key.pem"), "--handshake-timeout", "5",
+    )  # fmt: skip
+    starttls = wire.pack_option(5)
+
+    @settings(max_examples=TLS_EXAMPLES, **FUZZ_SETTINGS)  # type: ignore[arg-type]
+    @given(tail=st.one_of(st.binary(max_size=300), handshake_streams), pipelined=st.booleans())
+    def fuzz_after_starttls(tail: bytes, pipelined: bool) -> None:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            recv_exact(s, 18)
+            s.sendall(struct.pack(">I", 3) + starttls + (tail if pipelined else b""))
+            head = recv_exact(s, 20)
+            assert struct.unpack(">QIII", head) == (OPT_REPLY_MAGIC, 5, 1, 0)  # ACK
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.sendall(tail)
+            drain(s)
+
+    fuzz_after_starttls()
+    assert srv.proc.poll() is None, "the server died"
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    uri = srv.export_uri("").replace("nbd://", "nbds://") + "?tls-hostname=localhost"
+    with client.connect(uri, tls_context=ctx) as conn:
+        assert conn.details.tls
+        conn.pwrite(b"after" * 100, 0)
+        assert conn.pread(0, 500) == b"after" * 100
+        conn.disconnect()
     assert "Traceback" not in srv.text(), srv.text()[-4000:]
