@@ -1,6 +1,9 @@
 """NBD wire constants, named exactly as doc/proto.md names them.
 
 One place for every magic number, so the server, the client handshake and the tests agree.
+Every value was checked against doc/proto.md of NetworkBlockDevice/nbd (master, and the
+extension-ext-header branch for extended headers); tests/unit/test_protocol_constants.py pins
+them. Must not hold policy or behaviour, only the spec's numbers (plus our two limits at the end).
 """
 
 from enum import IntEnum, IntFlag
