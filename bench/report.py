@@ -17,6 +17,7 @@ from typing import Any
 from bench.workloads import Workload
 
 SUBJECT = "nbdserver"
+RSS_TARGET_KIB = 80 * 1024
 CPU_TITLE = "server CPU (median, 100% = one core) and spread of its figures ((max-min)/median):"
 # What a Markdown export states about its run, so a pasted table keeps its context.
 META_FACTS = ("date", "commit", "nbdserver_commit", "nbdserver_uncommitted", "rounds", "runtime",
@@ -139,6 +140,25 @@ def notes(results: BenchResults) -> list[str]:
     ]
     if others:
         out.append("peers' sampled peak RSS: " + ", ".join(others))
+    out += target_notes(results)
+    return out
+
+
+def target_notes(results: BenchResults) -> list[str]:
+    """Issue 8's targets: >= 1.0x qemu-nbd (floor), >= 1.0x nbdkit (goal), peak RSS <= 80 MiB."""
+    out = []
+    for peer, label in (("qemu-nbd", "floor"), ("nbdkit", "goal")):
+        if peer not in results.servers or SUBJECT not in results.servers:
+            continue
+        ratios = {w.name: results.ratio(w.name, peer) for w in results.workloads}
+        short = [f"{n} {r:.2f}x" for n, r in ratios.items() if r is not None and r < 1.0]
+        measured = sum(r is not None for r in ratios.values())
+        verdict = "below on " + ", ".join(short) if short else "met"
+        out.append(f"target {label} (>= 1.0x {peer}): {verdict} ({measured} workloads measured)")
+    peak = max(results.hwm_kib.get(SUBJECT, 0), results.peak_rss_kib.get(SUBJECT, 0))
+    if peak:
+        verdict = "met" if peak <= RSS_TARGET_KIB else "missed"
+        out.append(f"target peak RSS <= {RSS_TARGET_KIB // 1024} MiB: {verdict} ({_mib(peak)})")
     return out
 
 

@@ -7,7 +7,15 @@ import json
 import pytest
 
 from bench.profile import census_table, parse_perf_stat, summarize_collapsed
-from bench.report import BenchResults, markdown_table, render_markdown, render_text, rows, to_json
+from bench.report import (
+    BenchResults,
+    markdown_table,
+    render_markdown,
+    render_text,
+    rows,
+    target_notes,
+    to_json,
+)
 from bench.run import parse_args, parse_size
 from bench.workloads import WORKLOADS_BY_NAME, FioError, fio_command, parse_fio_json
 
@@ -199,3 +207,13 @@ def test_spread_is_range_over_median_and_needs_two_rounds() -> None:
     r = sample_results()
     assert r.cell("seq-read", "nbdserver").spread_percent == pytest.approx(20.0)
     assert r.cell("rand-write", "nbdserver").spread_percent is None
+
+
+def test_targets_name_the_workloads_below_each_peer_and_the_rss_verdict() -> None:
+    r = sample_results()
+    text = "\n".join(target_notes(r))
+    assert "target floor (>= 1.0x qemu-nbd): met (1 workloads measured)" in text
+    assert "target goal (>= 1.0x nbdkit): below on seq-read 0.50x" in text
+    assert "target peak RSS <= 80 MiB: met (41.0 MiB)" in text
+    r.hwm_kib["nbdserver"] = 90 * 1024
+    assert "missed (90.0 MiB)" in "\n".join(target_notes(r))
