@@ -135,7 +135,11 @@ def _run_watch(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nbd-agent", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="nbd-agent",
+        description="Attach NBD exports to /dev/nbdN through the kernel's netlink interface, "
+        "keep them attached, and serve them to Kubernetes pods (csi).",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log reconnects and more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, target in SUBCOMMANDS.items():

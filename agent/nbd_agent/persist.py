@@ -143,6 +143,10 @@ class Keeper:
         self.outages.append((index, outage))
         log.warning("/dev/nbd%d: reconnected after %.3fs", index, outage)
 
+    def forget(self, index: int) -> None:
+        """Stop watching a device (before detaching it): its TLS bridges, if any, close."""
+        self._forget(index)
+
     def _forget(self, index: int) -> None:
         attach.close_proxies(self.proxies.pop(index, []))
         self.kept.pop(index, None)

@@ -117,6 +117,18 @@ class TlsProxy:
                 plain_events = selectors.EVENT_READ if len(to_tls) < LIMIT else 0
                 if to_plain:
                     plain_events |= selectors.EVENT_WRITE
-                sel.modify(tls, tls_events or selectors.EVENT_READ)
-                sel.modify(plain, plain_events or selectors.EVENT_READ)
+                # A full queue means: stop reading that source until the other side drains
+                # (never both at once: a full queue always has a pending write).
+                _want(sel, tls, tls_events)
+                _want(sel, plain, plain_events)
                 sel.select(timeout=1.0)
+
+
+def _want(sel: selectors.BaseSelector, sock: socket.socket, events: int) -> None:
+    registered = sock in sel.get_map()
+    if events and registered:
+        sel.modify(sock, events)
+    elif events:
+        sel.register(sock, events)
+    elif registered:
+        sel.unregister(sock)
