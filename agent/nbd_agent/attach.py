@@ -39,6 +39,13 @@ from nbd_agent.netlink import NbdNetlink
 from nbd_agent.tlsproxy import TlsProxy
 from nbdserver.protocol.constants import TransmissionFlag
 
+KERNEL_SENDS = (
+    TransmissionFlag.NBD_FLAG_SEND_FLUSH
+    | TransmissionFlag.NBD_FLAG_SEND_FUA
+    | TransmissionFlag.NBD_FLAG_SEND_TRIM
+    | TransmissionFlag.NBD_FLAG_SEND_WRITE_ZEROES
+)
+
 
 @dataclass
 class AttachOptions:
@@ -111,6 +118,12 @@ def check_unchanged(before: ExportInfo, now: ExportInfo, target: Target) -> None
         )
     if now.read_only and not before.read_only:
         raise ExportChanged(f"{target.describe()}: the export became read-only")
+    # RECONFIGURE cannot change the flags the kernel was given: a command it would still send
+    # (flush, FUA, trim, write zeroes) must still be supported. New flags are harmless.
+    lost = before.flags & ~now.flags & KERNEL_SENDS
+    if lost:
+        names = ", ".join(f.name or "?" for f in TransmissionFlag if f & lost)
+        raise ExportChanged(f"{target.describe()}: the server no longer supports {names}")
 
 
 def close_all(socks: list[socket.socket]) -> None:

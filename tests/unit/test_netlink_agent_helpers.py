@@ -68,6 +68,13 @@ def test_a_reconnect_refuses_an_export_that_changed():
         attach.check_unchanged(before, ExportInfo(10 << 20, TF.NBD_FLAG_READ_ONLY, None), target)
 
 
+def test_a_reconnect_refuses_a_server_that_lost_a_command_the_kernel_sends():
+    target = handshake.parse_uri("nbd://h/e")
+    before = ExportInfo(1 << 20, TF.NBD_FLAG_SEND_FLUSH | TF.NBD_FLAG_SEND_TRIM, None)
+    with pytest.raises(ExportChanged, match="NBD_FLAG_SEND_TRIM"):
+        attach.check_unchanged(before, ExportInfo(1 << 20, TF.NBD_FLAG_SEND_FLUSH, None), target)
+
+
 def test_adopted_sizes_compare_in_whole_sectors():
     # sysfs knows the size in 512-byte sectors only.
     target = handshake.parse_uri("nbd://h/e")
