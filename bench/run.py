@@ -149,6 +149,8 @@ def run_rounds(
     for r in range(args.rounds):
         # Rotate the order every round: drift in the machine's load then hits every server.
         rotated = order[r % len(order) :] + order[: r % len(order)] if order else []
+        # The 1-minute load average at each round's start: how busy the shared machine was.
+        results.meta.setdefault("loadavg_rounds", []).append(round(os.getloadavg()[0], 2))
         for w in args.workload_list:
             for name in rotated:
                 cell = results.cell(w.name, name)
