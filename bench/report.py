@@ -21,7 +21,7 @@ RSS_TARGET_KIB = 80 * 1024
 CPU_TITLE = "server CPU (median, 100% = one core) and spread of its figures ((max-min)/median):"
 # What a Markdown export states about its run, so a pasted table keeps its context.
 META_FACTS = ("date", "commit", "nbdserver_commit", "nbdserver_uncommitted", "rounds", "runtime",
-              "image_size", "cpus", "loadavg_start", "loadavg_end")  # fmt: skip
+              "image_size", "cpus", "loadavg_start", "loadavg_rounds", "loadavg_end")  # fmt: skip
 
 
 @dataclass
