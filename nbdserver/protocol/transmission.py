@@ -86,15 +86,14 @@ class RequestValidator:
     """
 
     __slots__ = (
-        "_allowed",
-        "_avail",
         "_big_read",
         "_extended",
         "_mask",
         "_max_payload",
-        "_required",
+        "_normal_table",
+        "_shutdown_table",
+        "_table",
         "header_size",
-        "shutting_down",
         "size",
         "skip_limit",
         "unpack",
@@ -111,7 +110,6 @@ class RequestValidator:
         self._mask = export.minimum_block - 1
         self._max_payload = export.maximum_payload
         self.skip_limit = max(skip_limit or DEFAULT_SKIP_LIMIT, export.maximum_payload)
-        self.shutting_down = False
         self._extended = extended
         self.header_size = wire.EXTENDED_REQUEST_SIZE if extended else wire.REQUEST_SIZE
         self.unpack = wire.unpack_extended_request if extended else wire.unpack_request
@@ -128,8 +126,6 @@ class RequestValidator:
         required = [0] * _NCOMMANDS
         if extended:
             required[WRITE] = PAYLOAD_LEN
-        self._allowed = allowed
-        self._required = required
 
         ro = tflags & TF.NBD_FLAG_READ_ONLY
         avail = [0] * _NCOMMANDS
@@ -146,7 +142,16 @@ class RequestValidator:
             avail[CACHE] = EINVAL
         if not (structured and negotiated.meta_contexts):
             avail[BLOCK_STATUS] = EINVAL
-        self._avail = avail
+        avail[DISC] = -1
+        # bits of (flags XOR required) must all lie in (allowed minus required)
+        self._normal_table = tuple(
+            (avail[c], required[c], 0xFFFF & ~(allowed[c] & ~required[c]))
+            for c in range(_NCOMMANDS)
+        )
+        self._shutdown_table = tuple(
+            (-1 if c == DISC else ESHUTDOWN, 0, 0) for c in range(_NCOMMANDS)
+        )
+        self._table = self._normal_table
 
     def payload_length(self, flags: int, cmd: int, length: int) -> int:
         """Bytes of payload that follow this header (to read, or to discard on error).
@@ -165,17 +170,12 @@ class RequestValidator:
         """Return 0 when the request may go to the backend, else the NBD errno to reply with."""
         if cmd >= _NCOMMANDS:
             return EINVAL
-        if cmd == DISC:
-            return 0  # never answered: the edge finishes in-flight requests and closes
-        if self.shutting_down:
-            return ESHUTDOWN
-        err = self._avail[cmd]
+        # One row per command: (errno or DISC's -1, required flags, forbidden flag bits).
+        err, req, bad = self._table[cmd]
         if err:
-            return err
-        # One test covers both "unknown/unnegotiated flag" and "required flag missing": the
-        # bits of (flags XOR required) must all lie in (allowed minus required).
-        req = self._required[cmd]
-        if (flags ^ req) & ~(self._allowed[cmd] & ~req):
+            return 0 if err < 0 else err  # DISC is never answered: the edge closes
+        # One test covers both "unknown/unnegotiated flag" and "required flag missing".
+        if (flags ^ req) & bad:
             return EINVAL
         if cmd == FLUSH:
             return EINVAL if offset or length else 0
@@ -186,6 +186,15 @@ class RequestValidator:
         if offset + length > self.size:
             return ENOSPC if cmd in (WRITE, WRITE_ZEROES) else EINVAL
         return 0
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._table is self._shutdown_table
+
+    @shutting_down.setter
+    def shutting_down(self, value: bool) -> None:
+        """Once set, every request but DISC gets ESHUTDOWN (a table swap: free per request)."""
+        self._table = self._shutdown_table if value else self._normal_table
 
 
 class ExtentLike(Protocol):
