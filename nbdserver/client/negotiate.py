@@ -287,6 +287,7 @@ def list_exports(
             elif rtype == OptionReply.NBD_REP_ACK:
                 break
             elif is_error(rtype):
+                _soft_disconnect(opts)
                 raise option_error(Option.NBD_OPT_LIST, rtype, data)
             else:
                 raise NBDProtocolError(f"unexpected reply {rtype:#x} to NBD_OPT_LIST")

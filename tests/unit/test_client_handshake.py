@@ -63,11 +63,14 @@ class Peer:
         return self.result
 
 
-def run_machine(tls: str = "off", server_ctx: ssl.SSLContext | None = None):  # type: ignore[no-untyped-def]
+def run_machine(  # type: ignore[no-untyped-def]
+    tls: str = "off", server_ctx: ssl.SSLContext | None = None, listing: bool = True
+):
     """A script: drive ServerHandshake, then echo 4 bytes to prove stream positioning."""
 
     def script(conn: socket.socket) -> object:
-        hs = ServerHandshake(EXPORTS.get, lambda: [DISK], tls=tls)  # type: ignore[arg-type]
+        lister = (lambda: [DISK]) if listing else None
+        hs = ServerHandshake(EXPORTS.get, lister, tls=tls)  # type: ignore[arg-type]
         sock = conn
         while True:
             event = hs.next_event()
@@ -232,6 +235,15 @@ def test_list_exports_then_abort(peer) -> None:  # type: ignore[no-untyped-def]
     p = peer(run_machine())
     assert client.list_exports(p.uri) == [("disk", "the disk")]
     assert type(p.finish()).__name__ == "Aborted"
+
+
+def test_a_refusing_server_raises_server_refused_with_its_message(peer) -> None:  # type: ignore[no-untyped-def]
+    p = peer(run_machine(listing=False))
+    with pytest.raises(
+        client.NBDServerRefused, match="NBD_REP_ERR_POLICY: listing exports is disabled"
+    ):
+        client.list_exports(p.uri)
+    assert type(p.finish()).__name__ == "Aborted"  # a soft disconnect after the error
 
 
 @pytest.mark.parametrize(
