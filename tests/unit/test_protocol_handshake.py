@@ -185,6 +185,12 @@ def test_go_replies_info_export_name_description_block_size_then_ack() -> None:
     assert not event.structured_replies and event.meta_contexts == ()
 
 
+def test_no_padding_after_go_even_without_no_zeroes() -> None:
+    event, out = step(started(client_flags=1), opt(7, go_data("disk")) + b"NEXT")
+    assert isinstance(event, Negotiated) and event.leftover == b"NEXT"
+    assert out.endswith(rep(7, INFO, block_size(DISK)) + rep(7, ACK))
+
+
 def test_info_and_go_agree_and_info_stays_in_negotiation() -> None:
     hs = started()
     event, info = step(hs, opt(6, go_data("disk", 3)))
