@@ -101,6 +101,10 @@ def server_args(
         args += ["--size", str(spec.size_bytes)]
     if spec.read_only:
         args.append("--read-only")
+    elif spec.access_mode == "ReadWriteOnce":
+        # The agents' writer Lease is the gate; the server refusing a second writing host is
+        # the second line (a stale node that never released its attachment).
+        args.append("--single-writer")
     if cow_dir is not None:
         args += ["--copy-on-write", "--cow-dir", cow_dir]
     if spec.tls is not None:

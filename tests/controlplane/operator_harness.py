@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import datetime
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -108,10 +108,9 @@ class FakeApiServer(kmock.KubernetesEmulator):
             plural = request.resource.plural or ""
             old = self.current(plural, request.namespace, request.name or "") or {}
             have = old.get("metadata", {}).get("resourceVersion")
-            for op in data:
-                if op.get("op") == "test" and op.get("path") == "/metadata/resourceVersion":
-                    if op.get("value") != have:
-                        raise kmock.KubernetesError(422, "Invalid", "resourceVersion changed")
+            rv_tests = [op for op in data if op.get("path") == "/metadata/resourceVersion"]
+            if any(op.get("op") == "test" and op.get("value") != have for op in rv_tests):
+                raise kmock.KubernetesError(422, "Invalid", "resourceVersion changed")
             self._version += 1
             value = str(self._version)
             data.append({"op": "add", "path": "/metadata/resourceVersion", "value": value})
@@ -134,13 +133,13 @@ class FakeApiServer(kmock.KubernetesEmulator):
             elif request.action == kmock.action.UPDATE and request.subresource is None:
                 # A real API server bumps generation when, and only when, the spec changes.
                 plural = request.resource.plural or ""
-                old = self.current(plural, request.namespace, request.name or "")
+                before = self.current(plural, request.namespace, request.name or "")
                 if (
-                    old is not None
+                    before is not None
                     and "spec" in data
-                    and not _contains(old.get("spec"), data["spec"])
+                    and not _contains(before.get("spec"), data["spec"])
                 ):
-                    generation = int(old.get("metadata", {}).get("generation", 1)) + 1
+                    generation = int(before.get("metadata", {}).get("generation", 1)) + 1
                     data.setdefault("metadata", {})["generation"] = generation
         try:
             return await super()._handle(request)
@@ -153,7 +152,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
         # Read the version first: the snapshot may then be newer, and the watch resumed from
         # this version repeats an event or two (at least once), but never misses one.
         version = str(self._version)
-        result = await super()._serve_list(request)
+        result: dict[str, Any] = dict(await super()._serve_list(request))  # type: ignore[arg-type]
         result["metadata"] = {"resourceVersion": version}
         return result
 
@@ -223,7 +222,7 @@ async def api_server() -> AsyncIterator[tuple[FakeApiServer, Kube]]:
     # otherwise kopf's shutdown waits 5 s for the emulator's abandoned watch streams. (It counts
     # every task started after it as its own, so the test's client keeps no idle connections.)
     http = functools.partial(aiohttp.test_utils.RawTestServer, handler_cancellation=True)
-    async with FakeApiServer() as server, kmock.Server(server, server_cls=http):
+    async with FakeApiServer() as server, kmock.Server(server, server_cls=http):  # type: ignore[arg-type]
         client = Kube(kopf.ConnectionInfo(server=str(server.url).rstrip("/")), keepalive=False)
         try:
             yield server, client

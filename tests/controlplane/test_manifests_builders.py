@@ -116,7 +116,8 @@ def test_a_memory_export_runs_nonroot_with_a_sized_tmpfs_image() -> None:
     assert container["image"] == "registry.example/kube-nbd:test"
     assert container["command"] == ["nbdserver"]
     assert container["args"] == [
-        "serve", "/scratch/disk.img", "--name", "disk", "--port", "10809", "--size", str(512 * 2**20)
+        "serve", "/scratch/disk.img", "--name", "disk", "--port", "10809",
+        "--size", str(512 * 2**20), "--single-writer",
     ]  # fmt: skip
     assert container["readinessProbe"]["tcpSocket"] == {"port": "nbd"}
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
@@ -165,7 +166,8 @@ def test_every_spec_option_reaches_the_server_command_line() -> None:
     container = pod["containers"][0]
     assert container["args"] == [
         "serve", "/data/disk.img", "--name", "disk", "--port", "10809", "--read-only",
-        "--tls", "require", "--tls-cert", "/etc/nbd/tls/tls.crt", "--tls-key", "/etc/nbd/tls/tls.key",
+        "--tls", "require",
+        "--tls-cert", "/etc/nbd/tls/tls.crt", "--tls-key", "/etc/nbd/tls/tls.key",
         "--tls-ca", "/etc/nbd/tls/ca.crt",
         "--allow", "10.0.0.0/8", "--allow", "fd00::/8",
         "--connections", "8", "--qos-read-bps", "1000", "--qos-write-iops", "50",

@@ -77,14 +77,18 @@ async def test_a_claim_template_waits_for_binding_then_grows_and_refuses_to_shri
     spec = {"source": {"volumeClaimTemplate": {"volumeMode": "Block"}}, "size": "1Gi"}
     async with api_server() as (server, client), running_operator(server):
         await client.create(export("vol", spec))
-        claim = await server.wait_for(lambda: server.current("persistentvolumeclaims", NS, "vol-nbd-data"))
+        claim = await server.wait_for(
+            lambda: server.current("persistentvolumeclaims", NS, "vol-nbd-data")
+        )
         assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
         await server.wait_for(lambda: server.current("deployments", NS, "vol-nbd"))
         await mark_available(client, "vol-nbd")
         obj = await server.wait_for(
-            lambda: (o := phase_is(server, "vol", "Provisioning"))
-            and condition(o, "ServerAvailable")["status"] == "True"
-            and o
+            lambda: (
+                (o := phase_is(server, "vol", "Provisioning"))
+                and condition(o, "ServerAvailable")["status"] == "True"
+                and o
+            )
         )
         assert condition(obj, "SourceBound")["reason"] == "ClaimPending"
 
@@ -94,16 +98,20 @@ async def test_a_claim_template_waits_for_binding_then_grows_and_refuses_to_shri
         # Growth: the claim is asked for more, the status reports the new size.
         await client.patch("NBDExport", NS, "vol", {"spec": {"size": "2Gi"}})
         await server.wait_for(
-            lambda: (server.current("persistentvolumeclaims", NS, "vol-nbd-data") or {})["spec"][
-                "resources"
-            ]["requests"]["storage"]
-            == "2Gi"
+            lambda: (
+                (server.current("persistentvolumeclaims", NS, "vol-nbd-data") or {})["spec"][
+                    "resources"
+                ]["requests"]["storage"]
+                == "2Gi"
+            )
         )
         grown = await server.wait_for(
-            lambda: (o := server.current("nbdexports", NS, "vol"))
-            and o["status"].get("sizeBytes") == 2 * GiB
-            and o["status"].get("observedGeneration") == o["metadata"]["generation"]
-            and o
+            lambda: (
+                (o := server.current("nbdexports", NS, "vol"))
+                and o["status"].get("sizeBytes") == 2 * GiB
+                and o["status"].get("observedGeneration") == o["metadata"]["generation"]
+                and o
+            )
         )
         assert grown["metadata"]["generation"] == 2
         await server.wait_for(lambda: events(server, "ClaimResizing"))
@@ -111,9 +119,11 @@ async def test_a_claim_template_waits_for_binding_then_grows_and_refuses_to_shri
         # Shrink: refused with a condition and an Event; the served size stays.
         await client.patch("NBDExport", NS, "vol", {"spec": {"size": "1Gi"}})
         refused = await server.wait_for(
-            lambda: (o := server.current("nbdexports", NS, "vol"))
-            and condition(o, "SpecValid").get("reason") == "ShrinkRefused"
-            and o
+            lambda: (
+                (o := server.current("nbdexports", NS, "vol"))
+                and condition(o, "SpecValid").get("reason") == "ShrinkRefused"
+                and o
+            )
         )
         assert refused["status"]["sizeBytes"] == 2 * GiB
         assert condition(refused, "SpecValid")["status"] == "False"
@@ -136,14 +146,18 @@ async def test_spec_changes_roll_the_server_with_the_new_command_line() -> None:
         args = args_of(server, "roll")
         assert args[args.index("--size") + 1] == str(128 * 2**20)
         assert args[args.index("--allow") + 1] == "10.1.0.0/16"
-        policy = await server.wait_for(lambda: server.current("networkpolicies", NS, "roll-nbd-clients"))
+        policy = await server.wait_for(
+            lambda: server.current("networkpolicies", NS, "roll-nbd-clients")
+        )
         assert policy["spec"]["ingress"][0]["from"] == [{"ipBlock": {"cidr": "10.1.0.0/16"}}]
         dep = server.current("deployments", NS, "roll-nbd") or {}
         assert dep["metadata"]["generation"] == 2  # one rollout, not one per field
 
         # Dropping allowedClients removes the policy: every client may connect again.
         await client.patch("NBDExport", NS, "roll", {"spec": {"allowedClients": None}})
-        await server.wait_for(lambda: server.current("networkpolicies", NS, "roll-nbd-clients") is None)
+        await server.wait_for(
+            lambda: server.current("networkpolicies", NS, "roll-nbd-clients") is None
+        )
 
 
 async def test_deletion_removes_the_children_and_the_claim_it_created() -> None:
@@ -151,7 +165,9 @@ async def test_deletion_removes_the_children_and_the_claim_it_created() -> None:
     async with api_server() as (server, client), running_operator(server):
         await client.create(export("gone", spec))
         await server.wait_for(lambda: server.current("networkpolicies", NS, "gone-nbd-clients"))
-        await server.wait_for(lambda: (server.current("nbdexports", NS, "gone") or {}).get("status"))
+        await server.wait_for(
+            lambda: (server.current("nbdexports", NS, "gone") or {}).get("status")
+        )
         await client.delete("NBDExport", NS, "gone")
         await server.wait_for(lambda: server.current("nbdexports", NS, "gone") is None)
         assert server.current("deployments", NS, "gone-nbd") is None
@@ -165,7 +181,9 @@ async def test_a_retained_claim_outlives_its_export_without_an_owner() -> None:
     async with api_server() as (server, client), running_operator(server):
         await client.create(export("keep", spec))
         await server.wait_for(lambda: server.current("persistentvolumeclaims", NS, "keep-nbd-data"))
-        await server.wait_for(lambda: (server.current("nbdexports", NS, "keep") or {}).get("status"))
+        await server.wait_for(
+            lambda: (server.current("nbdexports", NS, "keep") or {}).get("status")
+        )
         await client.delete("NBDExport", NS, "keep")
         await server.wait_for(lambda: server.current("nbdexports", NS, "keep") is None)
         claim = server.current("persistentvolumeclaims", NS, "keep-nbd-data")
@@ -186,18 +204,26 @@ async def test_deletion_waits_while_a_node_has_the_export_attached() -> None:
         lease = nbd_api.attachment_lease(NS, "busy", "node-a", "/dev/nbd3", "ReadWrite")
         await client.create(lease)
         obj = await server.wait_for(
-            lambda: (o := server.current("nbdexports", NS, "busy"))
-            and o["status"].get("attachmentCount") == 1
-            and o
+            lambda: (
+                (o := server.current("nbdexports", NS, "busy"))
+                and o["status"].get("attachmentCount") == 1
+                and o
+            )
         )
         entry = obj["status"]["attachments"][0]
-        assert (entry["nodeName"], entry["device"], entry["mode"]) == ("node-a", "/dev/nbd3", "ReadWrite")
+        assert (entry["nodeName"], entry["device"], entry["mode"]) == (
+            "node-a",
+            "/dev/nbd3",
+            "ReadWrite",
+        )
 
         await client.delete("NBDExport", NS, "busy")
         blocked = await server.wait_for(
-            lambda: (o := phase_is(server, "busy", "Terminating"))
-            and condition(o, "Ready").get("reason") == "DetachPending"
-            and o
+            lambda: (
+                (o := phase_is(server, "busy", "Terminating"))
+                and condition(o, "Ready").get("reason") == "DetachPending"
+                and o
+            )
         )
         assert "node-a" in blocked["status"]["message"]
         await server.wait_for(lambda: events(server, "DeletionBlocked"))
