@@ -57,10 +57,10 @@ LABEL org.opencontainers.image.title="kube-nbd" \
       org.opencontainers.image.documentation="https://github.com/kube-nbd/kube-nbd/blob/main/docs/quickstart.md"
 
 # Node tools the agent runs on the host's block devices: mkfs.ext4 (e2fsprogs), mkfs.xfs
-# (xfsprogs), modprobe for the nbd module (kmod). blkid, mount and umount come from util-linux and
-# mount, which are Essential/required in every Debian image and are deliberately not pinned
-# here: pinning an Essential package breaks the build as soon as a point release updates it in
-# the base image. The smoke test at the end proves every tool is present.
+# (xfsprogs), modprobe for the nbd module (kmod). blkid, blockdev, mount and umount come from
+# util-linux and mount, which are Essential/required in every Debian image and are deliberately
+# not pinned here: pinning an Essential package breaks the build as soon as a point release
+# updates it in the base image. The smoke test at the end proves every tool is present.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         e2fsprogs=1.47.0-2+b2 \
@@ -85,7 +85,7 @@ RUN groupadd --system --gid 65532 kube-nbd \
 RUN nbdserver --help >/dev/null \
     && nbd-agent --help >/dev/null \
     && nbd-operator --help >/dev/null \
-    && command -v mkfs.ext4 mkfs.xfs blkid mount umount modprobe >/dev/null
+    && command -v mkfs.ext4 mkfs.xfs blkid blockdev mount umount modprobe >/dev/null
 
 USER 65532:65532
 WORKDIR /

@@ -27,6 +27,7 @@ NODE_TOOLS = {
     "mkfs.ext4": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
     "blkid": "util-linux",
+    "blockdev": "util-linux",
     "mount": "mount",
     "umount": "mount",
     "modprobe": "kmod",
