@@ -92,14 +92,12 @@ class ExportStatus:
 
     @property
     def usable(self) -> bool:
-        """True when a node may connect: Ready, with a URI and a size, for the current spec."""
-        return (
-            self.ready
-            and self.phase == "Ready"
-            and bool(self.uri)
-            and self.size_bytes is not None
-            and self.current
-        )
+        """True when a node may connect: Ready, with a URI, for the current spec.
+
+        ``size_bytes`` may be None (a host device or a raw claim whose size only the server
+        knows); the NBD handshake reports the real size either way.
+        """
+        return self.ready and self.phase == "Ready" and bool(self.uri) and self.current
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> ExportStatus:

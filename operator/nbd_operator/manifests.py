@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbd_api import API_VERSION, KIND, NBD_PORT
+from nbd_api import API_VERSION, KIND, NBD_PORT, parse_quantity
 
 from nbd_operator.config import OperatorConfig
 from nbd_operator.spec import (
@@ -196,6 +196,20 @@ def _security(spec_uid: int, b: _Backing) -> tuple[dict[str, Any], dict[str, Any
     return pod, container
 
 
+def _resources(spec: ExportSpec, config: OperatorConfig) -> dict[str, Any]:
+    """The server's resources; a memory export's tmpfs pages count against its memory, so the
+    default request and limit grow by the export's size (an explicit spec.server wins)."""
+    if spec.server.resources:
+        return dict(spec.server.resources)
+    resources = {k: dict(v) for k, v in config.server_resources.items()}
+    if spec.source_kind == "memory" and spec.size_bytes is not None:
+        for kind in ("requests", "limits"):
+            base = resources.setdefault(kind, {}).get("memory")
+            extra = parse_quantity(base) if base is not None else 0
+            resources[kind]["memory"] = quantity(spec.size_bytes + extra)
+    return resources
+
+
 def deployment(
     spec: ExportSpec, config: OperatorConfig, base: ExportSpec | None = None
 ) -> dict[str, Any]:
@@ -236,7 +250,7 @@ def deployment(
             "periodSeconds": 5,
             "failureThreshold": 3,
         },
-        "resources": dict(spec.server.resources or config.server_resources),
+        "resources": _resources(spec, config),
         "securityContext": container_security,
         "volumeMounts": b.mounts,
     }

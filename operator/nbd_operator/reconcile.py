@@ -24,7 +24,7 @@ from nbd_api import parse_quantity as _parse_quantity
 
 from nbd_operator import manifests
 from nbd_operator.config import OperatorConfig
-from nbd_operator.kube import Kube, NotFound
+from nbd_operator.kube import Kube, KubeError, NotFound
 from nbd_operator.spec import ExportSpec, SpecError, claim_name, parse_spec, policy_name
 from nbd_operator.spec import server_name as _server_name
 from nbd_operator.status import Observed, Problem, compute_status
@@ -239,7 +239,12 @@ async def sync(ctx: Ctx, body: Mapping[str, Any]) -> dict[str, Any]:
         raise
     if a.refused is not None:
         _event(body, "Warning", a.refused[0], a.refused[1])
-    claim = await _apply(ctx, body, a)
+    try:
+        claim = await _apply(ctx, body, a)
+    except KubeError as exc:
+        # The API refused a child (quota, admission, an outage): say so; kopf retries.
+        _event(body, "Warning", "ApplyFailed", f"could not apply the server's objects: {exc}")
+        raise
     return await write_status(
         ctx, body, spec=a.spec, claim=claim, refused=a.refused, served_size=a.served_size
     )

@@ -124,6 +124,8 @@ def compute_status(obs: Observed, now: str) -> dict[str, Any]:
 
     if obs.deletion_blocked is not None:
         ready_reason, ready_msg = obs.deletion_blocked
+    elif obs.deleting:
+        ready_reason, ready_msg = "Terminating", "the export is being deleted"
     elif ready:
         ready_reason, ready_msg = "Ready", "the export is being served"
     elif not source_ok:
@@ -148,7 +150,7 @@ def compute_status(obs: Observed, now: str) -> dict[str, Any]:
         _condition(COND_SERVER_AVAILABLE, server_ok, server_reason, server_msg, obs, now),
         _condition(COND_SPEC_VALID, valid_ok, valid_reason, valid_msg, obs, now),
     ]
-    message = ready_msg if ready or obs.refused is None else f"{ready_msg}; {obs.refused[1]}"
+    message = ready_msg if obs.refused is None else f"{ready_msg}; {obs.refused[1]}"
     status: dict[str, Any] = {
         "phase": phase,
         "message": message,

@@ -65,6 +65,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.changed = asyncio.Condition()
         self._version = 0
+        self._failures: dict[tuple[str, str], int] = {}
         self._history: list[tuple[int, Any, dict[str, Any]]] = []
         server = self
 
@@ -100,7 +101,17 @@ class FakeApiServer(kmock.KubernetesEmulator):
             if res.plural == plural and (namespace is None or ns == namespace) and not obj.deleted
         ]
 
+    def fail(self, method: str, plural: str, times: int = 1) -> None:
+        """Make the next ``times`` such requests fail with HTTP 500 (nothing is stored)."""
+        self._failures[(method.upper(), plural)] = times
+
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        key = (str(request.method.value if request.method else ""), "")
+        if request.resource is not None:
+            key = (key[0], request.resource.plural or "")
+        if self._failures.get(key, 0) > 0:
+            self._failures[key] -= 1
+            raise kmock.KubernetesError(500, "InternalError", "injected by the test")
         data = request.data
         if request.resource is not None and isinstance(data, list):
             # A JSON patch (kopf's, with a resourceVersion "test" op). A failed test is HTTP 422

@@ -120,6 +120,11 @@ def test_a_memory_export_runs_nonroot_with_a_sized_tmpfs_image() -> None:
         "--size", str(512 * 2**20), "--single-writer",
     ]  # fmt: skip
     assert container["readinessProbe"]["tcpSocket"] == {"port": "nbd"}
+    # tmpfs pages count against the pod's memory: the default request and limit grow by the size.
+    assert container["resources"] == {
+        "requests": {"cpu": "50m", "memory": "576Mi"},
+        "limits": {"memory": "1Gi"},
+    }
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert pod["volumes"][0] == {
         "name": "data",

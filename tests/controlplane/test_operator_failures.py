@@ -185,3 +185,26 @@ async def test_an_invalid_spec_that_slipped_past_the_schema_fails_permanently() 
         # Fixing the spec is an update: the operator serves it.
         await client.patch("NBDExport", NS, "nosize", {"spec": {"size": "1Gi"}})
         await server.wait_for(lambda: server.current("deployments", NS, "nosize-nbd"))
+
+
+async def test_an_api_failure_is_reported_and_retried_until_it_passes() -> None:
+    async with api_server() as (server, client), running_operator(server):
+        server.fail("POST", "deployments", times=2)
+        await client.create(export("flaky", {"source": {"memory": {}}, "size": "1Gi"}))
+        await server.wait_for(lambda: server.current("deployments", NS, "flaky-nbd"))
+        failures = [e for e in server.all("events", NS) if e.get("reason") == "ApplyFailed"]
+        assert len(failures) == 2
+        assert "HTTP 500" in failures[0]["message"]
+
+
+async def test_a_restarted_operator_resumes_and_repairs_what_changed_meanwhile() -> None:
+    async with api_server() as (server, client):
+        async with running_operator(server):
+            await client.create(export("resume", {"source": {"memory": {}}, "size": "1Gi"}))
+            first = await server.wait_for(lambda: server.current("deployments", NS, "resume-nbd"))
+        # While no operator runs, someone deletes the server.
+        await client.delete("Deployment", NS, "resume-nbd")
+        assert server.current("deployments", NS, "resume-nbd") is None
+        async with running_operator(server):
+            again = await server.wait_for(lambda: server.current("deployments", NS, "resume-nbd"))
+        assert again["metadata"]["uid"] != first["metadata"]["uid"]
