@@ -164,6 +164,10 @@ def build_registry(
             except reconcile.ExportError as exc:
                 # Reported in status already; the export's own handler retries.
                 LOG.info("export %s/%s: %s", namespace, export_name, exc)
+            except KubeError as exc:
+                # Typically the export vanished between the read and the status write (its
+                # deletion just finished); its own handler owns any real failure.
+                LOG.info("export %s/%s: status not refreshed: %s", namespace, export_name, exc)
 
     async def child_changed(
         labels: Mapping[str, str], namespace: str | None, *, resync: bool = False

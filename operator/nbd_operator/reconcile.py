@@ -221,6 +221,8 @@ async def write_status(ctx: Ctx, body: Mapping[str, Any], **observed: Any) -> di
     )
     status = compute_status(obs, now())
     await ctx.kube.patch(KIND, ns, name, {"status": status}, subresource="status")
+    if status["phase"] == "Ready" and (body.get("status") or {}).get("phase") != "Ready":
+        _event(body, "Normal", "Ready", f"serving {status.get('uri')}")
     return status
 
 

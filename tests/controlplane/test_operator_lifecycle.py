@@ -71,6 +71,9 @@ async def test_a_memory_export_becomes_ready_once_its_server_is_available() -> N
         view = nbd_api.ExportStatus.from_object(obj)
         assert view.usable and view.size_bytes == GiB
         await server.wait_for(lambda: events(server, "ServerCreated"))
+        ready_event = (await server.wait_for(lambda: events(server, "Ready")))[0]
+        assert ready_event["message"] == f"serving {status['uri']}"
+        assert ready_event["involvedObject"]["uid"] == obj["metadata"]["uid"]
 
 
 async def test_a_claim_template_waits_for_binding_then_grows_and_refuses_to_shrink() -> None:
