@@ -52,6 +52,7 @@ _REQ_ONE = int(CommandFlag.NBD_CMD_FLAG_REQ_ONE)
 _EINVAL = 22
 
 RECV_BUFFER = 4 * 1024 * 1024  # holds many small requests or a few large writes
+RECV_CHUNK = 1024 * 1024 + 4096
 READ_ARENA = 4 * 1024 * 1024  # read replies of one batch
 IOV_LIMIT = 512  # stay well under IOV_MAX (1024) per sendmsg
 EARLY_SEND = 256 * 1024  # reads at least this large are sent without waiting for the batch
@@ -173,7 +174,8 @@ class Transmission:
                 end -= start
                 start = 0
             if need_recv:
-                n = sock.recv_into(mv[end:])
+                # At most RECV_CHUNK per call: payloads are written out while still in cache.
+                n = sock.recv_into(mv[end : end + RECV_CHUNK])
                 if not n:
                     if end > start:
                         return f"client closed the connection mid-request ({end - start} bytes)"
