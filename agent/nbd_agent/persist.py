@@ -28,7 +28,7 @@ from nbd_agent.devices import Backend
 from nbd_agent.errors import AgentError, NetlinkError
 from nbd_agent.handshake import ExportInfo, Target
 from nbd_agent.netlink import NbdNetlink
-from nbd_agent.reconnect import Reconnector
+from nbd_agent.reconnect import LinkState, Reconnector
 from nbd_agent.tlsproxy import TlsProxy
 from nbdserver.protocol.constants import TransmissionFlag
 
@@ -103,7 +103,10 @@ class Keeper:
         deadline = self.reconnector.next_deadline()
         wait = max_wait if deadline is None else max(0.0, min(max_wait, deadline - now))
         for index in self.listener.read(wait):
-            if self.reconnector.link_dead(index, self.clock()):
+            watch = self.reconnector.watches.get(index)
+            was_healthy = watch is not None and watch.state is LinkState.HEALTHY
+            # One LINK_DEAD per dead socket: a multi-connection device sends several.
+            if self.reconnector.link_dead(index, self.clock()) and was_healthy:
                 log.warning("/dev/nbd%d: link dead, reconnecting", index)
         for w in self.reconnector.due(self.clock()):
             self._attempt(w.index)

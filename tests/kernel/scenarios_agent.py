@@ -325,6 +325,46 @@ def reconnect(kind: str = "nbdserver") -> None:
     res["configured_at_end"] = guest.configured_devices()
     srv.stop()
     _tls_phase(res)
+    _multi_conn_phase(res)
+
+
+def _multi_conn_phase(res: Results) -> None:
+    """Phase 4: four connections die at once; all four are replaced (RECONFIGURE replaces one
+    dead socket per new fd, and more LINK_DEADs may arrive while the first attempt runs)."""
+    image = guest.make_image("mc.img", 32 * MiB)
+    port = guest.free_port()
+    srv = guest.server("nbdkit", image, port=port).start()
+    out: dict[str, object] = {}
+    log = open(guest.WORK / "agent4.log", "wb")  # noqa: SIM115
+    uri = f"nbd://127.0.0.1:{port}/"
+    a4 = subprocess.Popen(
+        [guest.PY, "-m", "nbd_agent.cli", "-v", "attach", "--persist", "--connections", "4", uri],
+        stdout=subprocess.PIPE,
+        stderr=log,
+    )
+    assert a4.stdout is not None
+    dev = a4.stdout.readline().decode().strip()
+    out["established_before"] = _established(port)
+    srv.kill()
+    wait_until(lambda: "link dead" in (guest.WORK / "agent4.log").read_text(), 10, "dead x4")
+    srv = guest.server("nbdkit", image, port=port).start()
+    out["io_flow_s"] = round(_io_flows(dev), 3)
+    pattern = os.urandom(8 * MiB)
+    (guest.SCRATCH / "mc.pattern").write_bytes(pattern)
+    # Large direct writes spread over every connection: a link left dead would fail them
+    # after its timeout, or hang them.
+    w = run(["dd", f"if={guest.SCRATCH / 'mc.pattern'}", f"of={dev}", "bs=1M", "oflag=direct"])
+    out["write_rc"] = w.returncode
+    wait_until(lambda: _established(port) == 4, 10, "four connections again")
+    out["established_after"] = _established(port)
+    a4.send_signal(signal.SIGTERM)
+    a4.wait(10)
+    log.close()
+    out["detach_rc"] = agent("detach", dev).returncode
+    out["in_image"] = image.read_bytes()[: 8 * MiB] == pattern
+    srv.stop()
+    out["log"] = (guest.WORK / "agent4.log").read_text()[-2000:]
+    res["multi_conn_reconnect"] = out
 
 
 def _tls_phase(res: Results) -> None:

@@ -7,6 +7,7 @@
    the server is killed again under a verifying randrw fio: zero errors again.
 3. An nbds:// export (nbdserver --tls require) through the agent's TLS bridge: data written,
    server killed and restarted, data read back through a new TLS session.
+4. A four-connection device whose server dies: all four links are replaced.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ def test_tls_export_goes_through_the_userspace_bridge_and_survives_a_crash(rec):
     assert out["read_back_rc"] == 0  # read through a new TLS session after the crash
     assert out["detach_rc"] == 0
     assert out["in_image"] is True
+    assert out["io_flow_s"] < 5.0
+
+
+def test_all_connections_of_a_multi_connection_device_come_back(rec):
+    out = _get(rec, "multi_conn_reconnect")
+    assert out["established_before"] == 4
+    assert out["established_after"] == 4
+    assert out["write_rc"] == 0 and out["in_image"] is True
+    assert out["detach_rc"] == 0
     assert out["io_flow_s"] < 5.0
 
 
