@@ -177,6 +177,8 @@ class Transmission:
                 # At most RECV_CHUNK per call: payloads are written out while still in cache.
                 n = sock.recv_into(mv[end : end + RECV_CHUNK])
                 if not n:
+                    if validator.shutting_down:
+                        return "server shutting down (requests received were answered)"
                     if end > start:
                         return f"client closed the connection mid-request ({end - start} bytes)"
                     return "client closed the connection without NBD_CMD_DISC"

@@ -239,6 +239,7 @@ def test_sigterm_with_writes_in_flight_loses_no_acknowledged_write(
         assert data[i * size : (i + 1) * size] == struct.pack(">I", i) * (size // 4), i
     text = srv.text()
     assert "received SIGTERM" in text and "stopped cleanly" in text
+    assert "ended after" in text and "server shutting down" in text
 
 
 def test_unix_socket_listener(nbdserver: NbdServerFactory, tmp_path: object) -> None:
