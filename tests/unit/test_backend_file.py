@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ def allocated(path: Path) -> int:
 
 
 @pytest.fixture(params=["tmp", "shm"])
-def image(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+def image(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB sparse file on the test's filesystem and on tmpfs (which lacks ZERO_RANGE)."""
     base = tmp_path if request.param == "tmp" else Path("/dev/shm")
     path = base / f"nbd-backend-{os.getpid()}-{request.node.name}.img"
