@@ -1,5 +1,5 @@
 """Devices survive server crashes and agent restarts without the consumer seeing an error
-(owner: agent engineer). One UML boot (scenarios_agent.reconnect) against nbdserver:
+(owner: agent engineer). One UML boot (scenarios_agent_reconnect.reconnect) against nbdserver:
 
 1. ``nbd-agent attach --persist`` + fio randwrite with crc32c verify; the server is SIGKILLed
    mid-workload and restarted: fio ends with zero errors and verified data.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.kernel import scenarios_agent
+from tests.kernel import scenarios_agent_reconnect
 from tests.kernel.guest import load_results
 from tests.kernel.uml import run_in_uml
 
@@ -22,7 +22,10 @@ from tests.kernel.uml import run_in_uml
 @pytest.fixture(scope="module")
 def rec(tmp_path_factory):
     result = run_in_uml(
-        scenarios_agent.reconnect, timeout=180, nbds_max=2, workdir=tmp_path_factory.mktemp("r")
+        scenarios_agent_reconnect.reconnect,
+        timeout=180,
+        nbds_max=2,
+        workdir=tmp_path_factory.mktemp("r"),
     )
     data = load_results(result.workdir)
     data["_uml"] = result
