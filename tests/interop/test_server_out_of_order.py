@@ -1,0 +1,91 @@
+"""Out-of-order replies on a real socket pair: a FLUSH that takes long does not hold back the
+reads behind it, and NBD_CMD_DISC still delivers the FLUSH's reply before the connection ends.
+
+The backend is a memory backend whose flush waits for the test's signal, so the ordering is
+forced, not hoped for; everything else (edge loop, validator, encoder, pool) is the real code.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from nbdserver.backends.memory import MemoryBackend
+from nbdserver.connection import export_info
+from nbdserver.edge_transmission import Transmission
+from nbdserver.exports import Export, ExportConfig
+from nbdserver.protocol import wire
+from nbdserver.protocol.constants import NBD_SIMPLE_REPLY_MAGIC, Command, TransmissionFlag
+from nbdserver.protocol.events import Negotiated
+from tests.interop.test_server_robustness import recv_exact
+
+
+class SlowFlush(MemoryBackend):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.release = threading.Event()
+        self.flushing = threading.Event()
+
+    def flush(self) -> None:
+        self.flushing.set()
+        assert self.release.wait(10)
+
+
+def serve(backend: MemoryBackend) -> tuple[socket.socket, threading.Thread, list[str]]:
+    export = Export(ExportConfig(name="", backend="memory", size=backend.size()), backend)
+    info = export_info(export)
+    negotiated = Negotiated(
+        export_name="",
+        export=info,
+        transmission_flags=info.flags | TransmissionFlag.NBD_FLAG_HAS_FLAGS,
+        structured_replies=False,
+        extended_headers=False,
+        meta_contexts=(),
+        block_size_requested=False,
+        tls=False,
+        via_go=True,
+    )
+    server_sock, client = socket.socketpair()
+    pool = ThreadPoolExecutor(2)
+    tx = Transmission(server_sock, export, negotiated, pool=pool)
+    reasons: list[str] = []
+
+    def run() -> None:
+        try:
+            reasons.append(tx.run())
+        finally:
+            server_sock.close()
+            pool.shutdown()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    client.settimeout(10)
+    return client, thread, reasons
+
+
+def reply(sock: socket.socket) -> tuple[int, int]:
+    magic, err, cookie = wire.SIMPLE_REPLY.unpack(recv_exact(sock, 16))
+    assert magic == NBD_SIMPLE_REPLY_MAGIC
+    return err, cookie
+
+
+def test_reads_pass_a_slow_flush_and_disc_waits_for_its_reply() -> None:
+    backend = SlowFlush(1 << 20)
+    backend.pwrite(b"r" * 512, 0, fua=False)
+    client, thread, reasons = serve(backend)
+    client.sendall(
+        wire.pack_request(0, Command.NBD_CMD_FLUSH, 1, 0, 0)
+        + wire.pack_request(0, Command.NBD_CMD_READ, 2, 0, 512)
+    )
+    assert backend.flushing.wait(10)
+    # The read is answered while the flush is still running.
+    assert reply(client) == (0, 2)
+    assert recv_exact(client, 512) == b"r" * 512
+    client.sendall(wire.pack_request(0, Command.NBD_CMD_DISC, 3, 0, 0))
+    backend.release.set()
+    assert reply(client) == (0, 1)  # the flush's reply comes before the close
+    assert client.recv(1) == b""
+    thread.join(10)
+    assert reasons == ["client sent NBD_CMD_DISC"]
+    client.close()
