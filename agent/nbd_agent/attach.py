@@ -110,9 +110,18 @@ def open_connections(
         raise
 
 
+def kernel_size_matches(kernel_bytes: int, export_size: int) -> bool:
+    """The kernel shows an export's size rounded down to whole sectors (older kernels: to whole
+    blocks, at most 4096 bytes)."""
+    return kernel_bytes % 512 == 0 and export_size - 4096 < kernel_bytes <= export_size
+
+
 def check_unchanged(before: ExportInfo, now: ExportInfo, target: Target) -> None:
-    # Compared in whole sectors: an adopted device only knows its size from sysfs.
-    if now.size // 512 != before.size // 512:
+    # An adopted device knows its size only as the kernel shows it.
+    same = (
+        kernel_size_matches(before.size, now.size) if before.from_sysfs else before.size == now.size
+    )
+    if not same:
         raise ExportChanged(
             f"{target.describe()}: size changed from {before.size} to {now.size} bytes"
         )
@@ -221,15 +230,15 @@ def connect_sockets(
 
 
 def verify(attachment: Attachment, deadline_s: float = 5.0) -> None:
-    """The kernel must show the export's size on the device (whole sectors)."""
-    want = attachment.info.size // 512 * 512
+    """The kernel must show the export's size on the device."""
+    want = attachment.info.size
     deadline = time.monotonic() + deadline_s
     while True:
         got = devices.describe(attachment.index, True).size_bytes
-        if got == want:
+        if kernel_size_matches(got, want):
             return
         if time.monotonic() > deadline:
-            raise AgentError(f"{attachment.device} shows {got} bytes, expected {want}")
+            raise AgentError(f"{attachment.device} shows {got} bytes, the export has {want}")
         time.sleep(0.02)  # sysfs has no change notification we could wait on here
 
 

@@ -53,6 +53,7 @@ class ExportInfo:
     size: int
     flags: int
     block_size: int | None  # the server's preferred block size, if the kernel accepts it
+    from_sysfs: bool = False  # size as the kernel shows it (adopted device), not the server
 
     @property
     def read_only(self) -> bool:

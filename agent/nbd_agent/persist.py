@@ -90,7 +90,7 @@ class Keeper:
                 log.warning("cannot adopt %s: %s", dev.path, exc)
                 continue
             flags = TransmissionFlag.NBD_FLAG_READ_ONLY if dev.read_only else 0
-            expected = ExportInfo(size=dev.size_bytes, flags=int(flags), block_size=None)
+            expected = ExportInfo(dev.size_bytes, int(flags), None, from_sysfs=True)
             self.kept[dev.index] = Kept(dev.index, target, backend, expected)
             self.reconnector.watch(dev.index, self.clock(), verify=verify)
             log.warning("adopted %s (%s)", dev.path, backend.uri)

@@ -76,6 +76,26 @@ def attach_matrix() -> None:
             res[f"{kind}_exception"] = repr(exc)
     _multi_conn(res)
     _read_only(res)
+    _odd_size(res)
+
+
+def _odd_size(res: Results) -> None:
+    """An export whose size is not a whole number of sectors: the kernel rounds it down."""
+    size = 8 * MiB + 1000
+    image = guest.make_image("odd.img", size)
+    srv = guest.server("nbdserver", image, name="odd").start()
+    try:
+        p = agent("attach", f"nbd://127.0.0.1:{srv.port}/odd")
+        dev = p.stdout.strip()
+        res["odd_size"] = {
+            "rc": p.returncode,
+            "err": p.stderr,
+            "export_size": size,
+            "device_size": guest.getsize64(dev) if p.returncode == 0 else None,
+            "detach_rc": agent("detach", dev).returncode if p.returncode == 0 else None,
+        }
+    finally:
+        srv.stop()
 
 
 def established_connections(port: int) -> int:

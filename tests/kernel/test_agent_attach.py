@@ -64,5 +64,13 @@ def test_a_read_only_export_gives_a_read_only_device(matrix):
     assert (out["rc"], out["getro"], out["detach_rc"]) == (0, "1", 0)
 
 
+def test_an_export_of_odd_size_attaches_with_the_size_rounded_down(matrix):
+    out = _ok(matrix, "odd_size")
+    assert out["rc"] == 0, out["err"]
+    assert out["export_size"] - 4096 < out["device_size"] <= out["export_size"]
+    assert out["device_size"] % 512 == 0
+    assert out["detach_rc"] == 0
+
+
 def test_the_guest_scenario_itself_succeeded(matrix):
     matrix["_uml"].check()

@@ -75,10 +75,19 @@ def test_a_reconnect_refuses_a_server_that_lost_a_command_the_kernel_sends():
         attach.check_unchanged(before, ExportInfo(1 << 20, TF.NBD_FLAG_SEND_FLUSH, None), target)
 
 
-def test_adopted_sizes_compare_in_whole_sectors():
-    # sysfs knows the size in 512-byte sectors only.
+def test_adopted_sizes_compare_with_the_kernels_rounding():
+    # sysfs shows whole sectors (older kernels: whole blocks); the server tells bytes.
     target = handshake.parse_uri("nbd://h/e")
-    attach.check_unchanged(ExportInfo(1024, 0, None), ExportInfo(1024 + 100, 0, None), target)
+    adopted = ExportInfo(1 << 20, 0, None, from_sysfs=True)
+    attach.check_unchanged(adopted, ExportInfo((1 << 20) + 1000, 0, None), target)
+    with pytest.raises(ExportChanged):
+        attach.check_unchanged(adopted, ExportInfo((1 << 20) + 8192, 0, None), target)
+    with pytest.raises(ExportChanged):
+        attach.check_unchanged(adopted, ExportInfo((1 << 20) - 512, 0, None), target)
+    # Two handshakes must agree exactly.
+    fresh = ExportInfo((1 << 20) + 1000, 0, None)
+    with pytest.raises(ExportChanged):
+        attach.check_unchanged(fresh, ExportInfo((1 << 20) + 1001, 0, None), target)
 
 
 @pytest.mark.parametrize("uri", ["http://h/e", "nbd:///e", "nbd+unix:///e", "nbd://h/e?x=1"])
