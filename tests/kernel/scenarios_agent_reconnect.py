@@ -211,9 +211,20 @@ def _tls_phase(res: Results) -> None:
     out["io_flow_s"] = round(_io_flows(dev), 3)
     r = run(["cmp", "-n", str(MiB), str(guest.SCRATCH / "pattern"), dev])
     out["read_back_rc"] = r.returncode
-    a3.send_signal(signal.SIGTERM)
+    # The agent dies: its TLS bridge dies with it, so the kernel's link is dead until a new
+    # agent adopts the device and builds a new bridge.
+    a3.send_signal(signal.SIGKILL)
     a3.wait(10)
     log.close()
+    log5 = open(guest.WORK / "agent5.log", "wb")  # noqa: SIM115
+    a5 = subprocess.Popen([guest.PY, "-m", "nbd_agent.cli", "-v", "watch"], stderr=log5)
+    wait_until(lambda: "reconnected" in (guest.WORK / "agent5.log").read_text(), 20, "TLS adopt")
+    r = run(["cmp", "-n", str(MiB), str(guest.SCRATCH / "pattern"), dev])
+    out["read_after_adoption_rc"] = r.returncode
+    a5.send_signal(signal.SIGTERM)
+    a5.wait(10)
+    log5.close()
+    out["adoption_log"] = (guest.WORK / "agent5.log").read_text()[-2000:]
     out["detach_rc"] = agent("detach", dev).returncode
     srv.stop()
     image_head = image.read_bytes()[:MiB]

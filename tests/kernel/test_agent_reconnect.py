@@ -6,7 +6,8 @@
 2. The agent is SIGKILLed; ``nbd-agent watch`` adopts the device (by its backend identifier);
    the server is killed again under a verifying randrw fio: zero errors again.
 3. An nbds:// export (nbdserver --tls require) through the agent's TLS bridge: data written,
-   server killed and restarted, data read back through a new TLS session.
+   server killed and restarted, data read back through a new TLS session; then the agent is
+   killed (its bridge with it) and a new one adopts the device through a new bridge.
 4. A four-connection device whose server dies: all four links are replaced.
 """
 
@@ -70,6 +71,9 @@ def test_tls_export_goes_through_the_userspace_bridge_and_survives_a_crash(rec):
     assert out["write_rc"] == 0
     assert "reconnected after" in out["log"]
     assert out["read_back_rc"] == 0  # read through a new TLS session after the crash
+    # After the agent (and with it the bridge) died, a new agent adopted it with a new bridge.
+    assert "adopted /dev/nbd" in out["adoption_log"]
+    assert out["read_after_adoption_rc"] == 0
     assert out["detach_rc"] == 0
     assert out["in_image"] is True
     assert out["io_flow_s"] < 5.0
