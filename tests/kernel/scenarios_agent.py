@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import time
 
 from tests.kernel import guest
-from tests.kernel.guest import Results, agent, run
+from tests.kernel.guest import Results, agent, run, wait_until
 
 MiB = 1 << 20
 SERVER_KINDS = ("nbdserver", "nbdkit", "qemu-nbd", "nbd-server")
@@ -77,6 +78,28 @@ def attach_matrix() -> None:
     _multi_conn(res)
     _read_only(res)
     _odd_size(res)
+    _unix_socket(res)
+
+
+def _unix_socket(res: Results) -> None:
+    """nbd+unix:// URIs: the kernel takes a unix stream socket as well as a TCP one."""
+    image = guest.make_image("unix.img", 8 * MiB)
+    path = guest.SCRATCH / "nbd.sock"
+    proc = subprocess.Popen(["nbdkit", "-f", "-U", str(path), "file", str(image)])
+    try:
+        wait_until(path.exists, 15, "nbdkit's unix socket")
+        p = agent("attach", f"nbd+unix:///?socket={path}")
+        dev = p.stdout.strip()
+        out: dict[str, object] = {"rc": p.returncode, "err": p.stderr}
+        if p.returncode == 0:
+            w = run(["dd", "if=/dev/urandom", f"of={dev}", "bs=1M", "count=2", "oflag=direct"])
+            out["dd_rc"] = w.returncode
+            out["cmp_rc"] = run(["cmp", "-n", str(2 * MiB), dev, str(image)]).returncode
+            out["detach_rc"] = agent("detach", dev).returncode
+        res["unix_socket"] = out
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def _odd_size(res: Results) -> None:

@@ -72,5 +72,11 @@ def test_an_export_of_odd_size_attaches_with_the_size_rounded_down(matrix):
     assert out["detach_rc"] == 0
 
 
+def test_nbd_unix_uri_attaches_over_a_unix_socket(matrix):
+    out = _ok(matrix, "unix_socket")
+    assert out["rc"] == 0, out["err"]
+    assert (out["dd_rc"], out["cmp_rc"], out["detach_rc"]) == (0, 0, 0)
+
+
 def test_the_guest_scenario_itself_succeeded(matrix):
     matrix["_uml"].check()
