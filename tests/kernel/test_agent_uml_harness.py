@@ -25,7 +25,7 @@ def test_a_hung_scenario_is_stopped_and_no_uml_process_is_left(uml):
     result = uml("echo started; exec sleep 1000", timeout=14, load_nbd=False)
     assert result.output.splitlines()[0] == "started"
     assert result.returncode == 137  # SIGKILL by the guest-side timeout
-    assert result.seconds < 14 + 6
+    assert result.seconds < 14 + 10  # the host-side deadline held (slack for a loaded host)
     # The guest's processes are host processes whose command lines name this run's init.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
     assert str(result.workdir / "init.sh") not in ps.stdout
