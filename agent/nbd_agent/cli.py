@@ -21,7 +21,7 @@ from typing import Any
 
 from nbd_agent.errors import AgentError
 
-# One line per subcommand. The CSI node plugin adds: "csi": "nbd_agent.csi.cli:add_parser".
+# One line per subcommand: name -> "module:function(subparsers)", imported when the CLI starts.
 SUBCOMMANDS: dict[str, str] = {
     "attach": "nbd_agent.cli:add_attach",
     "detach": "nbd_agent.cli:add_detach",
