@@ -68,6 +68,13 @@ def export_info(export: Export) -> ExportInfo:
     )
 
 
+def _shutdown(sock: socket.socket, how: int) -> None:
+    """Shut the descriptor down without touching TLS state. ``SSLSocket.shutdown`` would drop
+    its SSL object first, and the replies still owed to the client would then leave in clear
+    text; shutting the plain descriptor makes the TLS layer see EOF instead."""
+    socket.socket.shutdown(sock, how)
+
+
 class Connection:
     """Runs in its own thread (``run``); the server may call ``begin_shutdown`` from another."""
 
@@ -86,22 +93,27 @@ class Connection:
 
     # --- called from other threads -------------------------------------------------------------
     def begin_shutdown(self) -> None:
-        """Stop reading: a handshake is cut short; in transmission, requests already received
-        finish and are answered, later ones get ESHUTDOWN, then the connection closes."""
+        """A handshake is cut short. In transmission, requests already received finish and are
+        answered, later ones get ESHUTDOWN, and the connection closes once the client goes
+        quiet (an idle connection's recv is woken by shutting the read side)."""
         with self._lock:
             state, tx = self._state, self.transmission
         if state == _DONE:
             return
         if tx is not None:
             tx.begin_shutdown()
+            if state == _TRANSMISSION and not tx.waiting:
+                # Busy: the loop sees the flag before its next recv. Cutting the read side
+                # now could split a TLS record (the client would get a decode alert).
+                return
         how = socket.SHUT_RD if state == _TRANSMISSION else socket.SHUT_RDWR
         with contextlib.suppress(OSError):  # already gone
-            self.sock.shutdown(how)
+            _shutdown(self.sock, how)
 
     def abort(self) -> None:
         """Hard disconnect (used when a graceful stop overran its deadline)."""
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+            _shutdown(self.sock, socket.SHUT_RDWR)
 
     # --- the connection's own thread ---------------------------------------------------------
     def run(self) -> None:

@@ -53,6 +53,7 @@ _EINVAL = 22
 
 RECV_BUFFER = 4 * 1024 * 1024  # holds many small requests or a few large writes
 RECV_CHUNK = 1024 * 1024 + 4096
+SHUTDOWN_QUIET = 0.5  # seconds a stopping server waits for more requests (answered ESHUTDOWN)
 READ_ARENA = 4 * 1024 * 1024  # read replies of one batch
 IOV_LIMIT = 512  # stay well under IOV_MAX (1024) per sendmsg
 EARLY_SEND = 256 * 1024  # reads at least this large are sent without waiting for the batch
@@ -90,6 +91,7 @@ class Transmission:
         self._arena = bytearray(READ_ARENA)
         self._big: bytearray | None = None  # for payloads larger than the buffers
         self.requests = 0
+        self.waiting = False  # blocked in recv with no request in progress
         self._preload = b""
 
     def preload(self, data: bytes) -> None:
@@ -174,8 +176,19 @@ class Transmission:
                 end -= start
                 start = 0
             if need_recv:
-                # At most RECV_CHUNK per call: payloads are written out while still in cache.
-                n = sock.recv_into(mv[end : end + RECV_CHUNK])
+                # ``waiting`` is set before the shutdown flag is read: a concurrent
+                # begin_shutdown either sees it (and wakes this recv) or is seen here.
+                self.waiting = True
+                if validator.shutting_down:
+                    # Later requests get ESHUTDOWN (the client should then disconnect);
+                    # a client with nothing more to send is let go after a short pause.
+                    sock.settimeout(SHUTDOWN_QUIET)
+                try:
+                    # At most RECV_CHUNK per call: payloads are written out while cache-hot.
+                    n = sock.recv_into(mv[end : end + RECV_CHUNK])
+                except TimeoutError:
+                    n = 0
+                self.waiting = False
                 if not n:
                     if validator.shutting_down:
                         return "server shutting down (requests received were answered)"

@@ -262,3 +262,17 @@ def test_logs_say_who_connected_to_which_export_and_why_it_ended(
     srv.wait_log(rf"connection from 127\.0\.0\.1:{port}$")
     srv.wait_log(rf"127\.0\.0\.1:{port} attached to export 'logged'")
     srv.wait_log(rf"127\.0\.0\.1:{port} to export 'logged' ended .*NBD_CMD_DISC")
+
+
+def test_sigterm_lets_an_idle_connection_go_at_once(nbdserver: NbdServerFactory) -> None:
+    srv = nbdserver(size="1M")
+    idle = raw(srv)
+    in_handshake = socket.create_connection(("127.0.0.1", srv.port))
+    srv.wait_log("attached to export")
+    srv.proc.send_signal(signal.SIGTERM)
+    # well inside --shutdown-timeout (30 s): nobody waits for a client that says nothing
+    assert srv.proc.wait(10) == 0
+    assert closed_by_server(idle.sock, timeout=5)
+    assert closed_by_server(in_handshake, timeout=5)
+    idle.close()
+    in_handshake.close()
