@@ -134,7 +134,9 @@ def _run_watch(args: argparse.Namespace) -> int:
     return persist.watch_all(attach.AttachOptions())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (``only``) one that registers just that subcommand: a command
+    line names its subcommand, and importing the others (gRPC for csi) costs start-up time."""
     parser = argparse.ArgumentParser(
         prog="nbd-agent",
         description="Attach NBD exports to /dev/nbdN through the kernel's netlink interface, "
@@ -143,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log reconnects and more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, target in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            continue
         module, function = target.split(":")
         try:
             getattr(importlib.import_module(module), function)(sub)
@@ -157,8 +161,16 @@ def _unavailable(exc: Exception) -> int:
     return 2
 
 
+def _subcommand(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in SUBCOMMANDS else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(only=_subcommand(argv)).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s nbd-agent %(levelname)s %(message)s",

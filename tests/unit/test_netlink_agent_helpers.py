@@ -122,3 +122,16 @@ def test_a_subcommand_whose_module_is_missing_does_not_break_the_others(monkeypa
     assert parser.parse_args(["list"]).func
     assert cli.main(["csi"]) == 2
     assert "unavailable" in capsys.readouterr().err
+
+
+def test_a_plain_command_does_not_import_the_csi_plugin():
+    # Start-up time of `nbd-agent attach` matters (measured in bench/agent_attach.py).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from nbd_agent import cli; cli.build_parser(only='attach'); "
+        "print(any(m.startswith(('grpc', 'nbd_agent.csi')) for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
