@@ -18,6 +18,7 @@ Must not: parse handshake options, decide policy about exports, or map errors an
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -57,6 +58,14 @@ SHUTDOWN_QUIET = 0.5  # seconds a stopping server waits for more requests (answe
 READ_ARENA = 4 * 1024 * 1024  # read replies of one batch
 IOV_LIMIT = 512  # stay well under IOV_MAX (1024) per sendmsg
 EARLY_SEND = 256 * 1024  # reads at least this large are sent without waiting for the batch
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether a recv would find data within ``timeout`` (TLS may hold decrypted bytes)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    readable, _, _ = select.select([sock], [], [], timeout)
+    return bool(readable)
 
 
 class Transmission:
@@ -179,15 +188,13 @@ class Transmission:
                 # ``waiting`` is set before the shutdown flag is read: a concurrent
                 # begin_shutdown either sees it (and wakes this recv) or is seen here.
                 self.waiting = True
-                if validator.shutting_down:
-                    # Later requests get ESHUTDOWN (the client should then disconnect);
-                    # a client with nothing more to send is let go after a short pause.
-                    sock.settimeout(SHUTDOWN_QUIET)
-                try:
+                # Stopping: later requests get ESHUTDOWN (the client should then disconnect);
+                # a client with nothing more to send is let go after a short pause.
+                if validator.shutting_down and not _readable(sock, SHUTDOWN_QUIET):
+                    n = 0
+                else:
                     # At most RECV_CHUNK per call: payloads are written out while cache-hot.
                     n = sock.recv_into(mv[end : end + RECV_CHUNK])
-                except TimeoutError:
-                    n = 0
                 self.waiting = False
                 if not n:
                     if validator.shutting_down:
