@@ -120,6 +120,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise ConfigError("--no-tcp needs --unix")
     if args.handshake_timeout <= 0:
         raise ConfigError("--handshake-timeout must be positive")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a TCP port (0-65535)")
+    if args.workers < 1 or args.max_connections < 0 or args.connections < 0:
+        raise ConfigError("--workers must be at least 1; connection limits must not be negative")
     return ServerConfig(
         exports=exports,
         bind=args.bind,

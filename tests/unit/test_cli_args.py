@@ -117,3 +117,15 @@ def test_python_dash_m_runs_the_cli() -> None:
         timeout=30,
     )
     assert res.returncode == 0 and res.stdout.startswith("nbdserver ")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--port", "70000"], ["--port", "-1"], ["--workers", "0"], ["--max-connections", "-2"],
+     ["--handshake-timeout", "0"], ["--no-tcp"]],
+)  # fmt: skip
+def test_bad_numbers_exit_2_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]
+) -> None:
+    assert main(["serve", str(tmp_path / "x.img"), "--size", "1M", *extra]) == 2
+    assert capsys.readouterr().err.startswith("nbdserver: ")
