@@ -237,9 +237,11 @@ async def sync(ctx: Ctx, body: Mapping[str, Any]) -> dict[str, Any]:
     except InputMissing as exc:
         spec = _parse_or_none(body)
         await write_status(ctx, body, spec=spec, source_problem=(exc.reason, exc.message))
-        _event(body, "Warning", exc.reason, exc.message)
+        # kopf retries every few seconds; one Event per distinct problem, not one per retry.
+        if (body.get("status") or {}).get("message") != exc.message:
+            _event(body, "Warning", exc.reason, exc.message)
         raise
-    if a.refused is not None:
+    if a.refused is not None and a.refused[1] not in str((body.get("status") or {}).get("message")):
         _event(body, "Warning", a.refused[0], a.refused[1])
     try:
         claim = await _apply(ctx, body, a)

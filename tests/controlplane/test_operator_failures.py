@@ -30,6 +30,14 @@ def warned(server: FakeApiServer, reason: str) -> list[dict[str, Any]]:
     ]
 
 
+def status_writes(server: FakeApiServer, name: str) -> list[Any]:
+    return [
+        r
+        for r in list(server)
+        if r.subresource == "status" and r.name == name and str(r.method.value) == "PATCH"
+    ]
+
+
 async def test_a_missing_claim_fails_clearly_and_recovers_when_created() -> None:
     spec = {"source": {"persistentVolumeClaim": {"claimName": "images"}}, "size": "1Gi"}
     async with api_server() as (server, client), running_operator(server):
@@ -39,6 +47,8 @@ async def test_a_missing_claim_fails_clearly_and_recovers_when_created() -> None
         assert condition(obj, "Ready")["status"] == "False"
         assert server.current("deployments", NS, "fromclaim-nbd") is None
         await server.wait_for(lambda: warned(server, "ClaimNotFound"))
+        # kopf retries and fails the same way again (a second status write) ...
+        await server.wait_for(lambda: len(status_writes(server, "fromclaim")) >= 2)
 
         claim = {
             "apiVersion": "v1",
@@ -63,6 +73,11 @@ async def test_a_missing_claim_fails_clearly_and_recovers_when_created() -> None
             )
         )
         assert condition(ready, "SourceBound")["reason"] == "ClaimBound"
+        # ... without repeating the Event (Events are posted in order: ServerCreated came later).
+        await server.wait_for(
+            lambda: [e for e in server.all("events", NS) if e.get("reason") == "ServerCreated"]
+        )
+        assert len(warned(server, "ClaimNotFound")) == 1
 
 
 async def test_a_claim_of_the_wrong_volume_mode_is_reported() -> None:
