@@ -234,3 +234,22 @@ def test_nbdcopy_round_trip_keeps_the_checksum(nbdserver: NbdServerFactory, tmp_
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest
     assert srv.image is not None
     assert hashlib.sha256(srv.image.read_bytes()).hexdigest() == digest
+
+
+def test_nbdsh_requests_larger_than_the_buffers_round_trip(nbdserver: NbdServerFactory) -> None:
+    """16 MiB and 32 MiB (the advertised maximum) exceed the 4 MiB receive buffer and read
+    arena: they take the large-payload path in both directions."""
+    srv = nbdserver(size="64M")
+    nbdsh(
+        srv.uri,
+        """
+        import hashlib
+        big = bytes(range(256)) * (16 << 12)        # 16 MiB
+        h.pwrite(big, 3 << 20)
+        h.pwrite(b"\\xaa" * (32 << 20), 24 << 20)   # the maximum payload
+        assert hashlib.sha256(h.pread(16 << 20, 3 << 20)).digest() == hashlib.sha256(big).digest()
+        assert h.pread(32 << 20, 24 << 20) == b"\\xaa" * (32 << 20)
+        assert h.pread(4096, (3 << 20) - 4096) == bytes(4096)
+        h.shutdown()
+        """,
+    )
