@@ -90,8 +90,7 @@ class KernelAttacher:
                     keeper.keep(arg)
                 elif what == "forget":
                     assert isinstance(arg, int)
-                    keeper.kept.pop(arg, None)
-                    keeper.reconnector.forget(arg)
+                    keeper.forget(arg)  # also closes the device's TLS bridges
                 elif what == "adopt":
                     assert isinstance(arg, str)
                     keeper.adopt(uri=arg)
