@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import sys
 from collections.abc import Sequence
 
 import kopf
@@ -32,6 +34,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--server-image", help="image of the NBD server pods (env NBD_OPERATOR_SERVER_IMAGE)"
     )
     parser.add_argument(
+        "--server-metrics-port",
+        type=int,
+        metavar="PORT",
+        help="start every server with --metrics-port PORT, 0 for none "
+        "(env NBD_OPERATOR_SERVER_METRICS_PORT; default none)",
+    )
+    parser.add_argument(
         "--liveness",
         metavar="URL",
         help="serve kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
@@ -42,9 +51,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    config = OperatorConfig.from_env()
-    if args.server_image:
-        config = OperatorConfig(**{**config.__dict__, "server_image": args.server_image})
+    try:
+        config = OperatorConfig.from_env()
+        if args.server_image:
+            config = dataclasses.replace(config, server_image=args.server_image)
+        if args.server_metrics_port is not None:
+            port = args.server_metrics_port or None
+            config = dataclasses.replace(config, server_metrics_port=port)
+    except ValueError as exc:  # a bad setting stops the start with a clear line, exit 2
+        print(f"nbd-operator: {exc}", file=sys.stderr)
+        return 2
     kopf.configure(verbose=args.verbose)
     settings = kopf.OperatorSettings()
     configure_settings(settings)

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbd_api import NBD_PORT
+
 DEFAULT_SERVER_IMAGE = "ghcr.io/kube-nbd/kube-nbd:0.1.0"
 
 
@@ -36,6 +38,17 @@ class OperatorConfig:
     detach_poll_delay: float = 30.0
     # The uid/gid the server runs as when it needs no root (file-backed and memory sources).
     server_uid: int = 65532
+    # nbdserver's Prometheus endpoint in each server pod (--metrics-port, a container port
+    # named "metrics" that the chart's PodMonitor scrapes); None: no endpoint.
+    server_metrics_port: int | None = None
+    server_metrics_bind: str = "0.0.0.0"
+
+    def __post_init__(self) -> None:
+        port = self.server_metrics_port
+        if port is not None and not (0 < port < 65536 and port != NBD_PORT):
+            raise ValueError(
+                f"server metrics port {port} must be 1-65535 and not the NBD port {NBD_PORT}"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -50,4 +63,9 @@ class OperatorConfig:
             kwargs["retry_delay"] = float(delay)
         if delay := env.get("NBD_OPERATOR_DETACH_POLL_DELAY"):
             kwargs["detach_poll_delay"] = float(delay)
+        # Empty or 0 leaves the endpoint off (the chart's metrics.serverPort: 0).
+        if (port := env.get("NBD_OPERATOR_SERVER_METRICS_PORT", "").strip()) not in ("", "0"):
+            kwargs["server_metrics_port"] = int(port)
+        if bind := env.get("NBD_OPERATOR_SERVER_METRICS_BIND"):
+            kwargs["server_metrics_bind"] = bind
         return cls(**kwargs)

@@ -93,10 +93,19 @@ def persistent_volume_claim(spec: ExportSpec) -> dict[str, Any]:
 
 
 def server_args(
-    spec: ExportSpec, image: str, *, size: bool, client_ca: bool, cow_dir: str | None
+    spec: ExportSpec,
+    image: str,
+    *,
+    size: bool,
+    client_ca: bool,
+    cow_dir: str | None,
+    metrics: tuple[int, str] | None = None,
 ) -> list[str]:
-    """nbdserver's command line for this export (``nbdserver serve IMAGE --name NAME ...``)."""
+    """nbdserver's command line for this export (``nbdserver serve IMAGE --name NAME ...``);
+    ``metrics`` is (port, bind address) of its Prometheus endpoint."""
     args = ["serve", image, "--name", spec.name, "--port", str(NBD_PORT)]
+    if metrics is not None:
+        args += ["--metrics-port", str(metrics[0]), "--metrics-bind", metrics[1]]
     if size and spec.size_bytes is not None:
         args += ["--size", str(spec.size_bytes)]
     if spec.read_only:
@@ -238,13 +247,24 @@ def deployment(
     client_ca = spec.tls is not None and spec.tls.client_certificate
     pod_security, container_security = _security(config.server_uid, b)
 
+    ports = [{"name": "nbd", "containerPort": NBD_PORT, "protocol": "TCP"}]
+    metrics = None
+    if config.server_metrics_port is not None:
+        metrics = (config.server_metrics_port, config.server_metrics_bind)
+        # The chart's PodMonitor scrapes the port by this name.
+        ports.append(
+            {"name": "metrics", "containerPort": config.server_metrics_port, "protocol": "TCP"}
+        )
+    args = server_args(
+        spec, b.path, size=sized, client_ca=client_ca, cow_dir=cow_dir, metrics=metrics
+    )
     container: dict[str, Any] = {
         "name": "nbdserver",
         "image": spec.server.image or config.server_image,
         "imagePullPolicy": spec.server.image_pull_policy or config.image_pull_policy,
         "command": ["nbdserver"],
-        "args": server_args(spec, b.path, size=sized, client_ca=client_ca, cow_dir=cow_dir),
-        "ports": [{"name": "nbd", "containerPort": NBD_PORT, "protocol": "TCP"}],
+        "args": args,
+        "ports": ports,
         "readinessProbe": {
             "tcpSocket": {"port": "nbd"},
             "periodSeconds": 5,
@@ -314,10 +334,21 @@ def service(spec: ExportSpec) -> dict[str, Any]:
     }
 
 
-def network_policy(spec: ExportSpec) -> dict[str, Any] | None:
-    """Admits only spec.allowedClients to the server; None when every client is allowed."""
+def network_policy(spec: ExportSpec, metrics_port: int | None = None) -> dict[str, Any] | None:
+    """Admits only spec.allowedClients to the server; None when every client is allowed.
+
+    With a metrics endpoint, its port stays open to every source: Prometheus scrapes from
+    wherever it runs, and the counters carry no data (the NBD port stays restricted)."""
     if not spec.allowed_clients:
         return None
+    ingress: list[dict[str, Any]] = [
+        {
+            "from": [{"ipBlock": {"cidr": cidr}} for cidr in spec.allowed_clients],
+            "ports": [{"protocol": "TCP", "port": NBD_PORT}],
+        }
+    ]
+    if metrics_port is not None:
+        ingress.append({"ports": [{"protocol": "TCP", "port": metrics_port}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -325,11 +356,6 @@ def network_policy(spec: ExportSpec) -> dict[str, Any] | None:
         "spec": {
             "podSelector": {"matchLabels": selector_labels(spec.name)},
             "policyTypes": ["Ingress"],
-            "ingress": [
-                {
-                    "from": [{"ipBlock": {"cidr": cidr}} for cidr in spec.allowed_clients],
-                    "ports": [{"protocol": "TCP", "port": NBD_PORT}],
-                }
-            ],
+            "ingress": ingress,
         },
     }

@@ -292,7 +292,7 @@ async def _apply(ctx: Ctx, body: Mapping[str, Any], a: Assessment) -> dict[str, 
     _, how = await kube.ensure(manifests.service(spec))
     if how == "created":
         _event(body, "Normal", "ServiceCreated", f"created Service {_server_name(spec.name)}")
-    policy = manifests.network_policy(spec)
+    policy = manifests.network_policy(spec, ctx.config.server_metrics_port)
     if policy is not None:
         _, how = await kube.ensure(policy)
         if how != "unchanged":

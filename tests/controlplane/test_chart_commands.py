@@ -16,11 +16,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
 import pytest
 import trustme
 from nbd_agent.cli import build_parser as agent_parser
+from nbd_operator import manifests
 from nbd_operator.cli import parse_args as operator_args
 from nbd_operator.config import OperatorConfig
+from nbd_operator.spec import parse_spec
 from test_chart_render import EVERYTHING_ON
 from test_chart_support import ROOT, containers, find, render
 
@@ -70,6 +73,28 @@ def test_the_operator_reads_the_server_image_and_pull_policy_the_chart_sets() ->
     container = _container({"operator": {"serverImage": "mirror/nbd:1"}}, "Deployment", "operator")
     env = {e["name"]: e["value"] for e in container["env"]}
     assert OperatorConfig.from_env(env).server_image == "mirror/nbd:1"
+
+
+def test_the_pod_monitor_finds_the_metrics_port_of_the_servers_the_operator_builds() -> None:
+    objects = render({"metrics": {"podMonitor": {"enabled": True}, "serverPort": 9300}})
+    operator = next(c for c in containers(find(objects, "Deployment")) if c["name"] == "operator")
+    config = OperatorConfig.from_env({e["name"]: e["value"] for e in operator["env"]})
+    assert config.server_metrics_port == 9300
+    body = {"metadata": {"name": "disk", "namespace": "ns", "uid": "u"}}
+    spec = parse_spec({**body, "spec": {"source": {"memory": {}}, "size": "1Gi"}})
+    server = manifests.deployment(spec, config)["spec"]["template"]
+    monitor = find(objects, "PodMonitor")["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= server["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"] for p in server["spec"]["containers"][0]["ports"]}
+    assert ports[monitor["podMetricsEndpoints"][0]["port"]] == 9300
+    # The endpoint is off with serverPort 0, and a PodMonitor then refuses to render.
+    off = _container({"metrics": {"serverPort": 0}}, "Deployment", "operator")
+    assert (
+        OperatorConfig.from_env({e["name"]: e["value"] for e in off["env"]}).server_metrics_port
+        is None
+    )
+    with pytest.raises(helm.HelmRenderError, match=r"metrics\.serverPort"):
+        render({"metrics": {"podMonitor": {"enabled": True}, "serverPort": 0}})
 
 
 def test_the_agent_accepts_its_rendered_arguments() -> None:

@@ -109,6 +109,7 @@ def test_the_comment_checker_notices_a_bare_key() -> None:
         ({"operator": {"replicas": 2}}, "replicas"),
         ({"metrics": {"podMonitor": {"interval": "often"}}}, "interval"),
         ({"unknownTopLevel": True}, "unknownTopLevel"),
+        ({"metrics": {"serverPort": 10809}}, "serverPort"),
     ],
 )
 def test_helm_rejects_invalid_values_before_rendering(values: dict[str, Any], where: str) -> None:

@@ -52,11 +52,18 @@ FULL = {
 }
 
 
-def all_objects(spec: ExportSpec, base: ExportSpec | None = None) -> list[dict[str, Any]]:
-    objects = [manifests.deployment(spec, CONFIG, base), manifests.service(spec)]
+METRICS_CONFIG = OperatorConfig(
+    server_image="registry.example/kube-nbd:test", server_metrics_port=9100
+)
+
+
+def all_objects(
+    spec: ExportSpec, base: ExportSpec | None = None, config: OperatorConfig = CONFIG
+) -> list[dict[str, Any]]:
+    objects = [manifests.deployment(spec, config, base), manifests.service(spec)]
     if spec.source_kind == "volumeClaimTemplate":
         objects.append(manifests.persistent_volume_claim(spec))
-    if (policy := manifests.network_policy(spec)) is not None:
+    if (policy := manifests.network_policy(spec, config.server_metrics_port)) is not None:
         objects.append(policy)
     return objects
 
@@ -67,6 +74,54 @@ def test_every_built_object_is_valid_against_the_kubernetes_schema(case: str, ve
     spec = parse_spec(body(FULL if case == "full" else SOURCES[case]))
     for obj in all_objects(spec):
         kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_objects_with_a_metrics_endpoint_are_valid(version: str) -> None:
+    for case in (FULL, SOURCES["memory"], SOURCES["host"]):
+        for obj in all_objects(parse_spec(body(case)), config=METRICS_CONFIG):
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_a_metrics_port_is_named_for_the_pod_monitor_and_open_in_the_policy() -> None:
+    spec = parse_spec(body(FULL))
+    container = manifests.deployment(spec, METRICS_CONFIG)["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in container["ports"]
+    args = container["args"]
+    assert args[args.index("--metrics-port") + 1] == "9100"
+    assert args[args.index("--metrics-bind") + 1] == "0.0.0.0"
+    policy = manifests.network_policy(spec, 9100)
+    assert policy is not None
+    # The NBD port stays limited to allowedClients; the metrics port is open to scrapers.
+    assert policy["spec"]["ingress"][1] == {"ports": [{"protocol": "TCP", "port": 9100}]}
+    assert policy["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 10809}]
+    # Without the setting: no flag, no port (the default operator configuration).
+    plain = manifests.deployment(spec, CONFIG)["spec"]["template"]["spec"]["containers"][0]
+    assert "--metrics-port" not in plain["args"]
+    assert [p["name"] for p in plain["ports"]] == ["nbd"]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, None),
+        ({"NBD_OPERATOR_SERVER_METRICS_PORT": "0"}, None),
+        ({"NBD_OPERATOR_SERVER_METRICS_PORT": ""}, None),
+        ({"NBD_OPERATOR_SERVER_METRICS_PORT": "9100"}, 9100),
+    ],
+)
+def test_the_metrics_port_setting_comes_from_the_environment(
+    env: dict[str, str], expected: int | None
+) -> None:
+    assert OperatorConfig.from_env(env).server_metrics_port == expected
+
+
+@pytest.mark.parametrize("port", ["10809", "70000", "-1", "nine"])
+def test_a_bad_metrics_port_is_refused(port: str) -> None:
+    with pytest.raises(ValueError):
+        OperatorConfig.from_env({"NBD_OPERATOR_SERVER_METRICS_PORT": port})
 
 
 def test_clone_objects_are_valid_and_mount_the_base_read_only() -> None:

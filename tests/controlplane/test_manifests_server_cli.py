@@ -43,9 +43,9 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-def command_line(spec: dict[str, Any]) -> list[str]:
+def command_line(spec: dict[str, Any], config: OperatorConfig | None = None) -> list[str]:
     body = {"metadata": {"name": "disk", "namespace": "ns", "uid": "u"}, "spec": spec}
-    dep = manifests.deployment(parse_spec(body), OperatorConfig())
+    dep = manifests.deployment(parse_spec(body), config or OperatorConfig())
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["nbdserver"]
     return list(container["args"])
@@ -88,3 +88,13 @@ def test_the_settings_arrive_as_intended() -> None:
 def test_nbdserver_builds_a_configuration_from_it(case: str) -> None:
     config = config_from_args(build_parser().parse_args(command_line(CASES[case])))
     assert config is not None
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_metrics_endpoint_arrives_as_intended(case: str) -> None:
+    config = OperatorConfig(server_metrics_port=9100, server_metrics_bind="::")
+    args = build_parser().parse_args(command_line(CASES[case], config))
+    assert (args.metrics_port, args.metrics_bind) == (9100, "::")
+    assert config_from_args(args) is not None
+    plain = build_parser().parse_args(command_line(CASES[case]))
+    assert plain.metrics_port is None
