@@ -33,8 +33,8 @@ class OperatorConfig:
     # How long kopf waits before retrying an export whose inputs are missing (no PVC, no
     # Secret, unknown node). A retry is how a fixed input is noticed; tests shorten it.
     retry_delay: float = 15.0
-    # How long deletion waits between checks while nodes still have the export attached. A
-    # Lease deletion wakes the operator earlier (it touches the export), so this is a fallback.
+    # Deletion waiting for nodes to detach re-checks when the Lease watch reports a change;
+    # this is the slow fallback (a re-check after this many seconds without one).
     detach_poll_delay: float = 30.0
     # The uid/gid the server runs as when it needs no root (file-backed and memory sources).
     server_uid: int = 65532

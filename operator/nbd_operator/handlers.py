@@ -51,6 +51,10 @@ class Runtime:
         self.connection = connection
         self.kube: Kube | None = None
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Per export: how many attachment-Lease events the watch has delivered. A deletion
+        # waiting for nodes to detach waits for this to move instead of on a retry timer.
+        self._lease_events: dict[tuple[str, str], int] = {}
+        self._lease_moved = asyncio.Condition()
 
     def ctx(self) -> reconcile.Ctx:
         if self.kube is None:
@@ -64,6 +68,28 @@ class Runtime:
         lock = self._locks.setdefault((namespace, name), asyncio.Lock())
         async with lock:
             yield self.ctx()
+
+    def lease_mark(self, namespace: str, name: str) -> int:
+        return self._lease_events.get((namespace, name), 0)
+
+    async def lease_event(self, namespace: str, name: str) -> None:
+        async with self._lease_moved:
+            key = (namespace, name)
+            self._lease_events[key] = self._lease_events.get(key, 0) + 1
+            self._lease_moved.notify_all()
+
+    async def wait_lease_event(self, namespace: str, name: str, mark: int, timeout: float) -> bool:
+        """True once a Lease event for the export arrived after ``mark``; False on timeout."""
+        key = (namespace, name)
+        async with self._lease_moved:
+            try:
+                await asyncio.wait_for(
+                    self._lease_moved.wait_for(lambda: self._lease_events.get(key, 0) != mark),
+                    timeout,
+                )
+            except TimeoutError:
+                return False
+        return True
 
     async def login(self, info: kopf.ConnectionInfo) -> None:
         old, self.kube = self.kube, Kube(info)
@@ -80,8 +106,6 @@ def _to_kopf(exc: Exception, config: OperatorConfig) -> Exception:
     """The one mapping of our failures to kopf's retry semantics."""
     if isinstance(exc, reconcile.InvalidSpec):
         return kopf.PermanentError(exc.message)
-    if isinstance(exc, reconcile.DetachPending):
-        return kopf.TemporaryError(exc.message, delay=config.detach_poll_delay)
     if isinstance(exc, reconcile.InputMissing):
         return kopf.TemporaryError(exc.message, delay=config.retry_delay)
     if isinstance(exc, KubeError):
@@ -143,11 +167,27 @@ def build_registry(
     async def delete_export(
         body: kopf.Body, namespace: str | None, name: str | None, **_: Any
     ) -> None:
-        async with rt.locked(str(namespace), str(name)) as ctx:
-            try:
-                await reconcile.finalize(ctx, body)
-            except Exception as exc:
-                _reraise(exc, config)
+        ns, export_name = str(namespace), str(name)
+        current: Mapping[str, Any] = body
+        while True:
+            mark = rt.lease_mark(ns, export_name)
+            async with rt.locked(ns, export_name) as ctx:
+                try:
+                    await reconcile.finalize(ctx, current)
+                    return
+                except reconcile.DetachPending as exc:
+                    pending = exc
+                except Exception as exc:
+                    _reraise(exc, config)
+            # Nodes still attached: wait (outside the lock) for the Lease watch to report a
+            # change, so a detach finishes the deletion at once. A lost watch event is caught
+            # by the timeout: then kopf retries the handler shortly (the slow fallback).
+            if not await rt.wait_lease_event(ns, export_name, mark, config.detach_poll_delay):
+                raise kopf.TemporaryError(pending.message, delay=min(1.0, config.detach_poll_delay))
+            fresh = await rt.ctx().kube.get(KIND, ns, export_name)
+            if fresh is None:
+                return
+            current = fresh
 
     async def owner_changed(namespace: str, export_name: str, *, resync: bool) -> None:
         """A child or a Lease changed: recompute the owner's status (re-create on drift)."""
@@ -190,6 +230,8 @@ def build_registry(
 
     @kopf.on.event("coordination.k8s.io", "v1", "leases", labels=ours, registry=registry)
     async def lease_changed(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+        if (export_name := labels.get(LABEL_EXPORT)) is not None and namespace is not None:
+            await rt.lease_event(namespace, export_name)  # wakes a waiting deletion first
         await child_changed(labels, namespace)
 
     return registry

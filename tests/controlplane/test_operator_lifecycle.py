@@ -237,3 +237,34 @@ async def test_deletion_waits_while_a_node_has_the_export_attached() -> None:
         await server.wait_for(lambda: server.current("nbdexports", NS, "busy") is None)
         assert server.current("deployments", NS, "busy-nbd") is None
         assert len(events(server, "DeletionBlocked")) == 1  # one Event, not one per retry
+
+
+async def test_deletion_finishes_as_soon_as_the_last_attachment_lease_goes() -> None:
+    # The fallback re-check is a minute away: only the Lease watch can finish this in time.
+    async with api_server() as (server, client), running_operator(server, detach_poll_delay=60):
+        await client.create(export("prompt", {"source": {"memory": {}}, "size": "1Gi"}))
+        await server.wait_for(lambda: server.current("deployments", NS, "prompt-nbd"))
+        leases = [
+            nbd_api.attachment_lease(NS, "prompt", node, "/dev/nbd0", "ReadOnly")
+            for node in ("node-a", "node-b")
+        ]
+        for lease in leases:
+            await client.create(lease)
+        await client.delete("NBDExport", NS, "prompt")
+        await server.wait_for(lambda: events(server, "DeletionBlocked"))
+
+        # One node detaches: still blocked, and the message now names only the other.
+        await client.delete("Lease", NS, leases[0]["metadata"]["name"])
+        blocked = await server.wait_for(
+            lambda: (
+                (o := phase_is(server, "prompt", "Terminating"))
+                and o["status"]["message"].endswith(": node-b")
+                and o
+            )
+        )
+        assert server.current("deployments", NS, "prompt-nbd") is not None
+        assert blocked["status"]["attachmentCount"] == 1
+
+        await client.delete("Lease", NS, leases[1]["metadata"]["name"])
+        await server.wait_for(lambda: server.current("nbdexports", NS, "prompt") is None, 5)
+        assert server.current("deployments", NS, "prompt-nbd") is None
