@@ -16,8 +16,10 @@ The protocol, for the agent:
    (409 with the same holder: update its annotations instead).
 3. On detach: delete the attachment Lease, then the writer Lease if it holds it.
 
-The operator never deletes these Leases; it mirrors them into ``status.attachments`` and its
-deletion finalizer waits until no attachment Lease for the export remains.
+The operator mirrors attachment Leases into ``status.attachments`` and its deletion finalizer
+waits until none remains. It deletes a Lease only when its holder node has no Node object any
+more (the node left the cluster and cannot release it); an agent must therefore expect its
+Leases to vanish only together with its Node.
 
 What this module must not do: talk to the API. It builds and reads plain dicts.
 """

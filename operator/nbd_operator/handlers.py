@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 from nbd_api import FINALIZER, GROUP, KIND, LABEL_EXPORT, PLURAL, VERSION
 
-from nbd_operator import reconcile
+from nbd_operator import lease_gc, reconcile
 from nbd_operator.config import OperatorConfig
 from nbd_operator.kube import Kube, KubeError
 from nbd_operator.spec import MANAGED_BY
@@ -228,10 +228,35 @@ def build_registry(
 
     ours: dict[str, Any] = {LABEL_EXPORT: kopf.PRESENT}
 
+    leases = lease_gc.LeaseIndex()
+
     @kopf.on.event("coordination.k8s.io", "v1", "leases", labels=ours, registry=registry)
-    async def lease_changed(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:
+    async def lease_changed(
+        type: str,
+        body: kopf.Body,
+        labels: Mapping[str, str],
+        namespace: str | None,
+        **_: Any,
+    ) -> None:
+        leases.seen(type, body)
         if (export_name := labels.get(LABEL_EXPORT)) is not None and namespace is not None:
             await rt.lease_event(namespace, export_name)  # wakes a waiting deletion first
+        if type != "DELETED" and await _collect(body):
+            return  # its DELETED event follows and refreshes the export
         await child_changed(labels, namespace)
+
+    @kopf.on.event("", "v1", "nodes", registry=registry)
+    async def node_changed(type: str, name: str | None, **_: Any) -> None:
+        # A node left the cluster: the Leases it held can never be released by its agent.
+        if type == "DELETED" and name:
+            for lease in leases.held_by(name):
+                await _collect(lease)
+
+    async def _collect(lease: Mapping[str, Any]) -> bool:
+        try:
+            return await lease_gc.collect(rt.ctx().kube, lease)
+        except KubeError as exc:  # the next Lease or Node event tries again
+            LOG.info("stale Lease check failed: %s", exc)
+            return False
 
     return registry

@@ -160,12 +160,25 @@ class Kube:
         )
         return result
 
-    async def delete(self, kind: str, namespace: str | None, name: str) -> bool:
-        """Delete (foreground for owned dependants); False when it was already gone."""
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+    async def delete(
+        self, kind: str, namespace: str | None, name: str, *, uid: str | None = None
+    ) -> bool:
+        """Delete (background for owned dependants); False when it was already gone, or when
+        ``uid`` is given and the object of that name is now another one (a precondition)."""
+        body: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+        }
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         try:
             await self._request("DELETE", self._url(kind, namespace, name), body=body)
         except NotFound:
+            return False
+        except Conflict:
+            if uid is None:
+                raise
             return False
         return True
 

@@ -295,6 +295,11 @@ async def mark_available(client: Kube, name: str) -> None:
     await client.patch("Deployment", NS, name, {"status": status}, subresource="status")
 
 
+async def add_node(client: Kube, name: str) -> None:
+    """A Node object (the operator checks that Lease holders and host-device nodes exist)."""
+    await client.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+
+
 async def bind_claim(client: Kube, name: str, capacity: str | None = None) -> None:
     """Play the PV controller: the claim is Bound (with the capacity it asked for)."""
     pvc = await client.get("PersistentVolumeClaim", NS, name)

@@ -27,11 +27,13 @@ OPERATOR_NAMESPACED_RULES: set[Rule] = {
     ("", "services", ("create", "delete", "get", "patch")),
     ("networking.k8s.io", "networkpolicies", ("create", "delete", "get", "patch")),
     ("", "secrets", ("get",)),
-    ("coordination.k8s.io", "leases", ("list", "watch")),
+    # list/watch: status.attachments; delete: Leases whose holder node no longer exists.
+    ("coordination.k8s.io", "leases", ("delete", "list", "watch")),
     ("", "events", ("create",)),
 }
 OPERATOR_CLUSTER_RULES: set[Rule] = {
-    ("", "nodes", ("get",)),
+    # get: hostDevice nodes and Lease holders exist; list/watch: a Node deletion frees Leases.
+    ("", "nodes", ("get", "list", "watch")),
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
 }
 # From nbd_agent.csi.kube.ClusterAccess: GET an export; GET/POST/PATCH/DELETE Leases.

@@ -9,6 +9,7 @@ import nbd_api
 from operator_harness import (
     NS,
     FakeApiServer,
+    add_node,
     api_server,
     bind_claim,
     condition,
@@ -204,6 +205,7 @@ async def test_deletion_waits_while_a_node_has_the_export_attached() -> None:
         await server.wait_for(lambda: phase_is(server, "busy", "Ready"))
 
         # The agent on node-a attaches: the operator mirrors the Lease into status.
+        await add_node(client, "node-a")
         lease = nbd_api.attachment_lease(NS, "busy", "node-a", "/dev/nbd3", "ReadWrite")
         await client.create(lease)
         obj = await server.wait_for(
@@ -249,6 +251,7 @@ async def test_deletion_finishes_as_soon_as_the_last_attachment_lease_goes() -> 
             for node in ("node-a", "node-b")
         ]
         for lease in leases:
+            await add_node(client, lease["spec"]["holderIdentity"])
             await client.create(lease)
         await client.delete("NBDExport", NS, "prompt")
         await server.wait_for(lambda: events(server, "DeletionBlocked"))
