@@ -136,8 +136,10 @@ async def test_deletion_waits_for_an_attachment_lease(kube: Kube, namespace: str
     import nbd_api
 
     name = "e2e-att-" + uuid.uuid4().hex[:6]
+    # A real node: the operator removes Leases whose holder has no Node object.
+    node = (await kube.list("Node", ""))[0]["metadata"]["name"]
     await kube.create(_export(name, namespace, {"source": {"memory": {}}, "size": "64Mi"}))
-    lease = nbd_api.attachment_lease(namespace, name, "e2e-node", "/dev/nbd9", "ReadWrite")
+    lease = nbd_api.attachment_lease(namespace, name, node, "/dev/nbd9", "ReadWrite")
     await kube.create(lease)
     await kube.delete("NBDExport", namespace, name)
 
@@ -146,10 +148,28 @@ async def test_deletion_waits_for_an_attachment_lease(kube: Kube, namespace: str
         return obj if (obj or {}).get("status", {}).get("phase") == "Terminating" else None
 
     obj = await _eventually(blocked, "deletion to be blocked by the attachment")
-    assert "e2e-node" in obj["status"]["message"]
+    assert node in obj["status"]["message"]
     await kube.delete("Lease", namespace, lease["metadata"]["name"])
 
     async def gone() -> bool:
         return await kube.get("NBDExport", namespace, name) is None
 
     await _eventually(gone, f"NBDExport {name} to be deleted after detach")
+
+
+async def test_a_lease_of_a_node_that_does_not_exist_is_removed(kube: Kube, namespace: str) -> None:
+    import nbd_api
+
+    name = "e2e-gc-" + uuid.uuid4().hex[:6]
+    await kube.create(_export(name, namespace, {"source": {"memory": {}}, "size": "64Mi"}))
+    lease = nbd_api.writer_lease(namespace, name, "e2e-no-such-node-" + uuid.uuid4().hex[:6])
+    await kube.create(lease)
+
+    async def lease_gone() -> bool:
+        return await kube.get("Lease", namespace, lease["metadata"]["name"]) is None
+
+    try:
+        await _eventually(lease_gone, "the operator to delete the vanished node's Lease")
+    finally:
+        await kube.delete("Lease", namespace, lease["metadata"]["name"])
+        await kube.delete("NBDExport", namespace, name)
