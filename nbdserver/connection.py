@@ -25,6 +25,7 @@ from nbdserver.protocol.events import (
     Closed,
     ExportInfo,
     Negotiated,
+    Refused,
     StartTLS,
 )
 from nbdserver.protocol.handshake import ServerHandshake
@@ -222,13 +223,19 @@ class Connection:
                     log.warning("handshake violation from %s: %s", self.peer, event.reason)
                 return event.reason
 
-    def _resolve(self, name: str) -> ExportInfo | None:
-        export = self.server.resolve(name, self.peer)
+    def _resolve(self, name: str) -> ExportInfo | Refused | None:
+        export = self.server.find(name)
         if export is None:
             return None
         guard, state = self.server.guard, self.guard_state
+        if guard is not None and state is not None:
+            # Policy first: a client the export's rules refuse learns nothing about its load.
+            refusal = guard.refusal(export.name, state)
+            if refusal is not None:
+                return refusal
+        refusal = self.server.limit_refusal(export, self.peer)
+        if refusal is not None:
+            return refusal
         if guard is None or state is None:
             return export_info(export)
-        if not guard.may_open(export.name, state):
-            return None
         return guard.advertise(export_info(export), export, state)

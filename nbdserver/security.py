@@ -24,7 +24,8 @@ from nbdserver.acl import AccessPolicy, Acl, address_of
 from nbdserver.filters.access import ReadOnlyFilter, WriterLease
 from nbdserver.filters.stats import StatsFilter
 from nbdserver.metrics import ConnStats, CountingReplies, Metrics, MetricsServer
-from nbdserver.protocol.constants import TransmissionFlag
+from nbdserver.protocol.constants import OptionReply, TransmissionFlag
+from nbdserver.protocol.events import Refused
 from nbdserver.tls import (
     HANDSHAKE_TIMEOUT,
     TlsHandshakeError,
@@ -154,17 +155,27 @@ class Guard:
         )
         return tls
 
-    def may_open(self, name: str, state: ConnState, quiet: bool = False) -> bool:
-        """Per-export rules for NBD_OPT_GO/INFO/EXPORT_NAME: allow list and TLS-only."""
+    def refusal(self, name: str, state: ConnState, quiet: bool = False) -> Refused | None:
+        """Per-export rules for NBD_OPT_GO/INFO/EXPORT_NAME and meta contexts: None to allow,
+        else the error reply (TLS-only before STARTTLS: NBD_REP_ERR_TLS_REQD, as the spec's
+        SELECTIVETLS mode asks; outside the export's allow list: NBD_REP_ERR_POLICY)."""
         if name in self.opts.tls_only and not state.tls:
             if not quiet:
                 log.info("%s refused export %r: it is served only over TLS", state.peer, name)
-            return False
+            return Refused(
+                OptionReply.NBD_REP_ERR_TLS_REQD, f"export {name!r} is served only over TLS"
+            )
         if self.access.active and not self.access.admits_export(address_of(state.peer), name):
             if not quiet:
                 log.info("%s refused export %r: address not in its allow list", state.peer, name)
-            return False
-        return True
+            return Refused(
+                OptionReply.NBD_REP_ERR_POLICY,
+                f"export {name!r} does not admit clients from this address",
+            )
+        return None
+
+    def may_open(self, name: str, state: ConnState, quiet: bool = False) -> bool:
+        return self.refusal(name, state, quiet) is None
 
     def lister(
         self, list_all: Callable[[], Iterable[ExportInfo]], state: ConnState

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from nbdserver.connection import Connection, export_info
 from nbdserver.errors import ConfigError
 from nbdserver.exports import Export, ExportConfig, open_export
-from nbdserver.protocol.constants import NBD_DEFAULT_PORT
-from nbdserver.protocol.events import ExportInfo
+from nbdserver.protocol.constants import NBD_DEFAULT_PORT, OptionReply
+from nbdserver.protocol.events import ExportInfo, Refused
 from nbdserver.protocol.handshake import TlsPolicy
 from nbdserver.security import ConnState, Guard
 
@@ -141,18 +141,30 @@ class Server:
             return self.guard.admit(peer)
         return None
 
-    def resolve(self, name: str, peer: str) -> Export | None:
-        """The export a client asked for; "" reaches the only export when there is one."""
+    def find(self, name: str) -> Export | None:
+        """The export a client named; "" reaches the only export when there is one."""
         export = self.exports.get(name)
         if export is None and name == "" and len(self.exports) == 1:
             export = next(iter(self.exports.values()))
-        if export is None:
-            return None
+        return export
+
+    def limit_refusal(self, export: Export, peer: str) -> Refused | None:
+        """NBD_REP_ERR_POLICY when ``export``'s own connection limit is reached."""
         limit = export.config.connections
         if limit and export.active >= limit:
-            log.info("%s refused export %r: its limit of %d is reached", peer, name, limit)
+            log.info("%s refused export %r: its limit of %d is reached", peer, export.name, limit)
+            return Refused(
+                OptionReply.NBD_REP_ERR_POLICY,
+                f"export {export.name!r} has reached its limit of {limit} connections",
+            )
+        return None
+
+    def resolve(self, name: str, peer: str) -> Export | Refused | None:
+        """``find`` plus the export's connection limit (per-peer rules live in the guard)."""
+        export = self.find(name)
+        if export is None:
             return None
-        return export
+        return self.limit_refusal(export, peer) or export
 
     def lookup(self, canonical_name: str) -> Export | None:
         return self.exports.get(canonical_name)

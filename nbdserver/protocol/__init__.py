@@ -13,7 +13,9 @@ The contract with the network edge (``nbdserver.server``), in the order a connec
    ``Aborted`` / ``Closed`` -> send pending bytes, close (log ``reason``);
    ``Negotiated`` -> send pending bytes, switch to transmission; ``event.leftover`` holds bytes
    already received that belong to the transmission phase.
-   ``resolve(name) -> events.ExportInfo | None`` maps export names (including "") to exports.
+   ``resolve(name) -> events.ExportInfo | events.Refused | None`` maps export names (including
+   "") to exports; ``None`` is "no such export" (NBD_REP_ERR_UNKNOWN), a ``Refused`` carries
+   the error reply and message for an export this client may not open.
 2. ``transmission.RequestValidator(negotiated)``: ``header_size`` bytes per request header,
    ``unpack(buf, pos) -> (flags, cmd, cookie, offset, length)`` (raises ``wire.ProtocolError`` on
    bad magic: disconnect), ``payload_length(flags, cmd, length)`` (bytes to read or discard;

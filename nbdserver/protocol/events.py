@@ -62,6 +62,26 @@ class ExportInfo:
         return bool(self.flags & TransmissionFlag.NBD_FLAG_READ_ONLY)
 
 
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A resolver's answer for an export that exists but may not be opened by this client.
+
+    ``reply`` is the option error reply to send (e.g. NBD_REP_ERR_POLICY for an access list or
+    a connection limit, NBD_REP_ERR_TLS_REQD for a TLS-only export before STARTTLS); ``message``
+    is the human-readable text the spec allows in an error reply. NBD_OPT_EXPORT_NAME cannot
+    carry an error, so there the handshake disconnects and ``message`` goes to the log only.
+    """
+
+    reply: int
+    message: str
+
+    def __post_init__(self) -> None:
+        if not self.reply & 0x80000000 or self.reply > 0xFFFFFFFF:
+            raise ValueError(f"refusal reply {self.reply:#x} is not an NBD_REP_ERR_* code")
+        if len(self.message.encode()) > 4096 or "\0" in self.message:
+            raise ValueError("a refusal message must be a spec string (no NUL, <= 4096 bytes)")
+
+
 class _NeedData(Enum):
     NEED_DATA = "NEED_DATA"
 

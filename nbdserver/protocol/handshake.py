@@ -11,8 +11,10 @@ Rules it enforces:
   NBD_REP_ERR_UNSUP and their payload is skipped; options longer than ``max_option_length`` end
   the connection (a denial-of-service guard the spec allows);
 - NBD_OPT_INFO and NBD_OPT_GO send no NBD_REP_INFO before an error reply, and answer the same
-  request with the same information; NBD_INFO_EXPORT is always sent on success, NBD_INFO_BLOCK_SIZE
-  too, NAME and DESCRIPTION when asked; no zero padding after GO;
+  request with the same information (a resolver's ``Refused`` becomes that error reply, e.g.
+  NBD_REP_ERR_POLICY or NBD_REP_ERR_TLS_REQD, for INFO, GO and meta-context options alike);
+  NBD_INFO_EXPORT is always sent on success, NBD_INFO_BLOCK_SIZE too, NAME and DESCRIPTION when
+  asked; no zero padding after GO;
 - NBD_OPT_SET_META_CONTEXT replaces the selection even when it fails; the selection counts only
   if GO names the same export; only ``base:allocation`` exists; ``base:`` lists it;
 - STARTTLS under a policy of off/on/require; after TLS every negotiated option resets; a second
@@ -49,11 +51,12 @@ from nbdserver.protocol.events import (
     ExportInfo,
     HandshakeEvent,
     Negotiated,
+    Refused,
     StartTLS,
 )
 
 TlsPolicy = Literal["off", "on", "require"]
-Resolver = Callable[[str], ExportInfo | None]
+Resolver = Callable[[str], ExportInfo | Refused | None]  # None: no such export
 Lister = Callable[[], Iterable[ExportInfo]]
 
 BASE_ALLOCATION_ID: Final = 1  # the context id we hand out for base:allocation
@@ -206,6 +209,13 @@ class ServerHandshake:
     def _error(self, option: int, reply: int, message: str) -> None:
         self._reply(option, reply, message.encode())
 
+    def _refuse(self, opt: int, name: str, refusal: Refused | None) -> None:
+        """The error reply for an export the resolver did not hand out (no INFO before it)."""
+        if refusal is None:
+            self._error(opt, R.NBD_REP_ERR_UNKNOWN, f"export {name!r} not found")
+        else:
+            self._error(opt, refusal.reply, refusal.message)
+
     def _dispatch(self, opt: int, data: bytes) -> HandshakeEvent | None:
         if opt == O.NBD_OPT_ABORT:
             self._reply(opt, R.NBD_REP_ACK)  # the spec says the payload is ignored
@@ -310,6 +320,8 @@ class ServerHandshake:
         export = self._resolve(name)
         if export is None:
             return self._close(f"unknown export {name!r} (NBD_OPT_EXPORT_NAME)")
+        if isinstance(export, Refused):  # no error reply exists for EXPORT_NAME
+            return self._close(f"export {name!r} refused: {export.message} (NBD_OPT_EXPORT_NAME)")
         flags = self.wire_flags(export)
         self._out += wire.EXPORT_NAME_REPLY.pack(export.size, flags)
         if not self.no_zeroes:
@@ -323,8 +335,8 @@ class ServerHandshake:
             return None
         name, requests = parsed
         export = self._resolve(name)
-        if export is None:
-            self._error(opt, R.NBD_REP_ERR_UNKNOWN, f"export {name!r} not found")
+        if export is None or isinstance(export, Refused):
+            self._refuse(opt, name, export)
             return None
         flags = self.wire_flags(export)
         info = wire.pack_info_export(export.size, flags)
@@ -368,8 +380,9 @@ class ServerHandshake:
             self._error(opt, R.NBD_REP_ERR_INVALID, parsed)
             return
         name, queries = parsed
-        if self._resolve(name) is None:
-            self._error(opt, R.NBD_REP_ERR_UNKNOWN, f"export {name!r} not found")
+        export = self._resolve(name)
+        if export is None or isinstance(export, Refused):
+            self._refuse(opt, name, export)
             return
         found = options.match_base_allocation(queries, setting)
         if isinstance(found, str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdserver.client import NBDUnknownExport
+from nbdserver.client import NBDServerRefused
 from nbdserver.protocol.constants import TransmissionFlag
 from tests.interop.security_helpers import (
     is_greeting,
@@ -55,7 +55,7 @@ def test_per_export_lists_hide_and_refuse_exports(tmp_path: Path) -> None:
     with serve(args, tmp_path) as srv:
         with nbd_connect_from("127.0.0.2", srv.port, "secret") as conn:
             assert conn.details.size == 1 << 20
-        with pytest.raises(NBDUnknownExport):
+        with pytest.raises(NBDServerRefused, match="NBD_REP_ERR_POLICY"):
             nbd_connect_from("127.0.0.3", srv.port, "secret")
         with nbd_connect_from("127.0.0.3", srv.port, "public") as conn:
             assert conn.details.size == 1 << 20

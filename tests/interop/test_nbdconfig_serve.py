@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdserver.client import NBDUnknownExport
+from nbdserver.client import NBDServerRefused
 from nbdserver.protocol.constants import TransmissionFlag as TF
 from tests.interop.security_helpers import REPO, free_port, nbd_connect_from, run, serve
 
@@ -68,7 +68,7 @@ def test_the_example_config_is_served_as_nbd_server_would(tmp_path: Path) -> Non
         # [data]: authfile admits 127.0.0.2 only; it has trim, flush and fua.
         with nbd_connect_from("127.0.0.2", port, "data") as d:
             assert d.details.has(TF.NBD_FLAG_SEND_TRIM) and d.details.has(TF.NBD_FLAG_SEND_FUA)
-        with pytest.raises(NBDUnknownExport):
+        with pytest.raises(NBDServerRefused, match="NBD_REP_ERR_POLICY: export 'data' does not"):
             nbd_connect_from("127.0.0.1", port, "data")
         # The harmless max_threads key is reported with file and line, not ignored silently.
         line = next(n for n, t in enumerate(conf.read_text().splitlines(), 1) if "max_threads" in t)

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from nbdserver.client import NBDConnection, connect
+from nbdserver.client import NBDConnection, NBDServerRefused, connect
 from nbdserver.protocol import wire
 from nbdserver.protocol.constants import NBD_REQUEST_MAGIC, NBD_SIMPLE_REPLY_MAGIC, Command
 from tests.interop.conftest import NbdServerFactory, Server
@@ -181,7 +181,7 @@ def test_global_connection_limit_refuses_the_extra_client(nbdserver: NbdServerFa
 def test_per_export_connection_limit(nbdserver: NbdServerFactory) -> None:
     srv = nbdserver("--connections", "1", size="1M")
     first = raw(srv)
-    with pytest.raises(Exception, match=r"not found|refused|unknown"):
+    with pytest.raises(NBDServerRefused, match=r"NBD_REP_ERR_POLICY: .*limit of 1 connections"):
         connect(srv.uri)
     first.disconnect()
     srv.wait_log("ended .*NBD_CMD_DISC")
