@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING
 
-from nbdserver.edge_transmission import Transmission
+from nbdserver.edge_transmission import SHUTDOWN_QUIET, Transmission
 from nbdserver.errors import ConnectionClosed
 from nbdserver.exports import Export
 from nbdserver.protocol.constants import TransmissionFlag
@@ -94,12 +96,14 @@ class Connection:
 
     # --- called from other threads -------------------------------------------------------------
     def begin_shutdown(self) -> None:
-        """A handshake is cut short. In transmission, requests already received finish and are
-        answered, later ones get ESHUTDOWN, and the connection closes once the client goes
-        quiet (an idle connection's recv is woken by shutting the read side)."""
+        """In transmission, requests already received finish and are answered, later ones get
+        ESHUTDOWN, and the connection closes once the client goes quiet (an idle connection's
+        recv is woken by shutting the read side). A handshake needs nothing from here: its
+        thread waits on the server's ``stop_fd`` too, then answers the client's next option
+        NBD_REP_ERR_SHUTDOWN (see ``_receive``)."""
         with self._lock:
             state, tx = self._state, self.transmission
-        if state == _DONE:
+        if state in (_DONE, _HANDSHAKE):
             return
         if tx is not None:
             tx.begin_shutdown()
@@ -107,9 +111,8 @@ class Connection:
                 # Busy: the loop sees the flag before its next recv. Cutting the read side
                 # now could split a TLS record (the client would get a decode alert).
                 return
-        how = socket.SHUT_RD if state == _TRANSMISSION else socket.SHUT_RDWR
         with contextlib.suppress(OSError):  # already gone
-            _shutdown(self.sock, how)
+            _shutdown(self.sock, socket.SHUT_RD)
 
     def abort(self) -> None:
         """Hard disconnect (used when a graceful stop overran its deadline)."""
@@ -208,7 +211,8 @@ class Connection:
                 if remaining <= 0:
                     raise TimeoutError
                 sock.settimeout(remaining)
-                hs.receive_data(sock.recv(65536))
+                if not self._receive(hs, sock, remaining):
+                    return "server shutting down (client was negotiating and went quiet)"
             elif isinstance(event, StartTLS):
                 # Hook point for TLS: the server turns the plain socket into an SSL one.
                 self.sock = sock = server.start_tls(sock, self.guard_state)
@@ -222,6 +226,33 @@ class Connection:
                 if event.violation:
                     log.warning("handshake violation from %s: %s", self.peer, event.reason)
                 return event.reason
+
+    def _receive(self, hs: ServerHandshake, sock: socket.socket, remaining: float) -> bool:
+        """Feed the handshake the client's next bytes, or notice that the server is stopping.
+
+        Once it is, the handshake answers every further option (but ABORT) with
+        NBD_REP_ERR_SHUTDOWN, and a client that sends nothing for ``SHUTDOWN_QUIET`` seconds is
+        let go (False), as in transmission. Raises TimeoutError at the handshake deadline.
+        """
+        server = self.server
+        if server.stopping:
+            hs.begin_shutdown()
+        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):  # else: decrypted bytes
+            if server.stopping:
+                readable, _, _ = select.select([sock], [], [], min(remaining, SHUTDOWN_QUIET))
+                if not readable:
+                    return False
+            else:
+                fd = sock.fileno()
+                ready, _, _ = select.select([fd, server.stop_fd], [], [], remaining)
+                if not ready:
+                    raise TimeoutError
+                if fd not in ready:
+                    return True  # stopping now: the caller asks again and lands above
+        if server.stopping:  # it may have begun while we waited: these bytes are refused
+            hs.begin_shutdown()
+        hs.receive_data(sock.recv(65536))
+        return True
 
     def _resolve(self, name: str) -> ExportInfo | Refused | None:
         export = self.server.find(name)

@@ -226,6 +226,13 @@ class Server:
         conn.thread = threading.Thread(target=conn.run, name=f"nbd {peer}", daemon=True)
         conn.thread.start()
 
+    @property
+    def stop_fd(self) -> int:
+        """A descriptor that turns readable, and stays readable, once the server is stopping:
+        ``shutdown`` writes a byte into the wake pipe and nobody reads it back, so any number
+        of connection threads can wait on it together with their socket."""
+        return self._wake_r
+
     def connection_done(self, conn: Connection) -> None:
         with self._lock:
             self._conns.discard(conn)
@@ -238,7 +245,7 @@ class Server:
 
     def _drain(self) -> None:
         """Stop accepting, let connections finish what they received, flush, close."""
-        self.stopping = True
+        self.shutdown()  # also marks ``stop_fd`` readable for connections still negotiating
         for sock in self.listeners:
             sock.close()
         if self.config.unix and os.path.exists(self.config.unix):
