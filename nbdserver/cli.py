@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=PATH[,opt=val...]",
-        help="another export (PATH memory: RAM); opts: size, ro, description, backend, connections",
+        help="another export (PATH memory: RAM); opts: size, ro, description, backend, "
+        "connections, idle-timeout",
     )
     s.add_argument("--bind", "-b", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     s.add_argument(
@@ -82,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="S",
         help="seconds a client may take to finish the handshake",
+    )
+    s.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="end a connection after S seconds without a request (0 = never; per export: "
+        "idle-timeout=S)",
     )
     s.add_argument(
         "--shutdown-timeout",
@@ -116,6 +125,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     exports.extend(security_cli.file_exports(args))  # --config FILE (nbd-server format)
     if not exports:
         raise ConfigError("nothing to serve: give IMAGE or --export NAME=PATH")
+    if not 0 <= args.idle_timeout < 1e9:
+        raise ConfigError("--idle-timeout must be 0 (none) or a number of seconds")
+    for cfg in exports:  # the flag covers every export that has no timeout of its own
+        cfg.idle_timeout = cfg.idle_timeout or args.idle_timeout
     if args.no_tcp and not args.unix:
         raise ConfigError("--no-tcp needs --unix")
     if args.handshake_timeout <= 0:

@@ -13,6 +13,7 @@ import logging
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -78,6 +79,22 @@ def _shutdown(sock: socket.socket, how: int) -> None:
     socket.socket.shutdown(sock, how)
 
 
+def _arm_idle_timeout(sock: socket.socket, seconds: float) -> None:
+    """Make a receive that waits ``seconds`` for the client fail, once, before transmission.
+
+    Plain sockets: the kernel's SO_RCVTIMEO, so the hot path's recv costs nothing more and
+    sends are never cut (a blocking recv then fails with EAGAIN). TLS sockets: the SSL layer
+    retries EAGAIN forever on a blocking socket, so there the Python socket timeout is used; it
+    adds a poll before each recv and send and also bounds each reply's send by ``seconds``.
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(seconds)
+        return
+    whole = int(seconds)
+    micro = max(1, round((seconds - whole) * 1_000_000)) if seconds != whole else 0
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", whole, micro))
+
+
 class Connection:
     """Runs in its own thread (``run``); the server may call ``begin_shutdown`` from another."""
 
@@ -127,8 +144,13 @@ class Connection:
             reason = self._serve()
         except ConnectionClosed as e:
             reason = e.reason
-        except TimeoutError:
-            reason = "handshake timed out"
+        except (TimeoutError, BlockingIOError):
+            # A receive timeout: the handshake deadline, or in transmission the idle timeout
+            # (SO_RCVTIMEO surfaces as EAGAIN on a blocking socket, see _arm_idle_timeout).
+            if self._state == _TRANSMISSION and self.export is not None:
+                reason = f"idle timeout ({self.export.config.idle_timeout:g} s without a request)"
+            else:
+                reason = "handshake timed out"
         except OSError as e:
             reason = f"socket error: {e.strerror or e}"
         except Exception as e:  # a bug must cost one connection, never the server
@@ -188,6 +210,8 @@ class Connection:
         )  # fmt: skip
         if negotiated.leftover:
             tx.preload(negotiated.leftover)
+        if export.config.idle_timeout:
+            _arm_idle_timeout(self.sock, export.config.idle_timeout)
         return tx.run()
 
     def _handshake(self) -> Negotiated | str:

@@ -40,6 +40,7 @@ class ExportConfig:
     description: str = ""
     backend: str = "auto"
     connections: int = 0  # per-export connection limit, 0 = unlimited
+    idle_timeout: float = 0.0  # seconds without a request before transmission ends, 0 = never
     # Room for security and quality-of-service features (wired by their own modules).
     tls: bool = False
     allowed_clients: list[str] = field(default_factory=list)
@@ -65,6 +66,8 @@ class ExportConfig:
             raise ConfigError("size must not be negative")
         if self.connections < 0:
             raise ConfigError("connection limit must not be negative")
+        if not 0 <= self.idle_timeout < 1e9:  # also refuses NaN and infinity
+            raise ConfigError(f"idle timeout of {self.name!r} must be 0 (none) or seconds > 0")
 
 
 def parse_size(text: str) -> int:
@@ -95,6 +98,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "description": ("description", str),
     "backend": ("backend", str),
     "connections": ("connections", int),
+    "idle-timeout": ("idle_timeout", float),
     "tls": ("tls", _bool),
     "cow": ("copy_on_write", _bool),
     "copy-on-write": ("copy_on_write", _bool),

@@ -252,11 +252,6 @@ def parse(text: str, filename: str = "<config>") -> NbdConfig:
                 f"{where(lineno)}: [generic] listenaddr: nbdserver listens on one address; "
                 f"give one (0.0.0.0 or ::), not {', '.join(value)}"
             )
-        if key == "timeout" and value:
-            warnings.append(
-                f"{where(lineno)}: [{section}] timeout: idle timeouts in transmission are not "
-                "implemented; connections may stay idle"
-            )
         if key == "sparse_cow" and value is False:
             warnings.append(
                 f"{where(lineno)}: [{section}] sparse_cow: the overlay is always a sparse file"

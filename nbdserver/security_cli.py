@@ -120,6 +120,7 @@ def file_exports(args: argparse.Namespace) -> list[ExportConfig]:
             size=e.filesize,
             read_only=e.readonly,
             connections=e.maxconnections or 0,
+            idle_timeout=float(e.timeout),
             tls=e.tlsonly,
             copy_on_write=e.copyonwrite,
             cow_dir=e.cowdir,

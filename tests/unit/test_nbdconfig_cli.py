@@ -110,3 +110,24 @@ def test_per_export_qos_and_cow_dir_options(tmp_path: Path) -> None:
     assert a.cow_dir == str(tmp_path)
     with pytest.raises(ConfigError, match="expected an integer"):
         _build("--export", "a=memory,size=1M,qos-read-bps=fast")
+
+
+def test_idle_timeout_from_the_flag_the_export_and_nbd_server_timeout(tmp_path: Path) -> None:
+    conf = tmp_path / "c.conf"
+    conf.write_text(
+        f"[generic]\n[slow]\nexportname = {tmp_path}/s.img\ntimeout = 30\n"
+        f"[plain]\nexportname = {tmp_path}/p.img\n"
+    )
+    config, _ = _build(
+        "--config", str(conf), "--export", "own=memory,size=1M,idle-timeout=2.5",
+        "--export", "other=memory,size=1M", "--idle-timeout", "7",
+    )  # fmt: skip
+    timeouts = {e.name: e.idle_timeout for e in config.exports}
+    assert timeouts == {"own": 2.5, "other": 7.0, "slow": 30.0, "plain": 7.0}
+    config, _ = _build("--backend", "memory", "--size", "1M")
+    assert config.exports[0].idle_timeout == 0  # off unless asked for
+    for bad in (["--idle-timeout", "-1"], ["--idle-timeout", "nan"]):
+        with pytest.raises(ConfigError, match="idle-timeout must be 0"):
+            _build("--backend", "memory", "--size", "1M", *bad)
+    with pytest.raises(ConfigError, match="idle timeout of 'x' must be 0"):
+        _build("--export", "x=memory,size=1M,idle-timeout=-3")
