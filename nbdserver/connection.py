@@ -227,14 +227,16 @@ class Connection:
         sock = self.sock
         while True:
             event = hs.next_event()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            # What is left bounds every wait: receives, sends to a client that does not read,
+            # and the TLS handshake (which takes the socket's timeout as its budget).
+            sock.settimeout(remaining)
             out = hs.data_to_send()  # replies to the options just processed, before waiting
             if out:
                 sock.sendall(out)
             if event is NEED_DATA:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                sock.settimeout(remaining)
                 if not self._receive(hs, sock, remaining):
                     return "server shutting down (client was negotiating and went quiet)"
             elif isinstance(event, StartTLS):
