@@ -12,13 +12,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
+import os
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import kopf
 
+from nbd_operator import leader
 from nbd_operator.config import OperatorConfig
 from nbd_operator.handlers import build_registry, configure_settings
+from nbd_operator.kube import Kube
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -45,6 +51,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="URL",
         help="serve kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
     )
+    parser.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="run as one of several replicas: reconcile only while holding a Lease "
+        "(namespace from POD_NAMESPACE, identity from POD_NAME)",
+    )
+    parser.add_argument(
+        "--leader-lease",
+        default="nbd-operator-leader",
+        metavar="NAME",
+        help="name of the leader election Lease (default nbd-operator-leader)",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -64,18 +82,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     kopf.configure(verbose=args.verbose)
     settings = kopf.OperatorSettings()
     configure_settings(settings)
-    asyncio.run(
-        kopf.operator(
+
+    async def operate() -> None:
+        await kopf.operator(
             registry=build_registry(config),
             settings=settings,
             clusterwide=not args.namespace,
             namespaces=args.namespace,
-            # One operator replica (the chart's Deployment uses Recreate): no peering objects.
+            # No kopf peering: one replica, or several under our own Lease (--leader-elect).
             standalone=True,
             liveness_endpoint=args.liveness,
         )
+
+    if not args.leader_elect:
+        asyncio.run(operate())
+        return 0
+    return asyncio.run(_elected(args, settings, operate))
+
+
+async def _elected(
+    args: argparse.Namespace,
+    settings: kopf.OperatorSettings,
+    operate: Callable[[], Coroutine[Any, Any, None]],
+) -> int:
+    """Campaign for the Lease, operate while holding it; exit 1 when it was lost, so that the
+    pod restarts and campaigns afresh instead of resuming with stale state."""
+    logger = logging.getLogger("nbd_operator.leader")
+    info = (
+        await kopf.login_via_async_client(logger=logger, settings=settings)
+        or kopf.login_with_service_account(logger=logger, settings=settings)
+        or kopf.login_with_kubeconfig(logger=logger, settings=settings)
     )
-    return 0
+    if info is None:
+        print("nbd-operator: no credentials for leader election", file=sys.stderr)
+        return 2
+    namespace = os.environ.get("POD_NAMESPACE") or "default"
+    identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+    kube = Kube(info)
+    try:
+        elector = leader.Elector(kube, namespace, args.leader_lease, identity)
+        return 0 if await leader.lead(elector, operate) else 1
+    finally:
+        logger.warning("DBG closing")
+        await kube.close()
+        logger.warning("DBG closed")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,15 @@ class FakeApiServer(kmock.KubernetesEmulator):
             value = str(self._version)
             data.append({"op": "add", "path": "/metadata/resourceVersion", "value": value})
         elif request.resource is not None and isinstance(data, dict):
+            if request.action == kmock.action.UPDATE and request.subresource is None:
+                # A resourceVersion in a patch is a precondition on a real server (409 when
+                # the object moved on): what optimistic writers such as leader election rely on.
+                wanted = (data.get("metadata") or {}).get("resourceVersion")
+                plural = request.resource.plural or ""
+                now = self.current(plural, request.namespace, request.name or "")
+                have = (now or {}).get("metadata", {}).get("resourceVersion")
+                if wanted is not None and now is not None and wanted != have:
+                    raise kmock.KubernetesError(409, "Conflict", "the object has been modified")
             if request.action == kmock.action.DELETE:
                 self._version += 1
             if request.action in (kmock.action.CREATE, kmock.action.UPDATE):

@@ -33,6 +33,11 @@ def _kubelet_expand(args: list[str], env: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in args]
 
 
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    """The literal env values (downward-API ones have valueFrom instead)."""
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
 def _container(values: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
     return next(c for c in containers(find(render(values), kind)) if c["name"] == name)
 
@@ -61,24 +66,40 @@ def test_the_operator_accepts_its_rendered_arguments(values: dict[str, Any]) -> 
     port = container["livenessProbe"]["httpGet"]["port"]
     assert {p["name"]: p["containerPort"] for p in container["ports"]}[port] == 8080
     assert args.verbose is bool(values.get("operator", {}).get("verbose"))
+    # Leader election (on by default): the Lease the chart's Role grants, the pod's identity.
+    assert args.leader_elect is True
+    assert args.leader_lease == "nbd-kube-nbd-operator"
+    fields = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in container["env"]
+        if "valueFrom" in e
+    }
+    assert fields == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    leader_role = next(
+        o
+        for o in render(values)
+        if o["kind"] == "Role" and o["metadata"]["name"].endswith("-leader")
+    )
+    assert leader_role["metadata"]["namespace"] == "kube-nbd"
+    assert any(args.leader_lease in r.get("resourceNames", []) for r in leader_role["rules"])
 
 
 def test_the_operator_reads_the_server_image_and_pull_policy_the_chart_sets() -> None:
     values = {"image": {"pullPolicy": "Never", "tag": "dev"}}
     container = _container(values, "Deployment", "operator")
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = _env(container)
     config = OperatorConfig.from_env(env)
     assert config.server_image == "ghcr.io/kube-nbd/kube-nbd:dev"
     assert config.image_pull_policy == "Never"
     container = _container({"operator": {"serverImage": "mirror/nbd:1"}}, "Deployment", "operator")
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = _env(container)
     assert OperatorConfig.from_env(env).server_image == "mirror/nbd:1"
 
 
 def test_the_pod_monitor_finds_the_metrics_port_of_the_servers_the_operator_builds() -> None:
     objects = render({"metrics": {"podMonitor": {"enabled": True}, "serverPort": 9300}})
     operator = next(c for c in containers(find(objects, "Deployment")) if c["name"] == "operator")
-    config = OperatorConfig.from_env({e["name"]: e["value"] for e in operator["env"]})
+    config = OperatorConfig.from_env(_env(operator))
     assert config.server_metrics_port == 9300
     body = {"metadata": {"name": "disk", "namespace": "ns", "uid": "u"}}
     spec = parse_spec({**body, "spec": {"source": {"memory": {}}, "size": "1Gi"}})
@@ -89,10 +110,7 @@ def test_the_pod_monitor_finds_the_metrics_port_of_the_servers_the_operator_buil
     assert ports[monitor["podMetricsEndpoints"][0]["port"]] == 9300
     # The endpoint is off with serverPort 0, and a PodMonitor then refuses to render.
     off = _container({"metrics": {"serverPort": 0}}, "Deployment", "operator")
-    assert (
-        OperatorConfig.from_env({e["name"]: e["value"] for e in off["env"]}).server_metrics_port
-        is None
-    )
+    assert OperatorConfig.from_env(_env(off)).server_metrics_port is None
     with pytest.raises(helm.HelmRenderError, match=r"metrics\.serverPort"):
         render({"metrics": {"podMonitor": {"enabled": True}, "serverPort": 0}})
 

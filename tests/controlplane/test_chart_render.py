@@ -157,6 +157,8 @@ def test_default_install_renders_the_whole_product() -> None:
             "ClusterRole",
             "ClusterRoleBinding",
             "ClusterRoleBinding",
+            "Role",  # the operator's leader election Lease
+            "RoleBinding",
             "Deployment",
             "DaemonSet",
         ]

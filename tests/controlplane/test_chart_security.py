@@ -198,23 +198,56 @@ def test_watching_namespaces_narrows_the_operator_to_roles_in_them() -> None:
     cluster_role = find(objects, "ClusterRole", "-operator")
     namespaces: Rule = ("", "namespaces", ("list", "watch"))
     assert _rules(cluster_role) == OPERATOR_CLUSTER_RULES | {namespaces}
-    roles = [o for o in objects if o["kind"] == "Role"]
+    roles = [
+        o for o in objects if o["kind"] == "Role" and o["metadata"]["name"].endswith("-operator")
+    ]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["apps", "db"]
     assert all(_rules(r) == OPERATOR_NAMESPACED_RULES for r in roles)
-    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    bindings = [
+        o
+        for o in objects
+        if o["kind"] == "RoleBinding" and o["metadata"]["name"].endswith("-operator")
+    ]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["apps", "db"]
     assert all(b["subjects"][0]["namespace"] == "kube-nbd" for b in bindings)
     args = pod_spec(find(objects, "Deployment"))["containers"][0]["args"]
     assert "--namespace=apps" in args and "--namespace=db" in args
 
 
-def test_one_operator_at_a_time_because_it_has_no_leader_election() -> None:
+def test_several_operators_only_with_leader_election() -> None:
     deployment = find(render(), "Deployment")
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # The new pod starts beside the old one and waits for the Lease.
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert find(render({"operator": {"replicas": 3}}), "Deployment")["spec"]["replicas"] == 3
     assert find(render({"operator": {"replicas": 0}}), "Deployment")["spec"]["replicas"] == 0
+    single = {"operator": {"leaderElection": {"enabled": False}}}
+    deployment = find(render(single), "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--leader-elect" not in pod_spec(deployment)["containers"][0]["args"]
+    assert not [o for o in render(single) if o["metadata"]["name"].endswith("-leader")]
+    with pytest.raises(helm.HelmRenderError, match="leaderElection"):
+        render({"operator": {"replicas": 2, "leaderElection": {"enabled": False}}})
     with pytest.raises(helm.HelmValuesError, match="replicas"):
-        render({"operator": {"replicas": 2}})
+        render({"operator": {"replicas": -1}})
+
+
+def test_the_leader_role_grants_only_its_own_lease() -> None:
+    objects = render()
+    role = find(objects, "Role", "-operator-leader")
+    assert role["metadata"]["namespace"] == "kube-nbd"
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["nbd-kube-nbd-operator"],
+            "verbs": ["get", "patch"],
+        },
+    ]
+    binding = find(objects, "RoleBinding", "-operator-leader")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == "nbd-kube-nbd-operator"
 
 
 def test_without_rbac_creation_no_role_or_binding_is_rendered() -> None:
