@@ -4,6 +4,7 @@ writes of mixed sizes at a deep queue, then every block read back and checked.""
 from __future__ import annotations
 
 import subprocess
+import tempfile
 
 import pytest
 
@@ -13,8 +14,12 @@ pytestmark = pytest.mark.interop
 
 
 def fio(uri: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # fio writes "<job>-<n>-verify.state" files into its working directory when a verify job
+    # fails; keep them out of the repository.
     cmd = ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--output-format=terse"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, timeout=120, cwd=tempfile.gettempdir()
+    )
 
 
 @pytest.mark.parametrize(
