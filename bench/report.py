@@ -238,3 +238,25 @@ def to_json(results: BenchResults) -> dict[str, Any]:
         "hwm_kib": results.hwm_kib,
         "workloads": cells,
     }
+
+
+def from_json(data: dict[str, Any]) -> BenchResults:
+    """The inverse of to_json, to re-render a saved run (python -m bench --from-json FILE)."""
+    from bench.workloads import WORKLOADS_BY_NAME
+
+    results = BenchResults(
+        servers=list(data["servers"]),
+        workloads=[WORKLOADS_BY_NAME[name] for name in data["workloads"]],
+        unavailable=dict(data.get("unavailable", {})),
+        multi_conn=dict(data.get("multi_conn", {})),
+        peak_rss_kib=dict(data.get("peak_rss_kib", {})),
+        hwm_kib=dict(data.get("hwm_kib", {})),
+        meta=dict(data.get("meta", {})),
+    )
+    for name, entry in data["workloads"].items():
+        for server, c in entry["servers"].items():
+            cell = results.cell(name, server)
+            cell.figures = list(c["figures"])
+            cell.cpu_percent = list(c["cpu_percent"])
+            cell.errors = list(c["errors"])
+    return results

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shlex
 import shutil
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 from bench import peers
-from bench.report import BenchResults, render_markdown, render_text, to_json
+from bench.report import BenchResults, from_json, render_markdown, render_text, to_json
 from bench.workloads import (
     WORKLOADS,
     WORKLOADS_BY_NAME,
@@ -68,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="write results JSON here (default: bench/results/<time>.json)")
     p.add_argument("--no-save", action="store_true", help="do not write JSON to bench/results/")
     p.add_argument("--markdown", help="also write the tables as Markdown to this file")
+    p.add_argument("--from-json", help="run nothing: print (and --markdown) a saved run's tables")
     p.add_argument("--profile", help="after the rounds, profile nbdserver per workload into DIR")
     p.add_argument("--perf", action="store_true", help="with --profile: also record with perf")
     args = p.parse_args(argv)
@@ -114,7 +116,9 @@ def git_facts() -> dict[str, str]:
 
     return {
         "commit": git("rev-parse", "--short", "HEAD"),
-        "nbdserver_commit": git("log", "-1", "--format=%h %s", "--", "nbdserver"),
+        "nbdserver_commit": git(
+            "log", "-1", "--format=%h %<(60,trunc)%s", "--", "nbdserver"
+        ).strip(),
         # The bench runs the working tree: say when it differs from that commit.
         "nbdserver_uncommitted": str(bool(git("status", "--porcelain", "--", "nbdserver"))),
     }
@@ -183,7 +187,7 @@ def run(args: argparse.Namespace) -> BenchResults:
         "runtime": f"{args.runtime:g} s (+{args.ramp:g} s ramp)",
         "image_size": args.image_size,
         "cpus": os.cpu_count(),
-        "loadavg_start": os.getloadavg()[0],
+        "loadavg_start": round(os.getloadavg()[0], 2),
     }
     scratch = Path(tempfile.mkdtemp(prefix="nbd-bench-"))
     image = make_image(args.image_dir, args.image_bytes)
@@ -208,7 +212,7 @@ def run(args: argparse.Namespace) -> BenchResults:
         for name, server in running.items():
             results.hwm_kib[name] = server.hwm_kib()
             results.peak_rss_kib[name] = max(server.peak_tree_rss_kib, server.tree_rss_kib())
-        results.meta["loadavg_end"] = os.getloadavg()[0]
+        results.meta["loadavg_end"] = round(os.getloadavg()[0], 2)
         if args.profile:
             from bench.profile import profile_workloads
 
@@ -224,13 +228,17 @@ def run(args: argparse.Namespace) -> BenchResults:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.from_json:
+        saved = from_json(json.loads(Path(args.from_json).read_text()))
+        print(render_text(saved))
+        if args.markdown:
+            Path(args.markdown).write_text(render_markdown(saved))
+        return 0
     results = run(args)
     print(render_text(results))
     if args.markdown:
         Path(args.markdown).write_text(render_markdown(results))
     if not args.no_save or args.json:
-        import json
-
         path = Path(args.json) if args.json else RESULTS_DIR / time.strftime("%Y%m%dT%H%M%S.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(to_json(results), indent=2) + "\n")

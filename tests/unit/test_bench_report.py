@@ -9,6 +9,7 @@ import pytest
 from bench.profile import census_table, parse_perf_stat, summarize_collapsed
 from bench.report import (
     BenchResults,
+    from_json,
     markdown_table,
     render_markdown,
     render_text,
@@ -217,3 +218,9 @@ def test_targets_name_the_workloads_below_each_peer_and_the_rss_verdict() -> Non
     assert "target peak RSS <= 80 MiB: met (41.0 MiB)" in text
     r.hwm_kib["nbdserver"] = 90 * 1024
     assert "missed (90.0 MiB)" in "\n".join(target_notes(r))
+
+
+def test_a_saved_run_renders_the_same_after_a_json_round_trip() -> None:
+    r = sample_results()
+    again = from_json(json.loads(json.dumps(to_json(r))))
+    assert render_text(again) == render_text(r)
