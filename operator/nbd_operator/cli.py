@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import kopf
+from aiohttp import web
 
 from nbd_operator import leader
 from nbd_operator.config import OperatorConfig
@@ -121,11 +125,52 @@ async def _elected(
     kube = Kube(info)
     try:
         elector = leader.Elector(kube, namespace, args.leader_lease, identity)
+        async with _standby(args.liveness):
+            if not await _until_signalled(elector.acquire()):
+                return 0  # stopped while standing by
         return 0 if await leader.lead(elector, operate) else 1
     finally:
-        logger.warning("DBG closing")
         await kube.close()
-        logger.warning("DBG closed")
+
+
+@contextlib.asynccontextmanager
+async def _standby(liveness: str | None) -> AsyncIterator[None]:
+    """Answer the liveness URL while waiting for the Lease (kopf serves it once leading): a
+    standby replica is healthy, and must count as ready, or a rolling update that waits for
+    the new pod before stopping the old leader would wait forever."""
+    if not liveness:
+        yield
+        return
+    url = urllib.parse.urlsplit(liveness)
+
+    async def healthy(_: web.Request) -> web.Response:
+        return web.json_response({"standby": True})
+
+    app = web.Application()
+    app.router.add_get(url.path or "/", healthy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, url.hostname, url.port or 80).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()  # frees the port for kopf's own endpoint
+
+
+async def _until_signalled(waiting: Coroutine[Any, Any, None]) -> bool:
+    """Run ``waiting``; False when SIGTERM or SIGINT came first (kopf handles them later)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(waiting)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+        return True
+    except asyncio.CancelledError:
+        return False
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 if __name__ == "__main__":

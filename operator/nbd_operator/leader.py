@@ -26,6 +26,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+
 from nbd_operator.kube import Conflict, Kube, KubeError
 
 LOG = logging.getLogger("nbd_operator.leader")
@@ -102,8 +104,10 @@ class Elector:
             await self.kube.patch("Lease", self.namespace, self.name, patch)
         except Conflict:
             return False  # another candidate wrote first
-        except KubeError as exc:
-            LOG.warning("leader election: %s", exc)
+        except (KubeError, aiohttp.ClientError, TimeoutError) as exc:
+            # The API unreachable or refusing: not leading this round (a leader that stays
+            # cut off gives up after renew_deadline).
+            LOG.warning("leader election: %s", exc or type(exc).__name__)
             return False
         return True
 
@@ -127,7 +131,7 @@ class Elector:
 
     async def release(self) -> None:
         """Hand the Lease over at once on a clean stop (an empty holder is free to take)."""
-        with contextlib.suppress(KubeError):
+        with contextlib.suppress(KubeError, aiohttp.ClientError, TimeoutError):
             lease = await self.kube.get("Lease", self.namespace, self.name)
             spec = (lease or {}).get("spec") or {}
             if lease is None or spec.get("holderIdentity") != self.identity:

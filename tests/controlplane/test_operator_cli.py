@@ -5,11 +5,15 @@ serves an export, and stops cleanly on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import pathlib
 import signal
+import socket
 import sys
 
+import aiohttp
+import nbd_api
 import yaml
 from operator_harness import NS, api_server, export
 
@@ -62,10 +66,34 @@ async def test_the_command_logs_in_from_kubeconfig_serves_and_stops_on_sigterm(
         assert proc.returncode == 0, output.decode()[-2000:]
 
 
-async def test_with_leader_election_it_reconciles_under_its_lease_and_releases_it(
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def healthz(port: int) -> int:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/healthz") as resp,
+    ):
+        return resp.status
+
+
+async def test_with_leader_election_it_stands_by_then_leads_and_hands_the_lease_over(
     tmp_path: pathlib.Path,
 ) -> None:
     async with api_server() as (server, client):
+        # Another replica leads (renewed just now, for an hour).
+        held = nbd_api.writer_lease(NS, "x", "other-pod")  # any Lease shape; renamed below
+        held["metadata"] = {"name": "ops", "namespace": NS}
+        held["spec"] = {
+            "holderIdentity": "other-pod",
+            "leaseDurationSeconds": 3600,
+            "renewTime": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        }
+        await client.create(held)
+        await client.create(export("elected", {"source": {"memory": {}}, "size": "1Gi"}))
         config = kubeconfig(tmp_path / "config", str(server.url).rstrip("/"))
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -75,15 +103,38 @@ async def test_with_leader_election_it_reconciles_under_its_lease_and_releases_i
             "POD_NAME": "operator-7f9c-abcde",
             "POD_NAMESPACE": NS,
         }
+        port = free_port()
         code = "import sys; from nbd_operator.cli import main; sys.exit(main(sys.argv[1:]))"
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, "--leader-elect", "--leader-lease", "ops", env=env,
-            cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            sys.executable, "-c", code, "--leader-elect", "--leader-lease", "ops",
+            f"--liveness=http://127.0.0.1:{port}/healthz", env=env, cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         try:
-            lease = await server.wait_for(lambda: server.current("leases", NS, "ops"), timeout=60)
-            assert lease["spec"]["holderIdentity"] == "operator-7f9c-abcde"
-            await client.create(export("elected", {"source": {"memory": {}}, "size": "1Gi"}))
+            # Standing by: it reads the Lease (its health endpoint is up before that), says it
+            # is healthy (a standby pod must be live and ready), and reconciles nothing.
+            await server.wait_for(
+                lambda: any(
+                    r.resource
+                    and r.resource.plural == "leases"
+                    and r.headers.get("Authorization") == "Bearer not-checked"  # the process's
+                    for r in list(server)
+                ),
+                timeout=60,
+            )
+            assert await healthz(port) == 200
+            assert server.current("deployments", NS, "elected-nbd") is None
+            # The leader hands over: this replica takes the Lease and reconciles.
+            await client.patch("Lease", NS, "ops", {"spec": {"holderIdentity": None}})
+            lease = await server.wait_for(
+                lambda: (
+                    (o := server.current("leases", NS, "ops"))
+                    and o["spec"].get("holderIdentity") == "operator-7f9c-abcde"
+                    and o
+                ),
+                timeout=30,
+            )
+            assert lease["spec"]["leaseTransitions"] >= 1
             await server.wait_for(
                 lambda: server.current("deployments", NS, "elected-nbd"), timeout=60
             )
