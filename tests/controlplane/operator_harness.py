@@ -131,9 +131,9 @@ class FakeApiServer(kmock.KubernetesEmulator):
                 # the object moved on): what optimistic writers such as leader election rely on.
                 wanted = (data.get("metadata") or {}).get("resourceVersion")
                 plural = request.resource.plural or ""
-                now = self.current(plural, request.namespace, request.name or "")
-                have = (now or {}).get("metadata", {}).get("resourceVersion")
-                if wanted is not None and now is not None and wanted != have:
+                stored = self.current(plural, request.namespace, request.name or "")
+                have = (stored or {}).get("metadata", {}).get("resourceVersion")
+                if wanted is not None and stored is not None and wanted != have:
                     raise kmock.KubernetesError(409, "Conflict", "the object has been modified")
             if request.action == kmock.action.DELETE:
                 self._version += 1
