@@ -2,9 +2,12 @@
 
 Why it exists: one entry point for in-cluster and local runs. With no arguments it logs in the
 way kopf does (in-cluster service account, else the current kubeconfig context) and watches
-NBDExports in all namespaces; ``--namespace`` (repeatable) narrows that.
+NBDExports in all namespaces; ``--namespace`` (repeatable) narrows that. With
+``--leader-elect`` it first stands by (answering its health URL) until it holds the leader
+Lease (``leader``), and runs kopf only while it does.
 
-What it must not do: hold logic. It reads settings, builds the registry and hands over to kopf.
+What it must not do: hold reconciliation logic. It reads settings, builds the registry and
+hands over to kopf.
 """
 
 from __future__ import annotations
