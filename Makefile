@@ -1,6 +1,6 @@
 # Developer shortcuts. Every target runs from the repository root with the project's venv.
 PY := .venv/bin/python
-SRC := nbdserver agent/nbd_agent operator/nbd_operator api/nbd_api bench tests
+SRC := nbdserver agent/nbd_agent operator/nbd_operator api/nbd_api bench tests scripts
 
 .PHONY: dev lint test test-unit test-interop test-kernel test-controlplane bench proto chart ci
 
