@@ -2,11 +2,13 @@
 
 Why it looks like this: a Python server keeps up with C servers only by paying the interpreter
 once per *batch* of requests rather than per byte or per syscall. Each pass receives as much as
-the socket holds into one preallocated buffer, decodes every complete request in it, validates
-each one (``nbdserver.edge_validate``) before any backend call, runs it, and sends all replies of
-the pass with one ``sendmsg`` (writev). Reads land in a preallocated arena and go out from there;
-write payloads are written straight from the receive buffer. The GIL is released in every
-syscall, so other connections run meanwhile.
+the socket holds into one buffer, decodes every complete request in it, validates each one
+(``protocol.transmission.RequestValidator``) before any backend call, runs it, and sends all
+replies of the pass with one ``sendmsg`` (writev). Reads land in an arena and go out from there;
+write payloads are written straight from the receive buffer. Both are lazily resident mappings
+(``edge_sparse.buffer``); a request larger than them gets a buffer of its own, returned once it
+is answered. Large reads of sparse ranges answer holes with OFFSET_HOLE chunks (``edge_sparse``).
+The GIL is released in every syscall, so other connections run meanwhile.
 
 Slow commands (FLUSH, TRIM, WRITE_ZEROES, CACHE) run on a small shared worker pool and reply
 when done, so fast reads and writes pass them (out-of-order replies, as the spec allows).
@@ -24,6 +26,7 @@ import ssl
 import threading
 from concurrent.futures import Executor
 
+from nbdserver.edge_sparse import SPARSE_READ, Plan, buffer, hole_plan, release, sparse_reply
 from nbdserver.errors import ConnectionClosed, ProtocolViolation, nbd_errno
 from nbdserver.exports import Export
 from nbdserver.protocol import wire
@@ -50,6 +53,7 @@ _FUA = int(CommandFlag.NBD_CMD_FLAG_FUA)
 _NO_HOLE = int(CommandFlag.NBD_CMD_FLAG_NO_HOLE)
 _FAST_ZERO = int(CommandFlag.NBD_CMD_FLAG_FAST_ZERO)
 _REQ_ONE = int(CommandFlag.NBD_CMD_FLAG_REQ_ONE)
+_DF = int(CommandFlag.NBD_CMD_FLAG_DF)
 _EINVAL = 22
 
 RECV_BUFFER = 4 * 1024 * 1024  # holds many small requests or a few large writes
@@ -58,6 +62,7 @@ SHUTDOWN_QUIET = 0.5  # seconds a stopping server waits for more requests (answe
 READ_ARENA = 4 * 1024 * 1024  # read replies of one batch
 IOV_LIMIT = 512  # stay well under IOV_MAX (1024) per sendmsg
 EARLY_SEND = 256 * 1024  # reads at least this large are sent without waiting for the batch
+COMPACT_AT = 1024 * 1024  # a small partial request past this point moves to the front
 
 
 def _readable(sock: socket.socket, timeout: float) -> bool:
@@ -96,9 +101,11 @@ class Transmission:
         self._inflight = 0  # requests handed to the pool and not yet answered
         self._idle = threading.Condition(threading.Lock())
         self._broken: BaseException | None = None
-        self._rbuf = bytearray(RECV_BUFFER)
-        self._arena = bytearray(READ_ARENA)
-        self._big: bytearray | None = None  # for payloads larger than the buffers
+        self._rbuf = buffer(RECV_BUFFER)
+        self._arena = buffer(READ_ARENA)
+        self.big_held = 0  # bytes of a large request's own buffer, while it runs
+        structured = negotiated.structured_replies or negotiated.extended_headers
+        self._sparse = structured and export.backend.can_extents
         self.requests = 0
         self.waiting = False  # blocked in recv with no request in progress
         self._preload = b""
@@ -170,6 +177,7 @@ class Transmission:
         pwrite = backend.pwrite
         arena = memoryview(self._arena)
         arena_cap = len(arena)
+        sparse_min = SPARSE_READ if self._sparse else 1 << 62
         start = 0
         end = len(self._preload)
         buf[:end] = self._preload
@@ -179,9 +187,10 @@ class Transmission:
                 raise ConnectionClosed(f"send failed: {self._broken}")
             if start == end:
                 start = end = 0
-            elif start and cap - end < 65536:
-                # Keep the partial request, move it to the front to make room.
-                mv[: end - start] = buf[start:end]
+            elif start and (cap - end < 65536 or (end > COMPACT_AT and end - start < 65536)):
+                # Keep the partial request, move it to the front to make room (a small one
+                # early, so connections of small requests touch only the buffer's first pages).
+                mv[: end - start] = mv[start:end]
                 end -= start
                 start = 0
             if need_recv:
@@ -194,7 +203,14 @@ class Transmission:
                     n = 0
                 else:
                     # At most RECV_CHUNK per call: payloads are written out while cache-hot.
-                    n = sock.recv_into(mv[end : end + RECV_CHUNK])
+                    try:
+                        n = sock.recv_into(mv[end : end + RECV_CHUNK])
+                    except (TimeoutError, BlockingIOError):
+                        # The idle timeout fired. A command still running on the pool (a slow
+                        # FLUSH) is activity: wait again; otherwise the connection was idle.
+                        if not self._inflight or end > start:
+                            raise
+                        continue
                 self.waiting = False
                 if not n:
                     if validator.shutting_down:
@@ -233,23 +249,30 @@ class Transmission:
                     if err:
                         iov.append(err_reply(cookie, err, offset, "invalid read request"))
                         continue
+                    # Holes are worth asking about only for large reads (one comparison else).
+                    plan = None
+                    if length >= sparse_min and not flags & _DF:
+                        plan = hole_plan(backend, offset, length)
                     if length > arena_cap - apos:
                         if iov:
                             self._sendv(iov)
                             iov = []
                         apos = 0
                         if length > arena_cap:
-                            self._read_big(cookie, offset, length)
+                            self._read_big(cookie, offset, length, plan)
                             continue
                     data = arena[apos : apos + length]
                     apos += length
-                    try:
-                        pread(data, offset)
-                    except Exception as e:
-                        iov.append(err_reply(cookie, nbd_errno(e), offset, str(e)))
-                        continue
-                    iov.append(read_reply(cookie, offset, length))
-                    iov.append(data)
+                    if plan is not None:
+                        iov.extend(sparse_reply(replies, backend, cookie, offset, data, plan))
+                    else:
+                        try:
+                            pread(data, offset)
+                        except Exception as e:
+                            iov.append(err_reply(cookie, nbd_errno(e), offset, str(e)))
+                            continue
+                        iov.append(read_reply(cookie, offset, length))
+                        iov.append(data)
                     if length >= EARLY_SEND:
                         # A big read goes out at once and its arena space is reused for the
                         # next: the data is still in the CPU cache when the kernel copies it,
@@ -286,43 +309,57 @@ class Transmission:
             if iov:
                 self._sendv(iov)
 
-    # --- large payloads ----------------------------------------------------------------------
-    def _bigbuf(self, length: int) -> memoryview:
-        if self._big is None or len(self._big) < length:
-            self._big = bytearray(length)
-        return memoryview(self._big)[:length]
-
-    def _read_big(self, cookie: int, offset: int, length: int) -> None:
-        data = self._bigbuf(length)
+    # --- large requests ----------------------------------------------------------------------
+    def _read_big(self, cookie: int, offset: int, length: int, plan: Plan | None) -> None:
+        """A read larger than the arena, from a buffer that lives only for this request."""
+        big = buffer(length)
+        self.big_held = length
+        data = memoryview(big)
         try:
-            self.backend.pread(data, offset)
-        except Exception as e:
-            self._sendv([self.replies.error(cookie, nbd_errno(e), offset, str(e))])
-            return
-        self._sendv([self.replies.read(cookie, offset, length), data])
+            if plan is not None:
+                self._sendv(sparse_reply(self.replies, self.backend, cookie, offset, data, plan))
+                return
+            try:
+                self.backend.pread(data, offset)
+            except Exception as e:
+                self._sendv([self.replies.error(cookie, nbd_errno(e), offset, str(e))])
+                return
+            self._sendv([self.replies.read(cookie, offset, length), data])
+        finally:
+            data.release()
+            release(big)
+            self.big_held = 0
 
     def _big_payload(
         self, have: memoryview, flags: int, typ: int, cookie: int, offset: int, length: int,
         plen: int,
     ) -> None:  # fmt: skip
-        """A request whose payload does not fit the receive buffer: collect it, then run it."""
-        data = self._bigbuf(plen)
-        got = len(have)
-        data[:got] = have
-        while got < plen:
-            n = self.sock.recv_into(data[got:])
-            if not n:
-                raise ConnectionClosed("client closed the connection mid-request")
-            got += n
-        self.requests += 1
-        err = self.validator.validate(flags, typ, offset, length)
-        if not err and typ == _WRITE:
-            try:
-                self.backend.pwrite(data, offset, flags & _FUA != 0)
-            except Exception as e:
-                err = nbd_errno(e)
-        elif not err:
-            err = _EINVAL  # no other command carries a payload we understand
+        """A request whose payload does not fit the receive buffer: collect it, then run it,
+        in a buffer that lives only for this request."""
+        big = buffer(plen)
+        self.big_held = plen
+        data = memoryview(big)
+        try:
+            got = len(have)
+            data[:got] = have
+            while got < plen:
+                n = self.sock.recv_into(data[got:])
+                if not n:
+                    raise ConnectionClosed("client closed the connection mid-request")
+                got += n
+            self.requests += 1
+            err = self.validator.validate(flags, typ, offset, length)
+            if not err and typ == _WRITE:
+                try:
+                    self.backend.pwrite(data, offset, flags & _FUA != 0)
+                except Exception as e:
+                    err = nbd_errno(e)
+            elif not err:
+                err = _EINVAL  # no other command carries a payload we understand
+        finally:
+            data.release()
+            release(big)
+            self.big_held = 0
         if err:
             self._sendv([self.replies.error(cookie, err, offset, "request failed")])
         else:

@@ -1,0 +1,85 @@
+"""The idle timeout counts a command still running on the worker pool as activity.
+
+A FLUSH that takes longer than ``--idle-timeout`` (here a memory backend whose flush waits for
+the test's signal, on the real transmission loop over a socket pair, with the timeout armed the
+way the server arms it) must not end the connection: the client gets the FLUSH reply and can go
+on with more requests. Once nothing is running and the client stays quiet, the timeout still
+ends the connection.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from nbdserver.connection import _arm_idle_timeout, export_info
+from nbdserver.edge_transmission import Transmission
+from nbdserver.exports import Export, ExportConfig
+from nbdserver.protocol import wire
+from nbdserver.protocol.constants import Command, TransmissionFlag
+from nbdserver.protocol.events import Negotiated
+from tests.interop.test_server_out_of_order import SlowFlush, reply
+from tests.interop.test_server_robustness import recv_exact
+
+pytestmark = pytest.mark.interop
+
+IDLE = 0.3
+
+
+def test_a_flush_slower_than_the_idle_timeout_does_not_end_the_connection() -> None:
+    backend = SlowFlush(1 << 20)
+    backend.pwrite(b"k" * 512, 0, fua=False)
+    export = Export(ExportConfig(name="", backend="memory", size=backend.size()), backend)
+    info = export_info(export)
+    negotiated = Negotiated(
+        export_name="",
+        export=info,
+        transmission_flags=info.flags | TransmissionFlag.NBD_FLAG_HAS_FLAGS,
+        structured_replies=False,
+        extended_headers=False,
+        meta_contexts=(),
+        block_size_requested=False,
+        tls=False,
+        via_go=True,
+    )
+    server_sock, client = socket.socketpair()
+    _arm_idle_timeout(server_sock, IDLE)
+    pool = ThreadPoolExecutor(2)
+    tx = Transmission(server_sock, export, negotiated, pool=pool)
+    ended: list[BaseException | str] = []
+
+    def run() -> None:
+        try:
+            ended.append(tx.run())
+        except BaseException as e:  # the idle timeout surfaces as an exception (see connection)
+            ended.append(e)
+        finally:
+            server_sock.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    client.settimeout(10)
+    try:
+        client.sendall(wire.pack_request(0, Command.NBD_CMD_FLUSH, 1, 0, 0))
+        assert backend.flushing.wait(10)
+        # Several idle timeouts pass while the FLUSH runs.
+        thread.join(4 * IDLE)
+        assert thread.is_alive() and not ended
+        backend.release.set()
+        assert reply(client) == (0, 1)
+        # The connection is still served after the slow command.
+        client.sendall(wire.pack_request(0, Command.NBD_CMD_READ, 2, 0, 512))
+        assert reply(client) == (0, 2)
+        assert recv_exact(client, 512) == b"k" * 512
+        # Nothing running and a quiet client: the idle timeout ends it as before.
+        thread.join(10)
+        assert not thread.is_alive()
+        assert len(ended) == 1 and isinstance(ended[0], (TimeoutError, BlockingIOError))
+    finally:
+        backend.release.set()
+        client.close()
+        thread.join(10)
+        pool.shutdown()
