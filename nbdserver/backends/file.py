@@ -104,8 +104,15 @@ class FileBackend(FdBackend):
             raise
         super().__init__(fd, st.st_size, read_only)
         self.path = path
+        # A range known to hold no hole, from the last SEEK_HOLE: on tmpfs SEEK_HOLE walks
+        # page by page to the next hole (milliseconds across a fully written GiB), and reads
+        # ask for extents. Writes only fill holes, so the range stays true until this backend
+        # punches one (trim, zero), which forgets it. A stale range only ever says "data",
+        # which is always a correct answer (the data read returns the zeroes).
+        self._data_span = (0, 0)
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
+        self._data_span = (0, 0)
         try:
             _linux.punch_hole(self._fd, offset, length)
         except OSError as e:
@@ -116,6 +123,7 @@ class FileBackend(FdBackend):
             os.fdatasync(self._fd)
 
     def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        self._data_span = (0, 0)
         fd = self._fd
         done = False
         if may_trim:
@@ -136,6 +144,9 @@ class FileBackend(FdBackend):
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         fd, end, pos = self._fd, offset + length, offset
+        lo, hi = self._data_span
+        if lo <= offset and end <= hi:
+            return [Extent(length, 0)]
         out: list[Extent] = []
         while pos < end and len(out) < _MAX_EXTENTS:
             try:
@@ -153,6 +164,7 @@ class FileBackend(FdBackend):
                 pos = stop
                 continue
             hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            self._data_span = (pos, hole)
             stop = min(hole, end)
             out.append(Extent(stop - pos, 0))
             pos = stop

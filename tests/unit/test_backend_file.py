@@ -129,3 +129,22 @@ def test_short_file_reads_zero_past_its_end(tmp_path: Path) -> None:
     b.pread(memoryview(buf), 0)
     assert bytes(buf) == b"a" * 4096 + bytes(4096)
     b.close()
+
+
+def test_extents_of_a_known_data_range_are_remembered_until_a_hole_is_punched(
+    image: Path,
+) -> None:
+    b = FileBackend(str(image))
+    b.pwrite(b"d" * (2 * MiB), MiB, fua=False)  # data [1M, 3M)
+    assert b.extents(MiB, 512 * 1024) == [Extent(512 * 1024, 0)]
+    # Within the remembered data range no lseek is needed, and the answer is still right.
+    assert b.extents(MiB + 4096, 64 * 1024) == [Extent(64 * 1024, 0)]
+    b.trim(2 * MiB, 64 * 1024, fua=False)  # punching forgets the range
+    assert b.extents(2 * MiB - 4096, 128 * 1024) == [
+        Extent(4096, 0),
+        Extent(64 * 1024, HOLE),
+        Extent(60 * 1024, 0),
+    ]
+    b.zero(MiB, 4096, may_trim=True, fast=False, fua=False)
+    assert b.extents(MiB, 8192) == [Extent(4096, HOLE), Extent(4096, 0)]
+    b.close()
