@@ -154,6 +154,10 @@ class Transmission:
             return self._loop()
         finally:
             self._wait_idle()
+            # Unmap the buffers now rather than whenever the object goes (unless a traceback
+            # still holds a view of them: then with it).
+            release(self._rbuf)
+            release(self._arena)
 
     def _loop(self) -> str:
         sock = self.sock
