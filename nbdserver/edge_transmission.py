@@ -99,6 +99,7 @@ class Transmission:
         self._gather = not isinstance(sock, ssl.SSLSocket)
         self._send_lock = threading.Lock()
         self._inflight = 0  # requests handed to the pool and not yet answered
+        self._answered = False  # a pool request was answered since the last idle check
         self._idle = threading.Condition(threading.Lock())
         self._broken: BaseException | None = None
         self._rbuf = buffer(RECV_BUFFER)
@@ -210,10 +211,11 @@ class Transmission:
                     try:
                         n = sock.recv_into(mv[end : end + RECV_CHUNK])
                     except (TimeoutError, BlockingIOError):
-                        # The idle timeout fired. A command still running on the pool (a slow
-                        # FLUSH) is activity: wait again; otherwise the connection was idle.
-                        if not self._inflight or end > start:
+                        # The idle timeout fired. A command running on the pool (a slow FLUSH),
+                        # or answered during this wait, is activity: wait again.
+                        if end > start or not (self._inflight or self._answered):
                             raise
+                        self._answered = False
                         continue
                 self.waiting = False
                 if not n:
@@ -409,6 +411,7 @@ class Transmission:
             # The main loop notices on its next pass and ends the connection.
             self._broken = e
         finally:
+            self._answered = True  # before the count drops: the idle check reads them in turn
             with self._idle:
                 self._inflight -= 1
                 if not self._inflight:

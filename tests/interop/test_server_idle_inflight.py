@@ -3,8 +3,9 @@
 A FLUSH that takes longer than ``--idle-timeout`` (here a memory backend whose flush waits for
 the test's signal, on the real transmission loop over a socket pair, with the timeout armed the
 way the server arms it) must not end the connection: the client gets the FLUSH reply and can go
-on with more requests. Once nothing is running and the client stays quiet, the timeout still
-ends the connection.
+on with more requests (a command answered during a wait also counts, so the client gets a whole
+timeout after the reply). Once nothing is running and the client stays quiet, the timeout
+still ends the connection.
 """
 
 from __future__ import annotations
