@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 NBD_GREETING = b"NBDMAGIC"
-DEFAULT_NBDSERVER = "/work/main/.venv/bin/nbdserver"
+# The nbdserver installed beside the interpreter running the bench (the project's venv).
+DEFAULT_NBDSERVER = str(Path(sys.executable).parent / "nbdserver")
 
 
 class ServerStartError(RuntimeError):
