@@ -15,7 +15,7 @@ for p in "${pkgs[@]}"; do
 done
 if ((${#missing[@]})); then
     $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
 fi
 
 PY=${PYTHON:-python3}
