@@ -18,9 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from nbdserver.backends.memory import MemoryBackend
-from nbdserver.connection import export_info
 from nbdserver.edge_transmission import Transmission
-from nbdserver.exports import Export, ExportConfig
 from nbdserver.protocol import wire
 from nbdserver.protocol.constants import (
     NBD_REPLY_FLAG_DONE,
@@ -30,10 +28,10 @@ from nbdserver.protocol.constants import (
     ReplyType,
     TransmissionFlag,
 )
-from nbdserver.protocol.events import Negotiated
 from tests.interop.conftest import NbdServerFactory
 from tests.interop.test_server_libnbd import SYSTEM_ENV
 from tests.interop.test_server_robustness import recv_exact
+from tests.interop.transmission_harness import negotiated_memory_export
 
 pytestmark = pytest.mark.interop
 
@@ -44,20 +42,8 @@ DONE = NBD_REPLY_FLAG_DONE
 
 
 def serve_structured(backend: MemoryBackend) -> tuple[socket.socket, threading.Thread]:
-    export = Export(ExportConfig(name="", backend="memory", size=backend.size()), backend)
-    info = export_info(export)
-    negotiated = Negotiated(
-        export_name="",
-        export=info,
-        transmission_flags=info.flags
-        | TransmissionFlag.NBD_FLAG_HAS_FLAGS
-        | TransmissionFlag.NBD_FLAG_SEND_DF,
-        structured_replies=True,
-        extended_headers=False,
-        meta_contexts=(),
-        block_size_requested=False,
-        tls=False,
-        via_go=True,
+    export, negotiated = negotiated_memory_export(
+        backend, structured=True, extra_flags=TransmissionFlag.NBD_FLAG_SEND_DF
     )
     server_sock, client = socket.socketpair()
     pool = ThreadPoolExecutor(1)

@@ -16,14 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from nbdserver.connection import _arm_idle_timeout, export_info
+from nbdserver.connection import _arm_idle_timeout
 from nbdserver.edge_transmission import Transmission
-from nbdserver.exports import Export, ExportConfig
 from nbdserver.protocol import wire
-from nbdserver.protocol.constants import Command, TransmissionFlag
-from nbdserver.protocol.events import Negotiated
+from nbdserver.protocol.constants import Command
 from tests.interop.test_server_out_of_order import SlowFlush, reply
 from tests.interop.test_server_robustness import recv_exact
+from tests.interop.transmission_harness import negotiated_memory_export
 
 pytestmark = pytest.mark.interop
 
@@ -33,19 +32,7 @@ IDLE = 0.3
 def test_a_flush_slower_than_the_idle_timeout_does_not_end_the_connection() -> None:
     backend = SlowFlush(1 << 20)
     backend.pwrite(b"k" * 512, 0, fua=False)
-    export = Export(ExportConfig(name="", backend="memory", size=backend.size()), backend)
-    info = export_info(export)
-    negotiated = Negotiated(
-        export_name="",
-        export=info,
-        transmission_flags=info.flags | TransmissionFlag.NBD_FLAG_HAS_FLAGS,
-        structured_replies=False,
-        extended_headers=False,
-        meta_contexts=(),
-        block_size_requested=False,
-        tls=False,
-        via_go=True,
-    )
+    export, negotiated = negotiated_memory_export(backend)
     server_sock, client = socket.socketpair()
     _arm_idle_timeout(server_sock, IDLE)
     pool = ThreadPoolExecutor(2)

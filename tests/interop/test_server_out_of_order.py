@@ -12,13 +12,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from nbdserver.backends.memory import MemoryBackend
-from nbdserver.connection import export_info
 from nbdserver.edge_transmission import Transmission
-from nbdserver.exports import Export, ExportConfig
 from nbdserver.protocol import wire
-from nbdserver.protocol.constants import NBD_SIMPLE_REPLY_MAGIC, Command, TransmissionFlag
-from nbdserver.protocol.events import Negotiated
+from nbdserver.protocol.constants import NBD_SIMPLE_REPLY_MAGIC, Command
 from tests.interop.test_server_robustness import recv_exact
+from tests.interop.transmission_harness import negotiated_memory_export
 
 
 class SlowFlush(MemoryBackend):
@@ -33,19 +31,7 @@ class SlowFlush(MemoryBackend):
 
 
 def serve(backend: MemoryBackend) -> tuple[socket.socket, threading.Thread, list[str]]:
-    export = Export(ExportConfig(name="", backend="memory", size=backend.size()), backend)
-    info = export_info(export)
-    negotiated = Negotiated(
-        export_name="",
-        export=info,
-        transmission_flags=info.flags | TransmissionFlag.NBD_FLAG_HAS_FLAGS,
-        structured_replies=False,
-        extended_headers=False,
-        meta_contexts=(),
-        block_size_requested=False,
-        tls=False,
-        via_go=True,
-    )
+    export, negotiated = negotiated_memory_export(backend)
     server_sock, client = socket.socketpair()
     pool = ThreadPoolExecutor(2)
     tx = Transmission(server_sock, export, negotiated, pool=pool)
