@@ -1,0 +1,186 @@
+"""Helpers shared by the node-side e2e tests (tests/e2e/test_csi_e2e.py).
+
+Why it exists: the CSI scenarios need objects the operator's ``Kube`` client does not know
+(Pods, PersistentVolumes, Events, CSIDrivers, CSINodes) and two reads that are not JSON objects
+by name (a pod's log, the events about one object). This module widens that client for tests
+only, and holds the skip decision and the deadline poll in one place.
+
+What it must not do: decide anything about exports, or be imported by product code. It changes
+neither ``nbd_operator.kube`` nor the operator e2e module's behaviour (that module keeps its own
+copies of the kubeconfig check and the poll; they follow the same rules as these).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from nbd_operator.kube import CLUSTER_SCOPED, RESOURCES, Kube
+
+TIMEOUT = float(os.environ.get("NBD_E2E_TIMEOUT", "180"))
+# A busybox-like image with sh, dd, cmp, cat, blockdev and sleep; any the nodes can pull.
+TEST_IMAGE = os.environ.get("E2E_TEST_IMAGE", "busybox:1.36")
+NO_CLUSTER_REASON = (
+    "no kubeconfig (KUBECONFIG or ~/.kube/config) and not in a cluster: "
+    "the e2e suite needs a real cluster, see tests/e2e/README.md"
+)
+
+# What the node-side tests touch beyond the operator's kinds: kind -> (API prefix, plural).
+EXTRA_RESOURCES: dict[str, tuple[str, str]] = {
+    "Pod": ("api/v1", "pods"),
+    "PersistentVolume": ("api/v1", "persistentvolumes"),
+    "Event": ("api/v1", "events"),
+    "CSIDriver": ("apis/storage.k8s.io/v1", "csidrivers"),
+    "CSINode": ("apis/storage.k8s.io/v1", "csinodes"),
+}
+EXTRA_CLUSTER_SCOPED = {"PersistentVolume", "CSIDriver", "CSINode"}
+
+
+def kubeconfig_present() -> bool:
+    """A kubeconfig file or an in-cluster service account token exists (reachability aside)."""
+    paths = os.environ.get("KUBECONFIG", str(pathlib.Path.home() / ".kube" / "config"))
+    in_cluster = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
+    return in_cluster or any(pathlib.Path(p).exists() for p in paths.split(os.pathsep) if p)
+
+
+class E2EKube(Kube):
+    """The operator's client, with the kinds and reads the node-side scenarios need."""
+
+    def _url(
+        self, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None
+    ) -> str:
+        prefix, plural = {**RESOURCES, **EXTRA_RESOURCES}[kind]
+        parts = [self._server, prefix]
+        if kind not in CLUSTER_SCOPED | EXTRA_CLUSTER_SCOPED:
+            assert namespace, f"{kind} is namespaced"
+            parts += ["namespaces", quote(namespace, safe="")]
+        parts.append(plural)
+        if name is not None:
+            parts.append(quote(name, safe=""))
+        if sub is not None:
+            parts.append(sub)
+        return "/".join(parts)
+
+    async def events_about(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """Events whose involvedObject is ``name`` (any kind) in ``namespace``."""
+        params: Mapping[str, str] = {"fieldSelector": f"involvedObject.name={name}"}
+        result = await self._request("GET", self._url("Event", namespace), params=params)
+        items = list(result.get("items") or [])
+        # Filter again: the selector is a request, the assertion must not depend on it.
+        return [i for i in items if (i.get("involvedObject") or {}).get("name") == name]
+
+    async def pod_log(self, namespace: str, name: str) -> str:
+        """The pod's log as text ("" when it has none yet); plain text, not JSON."""
+        url = self._url("Pod", namespace, name, "log")
+        async with self._session.get(url) as resp:
+            text = await resp.text()
+            return text if resp.status < 400 else ""
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """Poll the real API until ``check`` returns something truthy, or fail after TIMEOUT."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TIMEOUT
+    while True:
+        result = await check()
+        if result:
+            return result
+        if loop.time() > deadline:
+            pytest.fail(f"timed out after {TIMEOUT}s waiting for {what}")
+        # A poll interval against a real cluster, inside a deadline; not a synchronisation.
+        await asyncio.sleep(2)
+
+
+def export_manifest(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "nbd.dev/v1alpha1",
+        "kind": "NBDExport",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def pod_manifest(
+    name: str,
+    namespace: str,
+    script: str,
+    volume: dict[str, Any],
+    *,
+    block_path: str | None = None,
+    node: str | None = None,
+) -> dict[str, Any]:
+    """A one-container busybox pod running ``script`` with ``volume`` named ``data``: mounted
+    at /data, or (``block_path``) handed over as a raw device at that path."""
+    container: dict[str, Any] = {
+        "name": "main",
+        "image": TEST_IMAGE,
+        "command": ["sh", "-c", script],
+        # Root in the container to open a device node or write the filesystem's root folder,
+        # but nothing beyond that.
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsUser": 0},
+    }
+    if block_path is None:
+        container["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
+    else:
+        container["volumeDevices"] = [{"name": "data", "devicePath": block_path}]
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        # busybox sh as PID 1 ignores SIGTERM: do not wait the default 30 s on every delete.
+        "terminationGracePeriodSeconds": 1,
+        "containers": [container],
+        "volumes": [{"name": "data", **volume}],
+    }
+    if node is not None:
+        # Bypass the scheduler on purpose: the test needs the pod on exactly this node.
+        spec["nodeName"] = node
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": "nbd-e2e"}},
+        "spec": spec,
+    }
+
+
+def inline_volume(export: str) -> dict[str, Any]:
+    return {"csi": {"driver": "nbd.dev", "fsType": "ext4", "volumeAttributes": {"export": export}}}
+
+
+def static_pv_and_claim(
+    name: str, namespace: str, export: str, size: str, mode: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A PV naming ``namespace/export`` and the PVC bound to it explicitly (both ways), with no
+    StorageClass so no provisioner can step in."""
+    pv: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": name},
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": ["ReadWriteOnce"],
+            "volumeMode": mode,
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "claimRef": {"namespace": namespace, "name": name},
+            "csi": {"driver": "nbd.dev", "volumeHandle": f"{namespace}/{export}"},
+        },
+    }
+    if mode == "Filesystem":
+        pv["spec"]["csi"]["fsType"] = "ext4"
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "volumeMode": mode,
+            "storageClassName": "",
+            "volumeName": name,
+            "resources": {"requests": {"storage": size}},
+        },
+    }
+    return pv, claim
