@@ -109,6 +109,9 @@ class Transmission:
         self._sparse = structured and export.backend.can_extents
         self.requests = 0
         self.waiting = False  # blocked in recv with no request in progress
+        # A plain attribute beside the validator's flag: the loop reads it on every pass, and
+        # at queue depth 1 that is once per request (the validator's property cost 2-3%).
+        self.stopping = False
         self._preload = b""
 
     def preload(self, data: bytes) -> None:
@@ -120,6 +123,7 @@ class Transmission:
     def begin_shutdown(self) -> None:
         """Answer every request not yet started with ESHUTDOWN (the client then disconnects)."""
         self.validator.shutting_down = True
+        self.stopping = True
 
     # --- sending --------------------------------------------------------------------------
     def _sendv(self, iov: list[bytes | memoryview]) -> None:
@@ -130,9 +134,7 @@ class Transmission:
                 sock.sendall(b"".join(iov))
                 return
             sent = sock.sendmsg(iov)
-            total = 0
-            for b in iov:
-                total += len(b)
+            total = sum(map(len, iov))
             while sent < total:
                 # Partial write (full socket buffer, or a signal): drop what went out, retry.
                 rest: list[bytes | memoryview] = []
@@ -204,7 +206,7 @@ class Transmission:
                 self.waiting = True
                 # Stopping: later requests get ESHUTDOWN (the client should then disconnect);
                 # a client with nothing more to send is let go after a short pause.
-                if validator.shutting_down and not _readable(sock, SHUTDOWN_QUIET):
+                if self.stopping and not _readable(sock, SHUTDOWN_QUIET):
                     n = 0
                 else:
                     # At most RECV_CHUNK per call: payloads are written out while cache-hot.
@@ -219,7 +221,7 @@ class Transmission:
                         continue
                 self.waiting = False
                 if not n:
-                    if validator.shutting_down:
+                    if self.stopping:
                         return "server shutting down (requests received were answered)"
                     if end > start:
                         return f"client closed the connection mid-request ({end - start} bytes)"
