@@ -1,13 +1,12 @@
-"""Helpers shared by the node-side e2e tests (tests/e2e/test_csi_e2e.py).
+"""Helpers shared by the e2e tests (test_operator_e2e.py and test_csi_e2e.py).
 
 Why it exists: the CSI scenarios need objects the operator's ``Kube`` client does not know
 (Pods, PersistentVolumes, Events, CSIDrivers, CSINodes) and two reads that are not JSON objects
 by name (a pod's log, the events about one object). This module widens that client for tests
 only, and holds the skip decision and the deadline poll in one place.
 
-What it must not do: decide anything about exports, or be imported by product code. It changes
-neither ``nbd_operator.kube`` nor the operator e2e module's behaviour (that module keeps its own
-copies of the kubeconfig check and the poll; they follow the same rules as these).
+What it must not do: decide anything about exports, or be imported by product code; it does not
+change ``nbd_operator.kube``.
 """
 
 from __future__ import annotations

@@ -12,34 +12,27 @@ Expects: the CRD and the operator installed (the chart, or ``kubectl apply -f cr
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import pathlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import kopf
 import pytest
 from nbd_operator.kube import Kube, KubeError
 
+from tests.e2e.e2e_support import (
+    NO_CLUSTER_REASON,
+    eventually,
+    export_manifest,
+    kubeconfig_present,
+)
+
 pytestmark = pytest.mark.e2e
-TIMEOUT = float(os.environ.get("NBD_E2E_TIMEOUT", "180"))
 
-
-def _kubeconfig_present() -> bool:
-    paths = os.environ.get("KUBECONFIG", str(pathlib.Path.home() / ".kube" / "config"))
-    in_cluster = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
-    return in_cluster or any(pathlib.Path(p).exists() for p in paths.split(os.pathsep) if p)
-
-
-if not _kubeconfig_present():
-    pytest.skip(
-        "no kubeconfig (KUBECONFIG or ~/.kube/config) and not in a cluster: "
-        "the e2e suite needs a real cluster, see tests/e2e/README.md",
-        allow_module_level=True,
-    )
+if not kubeconfig_present():
+    pytest.skip(NO_CLUSTER_REASON, allow_module_level=True)
 
 
 @pytest.fixture
@@ -65,45 +58,22 @@ async def kube(namespace: str) -> AsyncIterator[Kube]:
         await client.close()
 
 
-def _export(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "nbd.dev/v1alpha1",
-        "kind": "NBDExport",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
-
-
-async def _eventually(check: Callable[[], Awaitable[Any]], what: str) -> Any:
-    """Poll the real API until ``check`` returns something truthy, or fail after TIMEOUT."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + TIMEOUT
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {TIMEOUT}s waiting for {what}")
-        # A poll interval against a real cluster, inside a deadline; not a synchronisation.
-        await asyncio.sleep(2)
-
-
 async def test_the_api_server_rejects_what_the_crd_forbids(kube: Kube, namespace: str) -> None:
     name = "e2e-bad-" + uuid.uuid4().hex[:6]
     with pytest.raises(KubeError) as info:
-        await kube.create(_export(name, namespace, {"source": {"memory": {}}}))
+        await kube.create(export_manifest(name, namespace, {"source": {"memory": {}}}))
     assert info.value.status == 422
     assert "size is required" in info.value.message
     with pytest.raises(KubeError) as info:
         spec = {"source": {"memory": {}}, "size": "1Gi", "accessMode": "ReadWriteMany"}
-        await kube.create(_export(name, namespace, spec))
+        await kube.create(export_manifest(name, namespace, spec))
     assert "clusterFilesystemAcknowledged" in info.value.message
 
 
 async def test_a_memory_export_is_served_then_deleted(kube: Kube, namespace: str) -> None:
     name = "e2e-mem-" + uuid.uuid4().hex[:6]
     created = await kube.create(
-        _export(name, namespace, {"source": {"memory": {}}, "size": "64Mi"})
+        export_manifest(name, namespace, {"source": {"memory": {}}, "size": "64Mi"})
     )
     # Defaults come from the API server, not from the operator.
     assert created["spec"]["accessMode"] == "ReadWriteOnce"
@@ -113,7 +83,7 @@ async def test_a_memory_export_is_served_then_deleted(kube: Kube, namespace: str
             obj = await kube.get("NBDExport", namespace, name)
             return obj if (obj or {}).get("status", {}).get("phase") == "Ready" else None
 
-        obj = await _eventually(ready, f"NBDExport {name} to be Ready")
+        obj = await eventually(ready, f"NBDExport {name} to be Ready")
         assert obj["status"]["uri"] == f"nbd://{name}-nbd.{namespace}.svc:10809/{name}"
 
         # The source is immutable: the API server's CEL transition rule says so.
@@ -129,7 +99,7 @@ async def test_a_memory_export_is_served_then_deleted(kube: Kube, namespace: str
         dep = await kube.get("Deployment", namespace, f"{name}-nbd")
         return dep is None and await kube.get("NBDExport", namespace, name) is None
 
-    await _eventually(gone, f"NBDExport {name} and its Deployment to be gone")
+    await eventually(gone, f"NBDExport {name} and its Deployment to be gone")
 
 
 async def test_deletion_waits_for_an_attachment_lease(kube: Kube, namespace: str) -> None:
@@ -138,7 +108,7 @@ async def test_deletion_waits_for_an_attachment_lease(kube: Kube, namespace: str
     name = "e2e-att-" + uuid.uuid4().hex[:6]
     # A real node: the operator removes Leases whose holder has no Node object.
     node = (await kube.list("Node", ""))[0]["metadata"]["name"]
-    await kube.create(_export(name, namespace, {"source": {"memory": {}}, "size": "64Mi"}))
+    await kube.create(export_manifest(name, namespace, {"source": {"memory": {}}, "size": "64Mi"}))
     lease = nbd_api.attachment_lease(namespace, name, node, "/dev/nbd9", "ReadWrite")
     await kube.create(lease)
     await kube.delete("NBDExport", namespace, name)
@@ -147,21 +117,21 @@ async def test_deletion_waits_for_an_attachment_lease(kube: Kube, namespace: str
         obj = await kube.get("NBDExport", namespace, name)
         return obj if (obj or {}).get("status", {}).get("phase") == "Terminating" else None
 
-    obj = await _eventually(blocked, "deletion to be blocked by the attachment")
+    obj = await eventually(blocked, "deletion to be blocked by the attachment")
     assert node in obj["status"]["message"]
     await kube.delete("Lease", namespace, lease["metadata"]["name"])
 
     async def gone() -> bool:
         return await kube.get("NBDExport", namespace, name) is None
 
-    await _eventually(gone, f"NBDExport {name} to be deleted after detach")
+    await eventually(gone, f"NBDExport {name} to be deleted after detach")
 
 
 async def test_a_lease_of_a_node_that_does_not_exist_is_removed(kube: Kube, namespace: str) -> None:
     import nbd_api
 
     name = "e2e-gc-" + uuid.uuid4().hex[:6]
-    await kube.create(_export(name, namespace, {"source": {"memory": {}}, "size": "64Mi"}))
+    await kube.create(export_manifest(name, namespace, {"source": {"memory": {}}, "size": "64Mi"}))
     lease = nbd_api.writer_lease(namespace, name, "e2e-no-such-node-" + uuid.uuid4().hex[:6])
     await kube.create(lease)
 
@@ -169,7 +139,7 @@ async def test_a_lease_of_a_node_that_does_not_exist_is_removed(kube: Kube, name
         return await kube.get("Lease", namespace, lease["metadata"]["name"]) is None
 
     try:
-        await _eventually(lease_gone, "the operator to delete the vanished node's Lease")
+        await eventually(lease_gone, "the operator to delete the vanished node's Lease")
     finally:
         await kube.delete("Lease", namespace, lease["metadata"]["name"])
         await kube.delete("NBDExport", namespace, name)
