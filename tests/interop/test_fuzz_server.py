@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from nbdserver import client
 from nbdserver.protocol import wire
+from tests.interop.test_server_robustness import recv_exact
 
 pytestmark = pytest.mark.interop
 
@@ -38,16 +39,6 @@ FUZZ_SETTINGS = {
     "database": None,
     "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
 }
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def drain(sock: socket.socket) -> bytes:
