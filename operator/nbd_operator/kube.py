@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from collections.abc import Set as AbstractSet
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import aiohttp
@@ -59,6 +60,11 @@ class Conflict(KubeError):
 class Kube:
     """A few verbs on namespaced objects, with the operator's credentials."""
 
+    # The kinds this client can address (kind -> (API prefix, plural)) and which of them are
+    # cluster-scoped; class attributes so a test client can widen them without copying ``_url``.
+    resources: ClassVar[Mapping[str, tuple[str, str]]] = RESOURCES
+    cluster_scoped: ClassVar[AbstractSet[str]] = CLUSTER_SCOPED
+
     def __init__(self, info: kopf.ConnectionInfo, *, keepalive: bool = True) -> None:
         self._server = info.server.rstrip("/")
         self._session = aiohttp.ClientSession(
@@ -73,9 +79,9 @@ class Kube:
     def _url(
         self, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None
     ) -> str:
-        prefix, plural = RESOURCES[kind]
+        prefix, plural = self.resources[kind]
         parts = [self._server, prefix]
-        if kind not in CLUSTER_SCOPED:
+        if kind not in self.cluster_scoped:
             assert namespace, f"{kind} is namespaced"
             parts += ["namespaces", quote(namespace, safe="")]
         parts.append(plural)

@@ -15,8 +15,8 @@ import asyncio
 import os
 import pathlib
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
-from urllib.parse import quote
+from collections.abc import Set as AbstractSet
+from typing import Any, ClassVar
 
 import pytest
 from nbd_operator.kube import CLUSTER_SCOPED, RESOURCES, Kube
@@ -50,20 +50,8 @@ def kubeconfig_present() -> bool:
 class E2EKube(Kube):
     """The operator's client, with the kinds and reads the node-side scenarios need."""
 
-    def _url(
-        self, kind: str, namespace: str | None, name: str | None = None, sub: str | None = None
-    ) -> str:
-        prefix, plural = {**RESOURCES, **EXTRA_RESOURCES}[kind]
-        parts = [self._server, prefix]
-        if kind not in CLUSTER_SCOPED | EXTRA_CLUSTER_SCOPED:
-            assert namespace, f"{kind} is namespaced"
-            parts += ["namespaces", quote(namespace, safe="")]
-        parts.append(plural)
-        if name is not None:
-            parts.append(quote(name, safe=""))
-        if sub is not None:
-            parts.append(sub)
-        return "/".join(parts)
+    resources: ClassVar[Mapping[str, tuple[str, str]]] = {**RESOURCES, **EXTRA_RESOURCES}
+    cluster_scoped: ClassVar[AbstractSet[str]] = CLUSTER_SCOPED | EXTRA_CLUSTER_SCOPED
 
     async def events_about(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """Events whose involvedObject is ``name`` (any kind) in ``namespace``."""
