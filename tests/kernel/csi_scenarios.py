@@ -291,15 +291,7 @@ def block_and_dirty(res: Results, plugin: Plugin) -> None:
 def tls_volume(res: Results, plugin: Plugin) -> None:
     """An nbds:// export (TLS required by the server) staged and published as a filesystem:
     the plugin's attach runs it through the userspace TLS bridge inside the plugin process."""
-    import trustme
-
-    certs = guest.SCRATCH / "certs"
-    certs.mkdir()
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    ca.cert_pem.write_to_path(str(certs / "ca-cert.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(certs / "server.pem"))
-    cert.private_key_pem.write_to_path(str(certs / "server.key"))
+    certs = guest.tls_certificates()
     image = guest.make_image("tls.img", 32 * MiB)
     srv = guest.server("nbdserver", image, name="secure")
     srv.argv += ["--tls", "require", "--tls-cert", str(certs / "server.pem")]

@@ -123,6 +123,21 @@ def make_image(name: str, size: int) -> Path:
     return path
 
 
+def tls_certificates() -> Path:
+    """A fresh CA and a server certificate for 127.0.0.1 in SCRATCH/certs: ``ca-cert.pem`` (the
+    name libnbd-style ``tls-certificates=DIR`` URIs look for), ``server.pem``, ``server.key``."""
+    import trustme  # only the TLS scenarios need it
+
+    certs = SCRATCH / "certs"
+    certs.mkdir()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(certs / "ca-cert.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(certs / "server.pem"))
+    cert.private_key_pem.write_to_path(str(certs / "server.key"))
+    return certs
+
+
 def server(kind: str, image: Path, *, name: str = "", port: int | None = None) -> Server:
     """A writable server of ``kind`` exporting ``image`` as ``name``."""
     port = port or free_port()

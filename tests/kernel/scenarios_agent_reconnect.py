@@ -166,15 +166,7 @@ def _multi_conn_phase(res: Results) -> None:
 
 def _tls_phase(res: Results) -> None:
     """Phase 3: an nbds:// export through the userspace TLS bridge, across a server crash."""
-    import trustme
-
-    certs = guest.SCRATCH / "certs"
-    certs.mkdir()
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    ca.cert_pem.write_to_path(str(certs / "ca-cert.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(certs / "server.pem"))
-    cert.private_key_pem.write_to_path(str(certs / "server.key"))
+    certs = guest.tls_certificates()
     image = guest.make_image("tls.img", 16 * MiB)
     port = guest.free_port()
     tls_args = ["--tls", "require", "--tls-cert", str(certs / "server.pem")]
