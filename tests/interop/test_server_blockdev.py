@@ -7,8 +7,6 @@ reason elsewhere, where a block device truly cannot be created.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,27 +14,16 @@ from pathlib import Path
 import pytest
 
 from tests.interop.conftest import NbdServerFactory
+from tests.loopdev import loop_device
 
 pytestmark = pytest.mark.interop
 
 
 @pytest.fixture
 def loopdev(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control") or not shutil.which("losetup"):
-        pytest.skip("needs root and loop devices to create a block device")
     backing = tmp_path / "backing.img"
-    with open(backing, "wb") as f:
-        f.truncate(16 << 20)
-    res = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True
-    )
-    if res.returncode != 0:
-        pytest.skip(f"losetup cannot attach here: {res.stderr.strip()}")
-    dev = res.stdout.strip()
-    try:
+    with loop_device(backing, 16 << 20) as dev:
         yield dev, backing
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def test_a_block_device_is_served_with_its_own_size(

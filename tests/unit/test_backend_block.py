@@ -8,9 +8,6 @@ the reason, since a block device truly cannot exist there.
 from __future__ import annotations
 
 import errno
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,27 +15,15 @@ import pytest
 
 from nbdserver.backends.block import BlockDeviceBackend, is_block_device
 from nbdserver.exports import ExportConfig, open_export
+from tests.loopdev import loop_device
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def loopdev(tmp_path: Path) -> Iterator[str]:
-    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control") or not shutil.which("losetup"):
-        pytest.skip("needs root and loop devices to create a block device")
-    backing = tmp_path / "backing.img"
-    with open(backing, "wb") as f:
-        f.truncate(8 * MiB)
-    res = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True
-    )
-    if res.returncode != 0:
-        pytest.skip(f"losetup cannot attach here: {res.stderr.strip()}")
-    dev = res.stdout.strip()
-    try:
+    with loop_device(tmp_path / "backing.img", 8 * MiB) as dev:
         yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def test_size_comes_from_the_device_and_io_round_trips(loopdev: str) -> None:
