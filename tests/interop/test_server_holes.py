@@ -13,12 +13,10 @@ import socket
 import struct
 import subprocess
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from nbdserver.backends.memory import MemoryBackend
-from nbdserver.edge_transmission import Transmission
 from nbdserver.protocol import wire
 from nbdserver.protocol.constants import (
     NBD_REPLY_FLAG_DONE,
@@ -31,7 +29,7 @@ from nbdserver.protocol.constants import (
 from tests.interop.conftest import NbdServerFactory
 from tests.interop.test_server_libnbd import SYSTEM_ENV
 from tests.interop.test_server_robustness import recv_exact
-from tests.interop.transmission_harness import negotiated_memory_export
+from tests.interop.transmission_harness import start_transmission
 
 pytestmark = pytest.mark.interop
 
@@ -42,24 +40,10 @@ DONE = NBD_REPLY_FLAG_DONE
 
 
 def serve_structured(backend: MemoryBackend) -> tuple[socket.socket, threading.Thread]:
-    export, negotiated = negotiated_memory_export(
-        backend, structured=True, extra_flags=TransmissionFlag.NBD_FLAG_SEND_DF
+    srv = start_transmission(
+        backend, structured=True, extra_flags=TransmissionFlag.NBD_FLAG_SEND_DF, workers=1
     )
-    server_sock, client = socket.socketpair()
-    pool = ThreadPoolExecutor(1)
-    tx = Transmission(server_sock, export, negotiated, pool=pool)
-
-    def run() -> None:
-        try:
-            tx.run()
-        finally:
-            server_sock.close()
-            pool.shutdown()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    client.settimeout(10)
-    return client, thread
+    return srv.client, srv.thread
 
 
 def chunks(sock: socket.socket) -> list[tuple[int, int, bytes]]:

@@ -10,19 +10,13 @@ still ends the connection.
 
 from __future__ import annotations
 
-import socket
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
-from nbdserver.connection import _arm_idle_timeout
-from nbdserver.edge_transmission import Transmission
 from nbdserver.protocol import wire
 from nbdserver.protocol.constants import Command
 from tests.interop.test_server_out_of_order import SlowFlush, reply
 from tests.interop.test_server_robustness import recv_exact
-from tests.interop.transmission_harness import negotiated_memory_export
+from tests.interop.transmission_harness import start_transmission
 
 pytestmark = pytest.mark.interop
 
@@ -32,24 +26,8 @@ IDLE = 0.3
 def test_a_flush_slower_than_the_idle_timeout_does_not_end_the_connection() -> None:
     backend = SlowFlush(1 << 20)
     backend.pwrite(b"k" * 512, 0, fua=False)
-    export, negotiated = negotiated_memory_export(backend)
-    server_sock, client = socket.socketpair()
-    _arm_idle_timeout(server_sock, IDLE)
-    pool = ThreadPoolExecutor(2)
-    tx = Transmission(server_sock, export, negotiated, pool=pool)
-    ended: list[BaseException | str] = []
-
-    def run() -> None:
-        try:
-            ended.append(tx.run())
-        except BaseException as e:  # the idle timeout surfaces as an exception (see connection)
-            ended.append(e)
-        finally:
-            server_sock.close()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    client.settimeout(10)
+    srv = start_transmission(backend, idle_timeout=IDLE)
+    client, thread, ended = srv.client, srv.thread, srv.ended
     try:
         client.sendall(wire.pack_request(0, Command.NBD_CMD_FLUSH, 1, 0, 0))
         assert backend.flushing.wait(10)
@@ -70,4 +48,3 @@ def test_a_flush_slower_than_the_idle_timeout_does_not_end_the_connection() -> N
         backend.release.set()
         client.close()
         thread.join(10)
-        pool.shutdown()

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from nbdserver.backends.memory import MemoryBackend
-from nbdserver.edge_transmission import Transmission
 from nbdserver.protocol import wire
 from nbdserver.protocol.constants import NBD_SIMPLE_REPLY_MAGIC, Command
 from tests.interop.test_server_robustness import recv_exact
-from tests.interop.transmission_harness import negotiated_memory_export
+from tests.interop.transmission_harness import start_transmission
 
 
 class SlowFlush(MemoryBackend):
@@ -30,26 +28,6 @@ class SlowFlush(MemoryBackend):
         assert self.release.wait(10)
 
 
-def serve(backend: MemoryBackend) -> tuple[socket.socket, threading.Thread, list[str]]:
-    export, negotiated = negotiated_memory_export(backend)
-    server_sock, client = socket.socketpair()
-    pool = ThreadPoolExecutor(2)
-    tx = Transmission(server_sock, export, negotiated, pool=pool)
-    reasons: list[str] = []
-
-    def run() -> None:
-        try:
-            reasons.append(tx.run())
-        finally:
-            server_sock.close()
-            pool.shutdown()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    client.settimeout(10)
-    return client, thread, reasons
-
-
 def reply(sock: socket.socket) -> tuple[int, int]:
     magic, err, cookie = wire.SIMPLE_REPLY.unpack(recv_exact(sock, 16))
     assert magic == NBD_SIMPLE_REPLY_MAGIC
@@ -59,7 +37,8 @@ def reply(sock: socket.socket) -> tuple[int, int]:
 def test_reads_pass_a_slow_flush_and_disc_waits_for_its_reply() -> None:
     backend = SlowFlush(1 << 20)
     backend.pwrite(b"r" * 512, 0, fua=False)
-    client, thread, reasons = serve(backend)
+    srv = start_transmission(backend)
+    client, thread, reasons = srv.client, srv.thread, srv.ended
     client.sendall(
         wire.pack_request(0, Command.NBD_CMD_FLUSH, 1, 0, 0)
         + wire.pack_request(0, Command.NBD_CMD_READ, 2, 0, 512)
