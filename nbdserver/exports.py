@@ -1,216 +1,128 @@
-"""Export configuration: what an export is (name, image, size, options) and how it is opened.
+"""Live exports: an ``ExportConfig`` opened into a backend wrapped by its filters, plus the
+per-export connection accounting; and the one function that decides every filter stack.
 
-``ExportConfig`` is plain data, built by the CLI (or a config-file parser) and validated here.
-``open_export`` turns it into a live ``Export``: the backend, wrapped by filters, plus the
-per-export connection accounting. This module must not do network I/O.
-
-Hook points for later features: new per-export options go into ``ExportConfig`` and
-``_OPTIONS``; filters (copy-on-write, rate limits) wrap the backend in ``wrap_backend``.
+``open_export`` opens what the configuration says (the backend from the registry in
+``nbdserver.backends.registry``); ``stack`` orders the filters, for the export as a whole and for
+one connection. This module must not do network I/O.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
+import tempfile
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from urllib.parse import quote
 
 from nbdserver.backends.base import Backend
-from nbdserver.backends.block import BlockDeviceBackend, is_block_device
-from nbdserver.backends.file import FileBackend
-from nbdserver.backends.memory import MemoryBackend
+from nbdserver.backends.registry import NAMES as BACKENDS
+from nbdserver.backends.registry import kind_for
+from nbdserver.config.model import CowMode, ExportConfig
 from nbdserver.errors import ConfigError
-from nbdserver.filters.chain import Caps, wrap_export
-from nbdserver.filters.qos import QosLimits
-from nbdserver.protocol.constants import NBD_MAX_STRING
-
-BACKEND_KINDS = ("auto", "file", "block", "memory")
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-
-
-@dataclass
-class ExportConfig:
-    name: str
-    path: str | None = None  # None only for the memory backend
-    size: int | None = None  # create (sparse) or grow to this size; never shrink
-    read_only: bool = False
-    description: str = ""
-    backend: str = "auto"
-    connections: int = 0  # per-export connection limit, 0 = unlimited
-    idle_timeout: float = 0.0  # seconds without a request before transmission ends, 0 = never
-    # Room for security and quality-of-service features (wired by their own modules).
-    tls: bool = False
-    allowed_clients: list[str] = field(default_factory=list)
-    copy_on_write: bool = False
-    qos: dict[str, Any] = field(default_factory=dict)
-    cow_dir: str | None = None  # where the copy-on-write overlay lives (default: temp dir)
-    # Advertised capabilities that may be switched off (nbd-server's trim/flush/fua keys).
-    caps: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if len(self.name.encode()) > NBD_MAX_STRING:
-            raise ConfigError(f"export name longer than {NBD_MAX_STRING} bytes")
-        if len(self.description.encode()) > NBD_MAX_STRING:
-            raise ConfigError(f"description of {self.name!r} longer than {NBD_MAX_STRING} bytes")
-        if self.backend not in BACKEND_KINDS:
-            raise ConfigError(f"unknown backend {self.backend!r}; one of {BACKEND_KINDS}")
-        if self.backend == "memory":
-            if not self.size:
-                raise ConfigError(f"memory export {self.name!r} needs a size")
-        elif not self.path:
-            raise ConfigError(f"export {self.name!r} needs an image path")
-        if self.size is not None and self.size < 0:
-            raise ConfigError("size must not be negative")
-        if self.connections < 0:
-            raise ConfigError("connection limit must not be negative")
-        if not 0 <= self.idle_timeout < 1e9:  # also refuses NaN and infinity
-            raise ConfigError(f"idle timeout of {self.name!r} must be 0 (none) or seconds > 0")
+from nbdserver.filters.access import CapsFilter, ReadOnlyFilter
+from nbdserver.filters.cow import CowFilter
+from nbdserver.filters.qos import wrap_qos
+from nbdserver.filters.stats import StatsFilter
+from nbdserver.metrics import ConnStats
 
 
-def parse_size(text: str) -> int:
-    """'1G', '512M', '4096', '1.5G', '2GiB' -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([BKMGTP]?)(?:I?B)?\s*", text.upper())
-    if not m:
-        raise ConfigError(f"bad size {text!r}: use bytes or a number with K, M, G or T")
-    value = float(m.group(1)) * _UNITS[m.group(2)]
-    if value != int(value):
-        raise ConfigError(f"size {text!r} is not a whole number of bytes")
-    return int(value)
+def stack(
+    inner: Backend,
+    cfg: ExportConfig,
+    *,
+    connection: bool = False,
+    read_only_view: bool = False,
+    stats: ConnStats | None = None,
+) -> Backend:
+    """The filters over ``inner``, innermost first; the one place their order is decided.
+
+    Export scope (``connection=False``, once when the export opens): copy-on-write shared or
+    persistent (so everything above sees the merged image), capability switches, then rate
+    limits (so a throttled request has not touched any layer yet).
+    Connection scope (``connection=True``, over the export's stack, per connection): with
+    copy-on-write per connection, that overlay and then the capability switches and rate
+    limits (which therefore count per connection in that mode); the single-writer read-only
+    view; metrics outermost.
+    Nothing asked for: ``inner`` itself, the fast path.
+    """
+    if connection:
+        if cfg.cow is CowMode.CONNECTION:
+            inner = CowFilter(inner, cow_dir=cfg.cow_dir, shared=False, owns_inner=False)
+            inner = _limits(inner, cfg)
+        if read_only_view:
+            inner = ReadOnlyFilter(inner)
+        return inner if stats is None else StatsFilter(inner, stats)
+    if cfg.cow is CowMode.CONNECTION:
+        return inner  # every layer above the base is per connection
+    if cfg.cow in (CowMode.SHARED, CowMode.PERSISTENT):
+        persist = None
+        if cfg.cow is CowMode.PERSISTENT:
+            assert cfg.cow_dir is not None
+            persist = os.path.join(cfg.cow_dir, "nbdserver-cow-" + quote(cfg.name, safe=""))
+        inner = CowFilter(inner, cow_dir=cfg.cow_dir, persist_as=persist)
+    return _limits(inner, cfg)
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("", "1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"bad boolean {text!r}")
+def _limits(inner: Backend, cfg: ExportConfig) -> Backend:
+    """Capability switches, then rate limits (part of ``stack``'s order)."""
+    caps = cfg.caps
+    if caps is not None and not caps.default:
+        inner = CapsFilter(
+            inner, trim=caps.trim, flush=caps.flush, fua=caps.fua, rotational=caps.rotational
+        )
+    return wrap_qos(inner, cfg.qos)
 
 
-# option key in "--export NAME=PATH,key=value" -> (ExportConfig field, converter)
-_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "size": ("size", parse_size),
-    "ro": ("read_only", _bool),
-    "read-only": ("read_only", _bool),
-    "readonly": ("read_only", _bool),
-    "description": ("description", str),
-    "backend": ("backend", str),
-    "connections": ("connections", int),
-    "idle-timeout": ("idle_timeout", float),
-    "tls": ("tls", _bool),
-    "cow": ("copy_on_write", _bool),
-    "copy-on-write": ("copy_on_write", _bool),
-}
-
-
-_QOS_OPTIONS = ("qos-read-bps", "qos-write-bps", "qos-read-iops", "qos-write-iops")
-
-
-def parse_export_spec(spec: str) -> ExportConfig:
-    """Parse ``NAME=PATH[,key=value...]``; PATH may be ``memory`` (with ``size=``)."""
-    name, sep, rest = spec.partition("=")
-    if not sep:
-        raise ConfigError(f"bad --export {spec!r}: expected NAME=PATH[,key=value...]")
-    path, *opts = rest.split(",")
-    cfg = ExportConfig(name=name, path=path or None)
-    if path == "memory":
-        cfg.path, cfg.backend = None, "memory"
-    for opt in opts:
-        key, _, value = opt.partition("=")
-        if key == "allow":
-            cfg.allowed_clients.append(value)
-            continue
-        if key in _QOS_OPTIONS:  # qos-read-bps=N etc.: this export's own rate limits
-            if not value.isdigit():
-                raise ConfigError(f"bad value for {key!r} in {spec!r}: expected an integer")
-            cfg.qos[key[4:].replace("-", "_")] = int(value)
-            continue
-        if key == "cow-dir":
-            cfg.cow_dir = value
-            continue
-        if key not in _OPTIONS:
-            raise ConfigError(f"unknown export option {key!r} in {spec!r}")
-        attr, conv = _OPTIONS[key]
+def _open_base(cfg: ExportConfig) -> Backend:
+    """The backend itself. Copy-on-write never writes the base: it is opened read-only."""
+    kind = kind_for(cfg.backend, cfg.path)
+    read_only = cfg.read_only or cfg.cow is not CowMode.OFF
+    if cfg.temporary:
+        # nbd-server's ``temporary``: a fresh file next to ``path``, unlinked at once.
+        assert cfg.path is not None and cfg.size is not None
+        fd, path = tempfile.mkstemp(prefix=os.path.basename(cfg.path) + "-",
+                                    dir=os.path.dirname(cfg.path) or None)  # fmt: skip
         try:
-            setattr(cfg, attr, conv(value))
-        except ValueError as e:
-            raise ConfigError(f"bad value for {key!r} in {spec!r}: {e}") from None
-    cfg.validate()
-    return cfg
-
-
-def prepare_image(path: str, size: int | None) -> None:
-    """Create a sparse image of ``size`` when absent; grow a smaller one; never shrink."""
-    if size is None or is_block_device(path):
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        current = os.fstat(fd).st_size
-        if size < current:
-            raise ConfigError(
-                f"{path} is {current} bytes; refusing to shrink it to {size} (data would be lost)"
-            )
-        if size > current:
-            os.ftruncate(fd, size)  # sparse: no blocks are allocated
-    finally:
-        os.close(fd)
-
-
-def open_backend(cfg: ExportConfig) -> Backend:
-    kind = cfg.backend
-    if kind == "memory":
-        assert cfg.size is not None
-        return MemoryBackend(cfg.size, read_only=cfg.read_only)
-    # Copy-on-write never writes the base: open it read-only so it cannot.
-    base_ro = cfg.read_only or cfg.copy_on_write
-    assert cfg.path is not None
-    if kind == "auto":
-        kind = "block" if is_block_device(cfg.path) else "file"
-    if kind == "block":
-        backend: Backend = BlockDeviceBackend(cfg.path, read_only=base_ro)
-        if cfg.size is not None and cfg.size != backend.size():
-            backend.close()
-            raise ConfigError(f"{cfg.path} is {backend.size()} bytes, not the {cfg.size} asked")
-        return backend
-    if not (cfg.copy_on_write and os.path.exists(cfg.path)):  # never grow a cow base
-        prepare_image(cfg.path, cfg.size)
-    if not os.path.exists(cfg.path):
-        raise ConfigError(f"{cfg.path} does not exist (give --size to create it)")
-    return FileBackend(cfg.path, read_only=base_ro)
-
-
-def wrap_backend(backend: Backend, cfg: ExportConfig) -> Backend:
-    """Filters (copy-on-write, rate limits, ...) wrap the backend here, outermost last."""
-    if not (cfg.copy_on_write or cfg.qos or cfg.caps):
-        return backend
-    return wrap_export(
-        backend,
-        copy_on_write=cfg.copy_on_write,
-        cow_dir=cfg.cow_dir,
-        caps=Caps(**cfg.caps) if cfg.caps else None,
-        qos=QosLimits(**cfg.qos) if cfg.qos else None,
-    )
+            os.ftruncate(fd, cfg.size)
+            return kind.open(path, None, cfg.read_only)
+        finally:
+            os.unlink(path)
+            os.close(fd)
+    if cfg.cow is not CowMode.OFF and cfg.path is not None and os.path.exists(cfg.path):
+        return kind.open(cfg.path, None, True)  # never grow a copy-on-write base
+    return kind.open(cfg.path, cfg.size, read_only)
 
 
 class Export:
-    """A live export: its configuration, its backend, and who is connected to it."""
+    """A live export: its configuration, its backend, and who is connected to it.
+
+    A reload that drops the export ``retire``s it: no new connection attaches, and the backend
+    closes when the last one detaches.
+    """
 
     def __init__(self, config: ExportConfig, backend: Backend) -> None:
         self.config = config
         self.name = config.name
         self.backend = backend
+        # What a connection sees, for the handshake to advertise: the backend itself unless
+        # connections get layers of their own (a per-connection overlay, created lazily, so
+        # this view costs nothing and is never written).
+        self.advertised = (
+            stack(backend, config, connection=True) if config.cow is CowMode.CONNECTION else backend
+        )
         self._lock = threading.Lock()
         self.active = 0
+        self._retired = False
 
     @property
     def read_only(self) -> bool:
-        return self.config.read_only or not self.backend.can_write
+        return self.config.read_only or not self.advertised.can_write
 
     def try_attach(self) -> bool:
-        """Count one more connection, unless the export's limit is reached."""
+        """Count one more connection, unless the export's limit is reached or it is retired."""
         with self._lock:
+            if self._retired:
+                return False
             if self.config.connections and self.active >= self.config.connections:
                 return False
             self.active += 1
@@ -219,16 +131,50 @@ class Export:
     def detach(self) -> None:
         with self._lock:
             self.active -= 1
+            last = self._retired and self.active == 0
+        if last:
+            self.close()
+
+    def retire(self) -> None:
+        with self._lock:
+            self._retired = True
+            idle = self.active == 0
+        if idle:
+            self.close()
+
+    def close(self) -> None:
+        """Flush and close the backend (once)."""
+        backend, self.backend = self.backend, _CLOSED
+        if backend is _CLOSED:
+            return
+        try:
+            if backend.can_flush and not self.config.read_only and backend.can_write:
+                backend.flush()
+        finally:
+            backend.close()
+
+
+_CLOSED = Backend()
+
+
+def client_config(cfg: ExportConfig, client: str) -> ExportConfig:
+    """nbd-server's ``%s`` in a path (virtstyle ipliteral): the client's address, or "unix"."""
+    assert cfg.path is not None
+    return dataclasses.replace(cfg, path=cfg.path.replace("%s", client))
 
 
 def open_export(cfg: ExportConfig) -> Export:
-    cfg.validate()
+    cfg.validate(BACKENDS)
+    cow_dir = cfg.cow_dir if cfg.cow is not CowMode.OFF else None
+    if cow_dir is not None and not (os.path.isdir(cow_dir) and os.access(cow_dir, os.W_OK)):
+        raise ConfigError(f"--cow-dir {cfg.cow_dir}: not a writable directory")
     try:
-        backend = open_backend(cfg)
+        backend = _open_base(cfg)
     except OSError as e:
         raise ConfigError(f"cannot open {cfg.path}: {e.strerror}") from None
-    return Export(cfg, wrap_backend(backend, cfg))
-
-
-def replace(cfg: ExportConfig, **changes: Any) -> ExportConfig:
-    return dataclasses.replace(cfg, **changes)
+    try:
+        return Export(cfg, stack(backend, cfg))
+    except OSError as e:
+        backend.close()
+        where = f"--cow-dir {cfg.cow_dir}" if cfg.cow is not CowMode.OFF else cfg.path
+        raise ConfigError(f"cannot open export {cfg.name!r} ({where}): {e.strerror or e}") from None

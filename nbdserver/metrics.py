@@ -15,6 +15,7 @@ It must not: import anything outside the standard library, or serve anything but
 from __future__ import annotations
 
 import errno as errno_mod
+import socket
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable
@@ -252,12 +253,29 @@ class _Handler(BaseHTTPRequestHandler):
         return  # scrapes every few seconds would drown the connection log
 
 
-class MetricsServer:
-    """The HTTP endpoint in a daemon thread; ``close`` stops it and frees the port."""
+class _DualStackHTTPServer(ThreadingHTTPServer):
+    """Listens on every IPv6 address and, through v4-mapped addresses, every IPv4 one."""
 
-    def __init__(self, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class MetricsServer:
+    """The HTTP endpoint in a daemon thread; ``close`` stops it and frees the port.
+    ``host`` None: every address, IPv6 and IPv4 (IPv4 only where IPv6 is missing)."""
+
+    def __init__(self, metrics: Metrics, port: int, host: str | None = None) -> None:
         handler = type("MetricsHandler", (_Handler,), {"metrics": metrics})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        server: type[ThreadingHTTPServer] = ThreadingHTTPServer
+        if host is None or ":" in host:
+            if socket.has_ipv6:
+                server, host = _DualStackHTTPServer, host or "::"
+            else:
+                host = "0.0.0.0"
+        self.httpd = server((host, port), handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(

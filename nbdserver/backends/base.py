@@ -15,6 +15,7 @@ Backends must be safe to call from several threads at once (one per connection):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -85,3 +86,19 @@ class Backend:
 
     def close(self) -> None:
         """Release resources; called once when the export is torn down."""
+
+
+@dataclass(frozen=True)
+class BackendKind:
+    """How one backend is chosen and opened.
+
+    ``claims(path)``: whether ``auto`` picks this backend for ``path`` (asked in table order).
+    ``open(path, size, read_only)``: the opened backend; ``size`` is what the export asked for
+    (None: the image's own); a size it cannot honour is a ``ConfigError``.
+    ``needs_path``: False for backends whose data lives nowhere on disk.
+    """
+
+    name: str
+    open: Callable[[str | None, int | None, bool], Backend]
+    claims: Callable[[str], bool]
+    needs_path: bool = True

@@ -13,8 +13,9 @@ import os
 import stat
 
 from nbdserver.backends import _linux
-from nbdserver.backends.base import BlockSize
+from nbdserver.backends.base import Backend, BackendKind, BlockSize
 from nbdserver.backends.file import FdBackend
+from nbdserver.errors import ConfigError
 
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY)
 
@@ -79,3 +80,16 @@ class BlockDeviceBackend(FdBackend):
                 self._write_zeroes(offset, length)
         if fua:
             os.fdatasync(fd)
+
+
+def open_block(path: str | None, size: int | None, read_only: bool) -> Backend:
+    """A device has the size it has: a different ``size`` is refused, never "fixed"."""
+    assert path is not None
+    backend = BlockDeviceBackend(path, read_only=read_only)
+    if size is not None and size != backend.size():
+        backend.close()
+        raise ConfigError(f"{path} is {backend.size()} bytes, not the {size} asked")
+    return backend
+
+
+KIND = BackendKind("block", open_block, claims=is_block_device)

@@ -13,7 +13,8 @@ import errno
 import os
 
 from nbdserver.backends import _linux
-from nbdserver.backends.base import Backend, Extent
+from nbdserver.backends.base import Backend, BackendKind, Extent
+from nbdserver.errors import ConfigError
 from nbdserver.protocol.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
 
 _HOLE = NBD_STATE_HOLE | NBD_STATE_ZERO
@@ -94,7 +95,8 @@ class FileBackend(FdBackend):
     can_fast_zero = True
     can_extents = True
 
-    def __init__(self, path: str, read_only: bool = False) -> None:
+    def __init__(self, path: str, read_only: bool = False, size: int | None = None) -> None:
+        """``size`` below the file's: serve only that many bytes (a read-only view)."""
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
         fd = os.open(path, flags)
         try:
@@ -102,7 +104,7 @@ class FileBackend(FdBackend):
         except BaseException:
             os.close(fd)
             raise
-        super().__init__(fd, st.st_size, read_only)
+        super().__init__(fd, st.st_size if size is None else min(size, st.st_size), read_only)
         self.path = path
         # A range known to hold no hole, from the last SEEK_HOLE: on tmpfs SEEK_HOLE walks
         # page by page to the next hole (milliseconds across a fully written GiB), and reads
@@ -180,3 +182,40 @@ def _try(fn: object, *args: int) -> bool:
             return False
         raise
     return True
+
+
+def prepare_image(path: str, size: int | None) -> None:
+    """Create a sparse image of ``size`` when absent; grow a smaller one; never shrink."""
+    if size is None:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        current = os.fstat(fd).st_size
+        if size < current:
+            raise ConfigError(
+                f"{path} is {current} bytes; refusing to shrink it to {size} (data would be lost)"
+            )
+        if size > current:
+            os.ftruncate(fd, size)  # sparse: no blocks are allocated
+    finally:
+        os.close(fd)
+
+
+def open_file(path: str | None, size: int | None, read_only: bool) -> Backend:
+    """Writable: create or grow the image to ``size``. Read-only: never create, grow or write
+    it; ``size`` (nbd-server's ``filesize``) may only narrow the export to a prefix."""
+    assert path is not None
+    if not read_only:
+        prepare_image(path, size)
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} does not exist (give --size to create it)")
+    if read_only and size is not None:
+        current = os.stat(path).st_size
+        if size > current:
+            raise ConfigError(
+                f"{path} is {current} bytes; a read-only export never grows its image to {size}"
+            )
+    return FileBackend(path, read_only=read_only, size=size if read_only else None)
+
+
+KIND = BackendKind("file", open_file, claims=lambda path: True)  # what no other claims

@@ -7,7 +7,7 @@ otherwise (FLUSH succeeds because there is nothing more durable to reach).
 
 from __future__ import annotations
 
-from nbdserver.backends.base import Backend, Extent
+from nbdserver.backends.base import Backend, BackendKind, Extent
 from nbdserver.protocol.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
 
 PAGE = 4096
@@ -99,3 +99,11 @@ class MemoryBackend(Backend):
 
     def close(self) -> None:
         self._pages.clear()
+
+
+def open_memory(path: str | None, size: int | None, read_only: bool) -> Backend:
+    assert size is not None  # the configuration refuses a memory export without a size
+    return MemoryBackend(size, read_only=read_only)
+
+
+KIND = BackendKind("memory", open_memory, claims=lambda path: False, needs_path=False)

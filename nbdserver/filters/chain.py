@@ -3,7 +3,7 @@
 Order, innermost first: the backend, copy-on-write (so everything above sees the merged image),
 capability switches, then rate limits outermost (so a throttled request has not yet touched any
 layer). Per-connection layers (single-writer read-only view, metrics) are added by
-``nbdserver.security`` on top of this, per connection.
+``nbdserver.policy.guard`` on top of this, per connection.
 
 Must not: wrap anything when nothing is asked for; the plain backend is the fast path.
 """

@@ -2,7 +2,10 @@
 
 Why: a golden image can be served to many clients (or a clone created from a read-only export)
 while each writer's changes go elsewhere. nbd-server's ``copyonwrite`` and nbdkit's cow filter do
-the same; like nbd-server, the overlay is private to the process and is gone when it exits.
+the same. Three lifetimes (``nbdserver.config.CowMode`` names them): an unlinked overlay per
+connection (nbd-server's ``copyonwrite``: gone at disconnect), one unlinked overlay shared by
+every connection (gone when the process exits), or a persistent overlay: a data file and a
+presence map in ``cow_dir`` that a restarted server opens again (a writable clone).
 
 How: the export is cut into ``block``-sized blocks. A byte per block says whether the block lives
 in the overlay. A write that covers a block only partly first copies that block up from the base
@@ -52,27 +55,62 @@ def _full_pwrite(fd: int, data: memoryview, offset: int) -> None:
 
 
 class CowFilter(Filter):
-    """Overlay ``inner`` with a private sparse file in ``cow_dir`` (default: the temp dir)."""
+    """Overlay ``inner`` with a sparse file in ``cow_dir`` (default: the temp dir).
 
-    def __init__(self, inner: Backend, cow_dir: str | None = None, block: int = DEFAULT_BLOCK):
+    ``persist_as``: keep the overlay as ``<persist_as>.overlay`` plus ``<persist_as>.map`` and
+    reopen them if present; else the overlay is unlinked at once. ``shared``: every connection
+    sees this overlay (CAN_MULTI_CONN); False for an overlay of one connection. ``owns_inner``:
+    ``close`` closes the base too (not for a per-connection overlay over a shared base).
+    """
+
+    def __init__(
+        self,
+        inner: Backend,
+        cow_dir: str | None = None,
+        block: int = DEFAULT_BLOCK,
+        *,
+        persist_as: str | None = None,
+        shared: bool = True,
+        owns_inner: bool = True,
+    ):
         super().__init__(inner)
         if block <= 0 or block & (block - 1):
             raise ValueError(f"copy-on-write block size must be a power of two, not {block}")
         self._size = inner.size()
         self._block = block
         self._shift = block.bit_length() - 1
-        fd, path = tempfile.mkstemp(prefix="nbdserver-cow-", dir=cow_dir)
-        # Unlinked at once: nothing outlives the process, and no other user can open it.
-        os.unlink(path)
-        self._fd = fd
-        os.ftruncate(fd, self._size)
-        self._present = bytearray((self._size + block - 1) >> self._shift)
-        self._dirty = False  # nothing in the overlay yet: reads go straight to the base
+        self._owns_inner = owns_inner
+        blocks = (self._size + block - 1) >> self._shift
+        self._map_fd = self._fd = -1
+        self._cow_dir = cow_dir
+        if persist_as is None:
+            self._present = bytearray(blocks)  # the overlay file comes with the first write
+        else:
+            self._fd, self._map_fd, self._present = _open_persistent(persist_as, self._size, blocks)
+            os.ftruncate(self._fd, self._size)
+        # Nothing in the overlay yet: reads go straight to the base.
+        self._dirty = self._present.find(1) >= 0
         self._lock = threading.Lock()
         self.can_write = self.can_flush = self.can_fua = True
         self.can_trim = self.can_zero = self.can_fast_zero = True
         self.can_extents = True
-        self.can_multi_conn = True  # one overlay shared by every connection
+        self.can_multi_conn = shared
+
+    def _overlay(self) -> None:
+        """Create the unlinked overlay file on the first write. Caller holds the lock."""
+        if self._fd >= 0:
+            return
+        fd, path = tempfile.mkstemp(prefix="nbdserver-cow-", dir=self._cow_dir)
+        # Unlinked at once: nothing outlives its owner, and no other user can open it.
+        os.unlink(path)
+        os.ftruncate(fd, self._size)
+        self._fd = fd
+
+    def _mark(self, first: int, last: int) -> None:
+        """Blocks ``first..last`` now live in the overlay (and, persistent, in its map)."""
+        self._present[first : last + 1] = b"\x01" * (last - first + 1)
+        if self._map_fd >= 0:
+            _full_pwrite(self._map_fd, memoryview(self._present)[first : last + 1], first)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -91,7 +129,7 @@ class CowFilter(Filter):
         buf = memoryview(bytearray(length))
         self.inner.pread(buf, start)
         _full_pwrite(self._fd, buf, start)
-        self._present[blk] = 1
+        self._mark(blk, blk)
 
     def _punch(self, offset: int, length: int) -> None:
         try:
@@ -139,6 +177,7 @@ class CowFilter(Filter):
             _full_pwrite(self._fd, mv, offset)
             return
         with self._lock:
+            self._overlay()
             self._dirty = True
             if offset & (self._block - 1):
                 self._copy_up(first)
@@ -146,11 +185,12 @@ class CowFilter(Filter):
             if end & (self._block - 1) and end != self._size:
                 self._copy_up(last)
             _full_pwrite(self._fd, mv, offset)
-            self._present[first : last + 1] = b"\x01" * (last - first + 1)
+            self._mark(first, last)
 
     def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
         first, last = self._blocks(offset, length)
         with self._lock:
+            self._overlay()
             self._dirty = True
             head = offset & (self._block - 1)
             end = offset + length
@@ -159,7 +199,7 @@ class CowFilter(Filter):
             if end & (self._block - 1) and end != self._size:
                 self._copy_up(last)
             self._punch(offset, length)
-            self._present[first : last + 1] = b"\x01" * (last - first + 1)
+            self._mark(first, last)
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         # Trim may leave anything behind; zeroing in the overlay is the only choice that
@@ -167,9 +207,12 @@ class CowFilter(Filter):
         self.zero(offset, length, True, False, fua)
 
     def flush(self) -> None:
-        # The overlay dies with the process, so durability of it means nothing; every
-        # connection shares one file descriptor, so writes are already visible to all.
-        return
+        # An unlinked overlay dies with its owner, so durability of it means nothing; every
+        # connection shares one file descriptor, so writes are already visible to all. A
+        # persistent overlay makes its data durable, then the map that points at it.
+        if self._map_fd >= 0:
+            os.fsync(self._fd)
+            os.fsync(self._map_fd)
 
     def fileno(self) -> int | None:
         return None  # merged data cannot be sendfile'd from one descriptor
@@ -227,9 +270,37 @@ class CowFilter(Filter):
 
     def close(self) -> None:
         try:
-            os.close(self._fd)
+            if self._fd >= 0:
+                os.close(self._fd)
+            if self._map_fd >= 0:
+                os.close(self._map_fd)
         finally:
-            self.inner.close()
+            if self._owns_inner:
+                self.inner.close()
+
+
+def _open_persistent(prefix: str, size: int, blocks: int) -> tuple[int, int, bytearray]:
+    """Open (or create) ``prefix.overlay`` and ``prefix.map``; refuse a pair made for an
+    export of another size."""
+    fd = os.open(prefix + ".overlay", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        map_fd = os.open(prefix + ".map", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        present = bytearray(os.pread(map_fd, blocks + 1, 0))
+        had = os.fstat(fd).st_size
+        if present and (len(present) != blocks or had != size):
+            raise OSError(errno.EINVAL, f"{prefix}.overlay belongs to an export of another size")
+        if not present:
+            present = bytearray(blocks)
+            os.ftruncate(map_fd, blocks)
+    except BaseException:
+        os.close(fd)
+        os.close(map_fd)
+        raise
+    return fd, map_fd, present
 
 
 def _append(out: list[Extent], length: int, flags: int) -> None:

@@ -6,6 +6,7 @@ builders produce must be accepted by nbdserver's own parser and give the intende
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import pytest
@@ -13,7 +14,8 @@ from nbd_operator import manifests
 from nbd_operator.config import OperatorConfig
 from nbd_operator.spec import parse_spec
 
-from nbdserver.cli import build_parser, config_from_args
+from nbdserver.config import ServerConfig, assemble
+from nbdserver.config.flags import build_parser, read_layer
 
 CASES: dict[str, dict[str, Any]] = {
     "memory": {"source": {"memory": {}}, "size": "1Gi"},
@@ -79,14 +81,19 @@ def test_the_settings_arrive_as_intended() -> None:
     )
     assert args.single_writer is True
     ro = build_parser().parse_args(command_line(CASES["claim-ro"]))
-    assert ro.read_only is True and ro.single_writer is False and ro.size is None
+    assert ro.read_only is True and not ro.single_writer and ro.size is None
     cow = build_parser().parse_args(command_line(CASES["block-cow"]))
-    assert cow.copy_on_write is True and cow.cow_dir == "/cow" and cow.image == "/dev/nbd-backing"
+    assert cow.copy_on_write == "shared" and cow.cow_dir == "/cow"
+    assert cow.image == "/dev/nbd-backing"
+
+
+def _assembled(args: argparse.Namespace) -> ServerConfig:
+    return assemble(read_layer(args), None)
 
 
 @pytest.mark.parametrize("case", ["memory", "claim-ro", "block-cow"])
 def test_nbdserver_builds_a_configuration_from_it(case: str) -> None:
-    config = config_from_args(build_parser().parse_args(command_line(CASES[case])))
+    config = _assembled(build_parser().parse_args(command_line(CASES[case])))
     assert config is not None
 
 
@@ -95,6 +102,6 @@ def test_the_metrics_endpoint_arrives_as_intended(case: str) -> None:
     config = OperatorConfig(server_metrics_port=9100, server_metrics_bind="::")
     args = build_parser().parse_args(command_line(CASES[case], config))
     assert (args.metrics_port, args.metrics_bind) == (9100, "::")
-    assert config_from_args(args) is not None
+    assert _assembled(args) is not None
     plain = build_parser().parse_args(command_line(CASES[case]))
     assert plain.metrics_port is None

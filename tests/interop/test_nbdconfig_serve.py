@@ -79,8 +79,8 @@ def test_the_example_config_is_served_as_nbd_server_would(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[generic]\nuser = nbd\n[a]\nexportname = /tmp/x\n",
-         ":2: [generic] user is not supported by nbdserver"),
+        ("[generic]\ntlsprio = NORMAL\n[a]\nexportname = /tmp/x\n",
+         ":2: [generic] tlsprio is not supported by nbdserver"),
         ("[generic]\n[a]\nexportname = /tmp/x\nreadonly = yes\n",
          ":4: [a] readonly: boolean must be true or false, not 'yes'"),
         ("[generic]\n[a]\nexportname = disk.img\n",

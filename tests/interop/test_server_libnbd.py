@@ -97,9 +97,11 @@ PROBES_RO = {
 
 @pytest.mark.parametrize("read_only", [False, True], ids=["read-write", "read-only"])
 def test_nbdinfo_probes_match_the_capabilities(
-    nbdserver: NbdServerFactory, read_only: bool
+    nbdserver: NbdServerFactory, read_only: bool, tmp_path: Path
 ) -> None:
-    srv = nbdserver(*(["--read-only"] if read_only else []), size="1M")
+    image = tmp_path / "probe.img"
+    image.write_bytes(bytes(1 << 20))  # a read-only export never creates its image
+    srv = nbdserver(*(["--read-only"] if read_only else []), image=image, size=None)
     probes = PROBES_RO if read_only else PROBES_RW
     got = {p: run("nbdinfo", *p, srv.uri, ok=False).returncode for p in probes}
     assert got == probes
@@ -175,8 +177,12 @@ def test_nbdsh_invalid_requests_get_the_spec_errors(nbdserver: NbdServerFactory)
     )
 
 
-def test_nbdsh_read_only_export_refuses_writes_with_eperm(nbdserver: NbdServerFactory) -> None:
-    srv = nbdserver("--read-only", size="1M")
+def test_nbdsh_read_only_export_refuses_writes_with_eperm(
+    nbdserver: NbdServerFactory, tmp_path: Path
+) -> None:
+    image = tmp_path / "ro.img"
+    image.write_bytes(bytes(1 << 20))  # a read-only export never creates its image
+    srv = nbdserver("--read-only", image=image, size=None)
     nbdsh(
         srv.uri,
         """

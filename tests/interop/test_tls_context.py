@@ -1,4 +1,4 @@
-"""nbdserver.tls against Python's own TLS client over a local socket pair of real sockets.
+"""nbdserver.policy.tls against Python's own TLS client over a local socket pair of real sockets.
 
 These pin down the context itself (TLS 1.2 floor, mutual TLS, error messages); the interop
 tests in test_tls_clients.py drive the whole server with libnbd and qemu.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdserver.tls import (
+from nbdserver.policy.tls import (
     TlsConfigError,
     TlsHandshakeError,
     TlsMode,

@@ -12,9 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from nbdserver.backends.base import Backend
-from nbdserver.connection import _arm_idle_timeout, export_info
-from nbdserver.edge_transmission import Transmission
-from nbdserver.exports import Export, ExportConfig
+from nbdserver.config import ExportConfig
+from nbdserver.edge.connection import _arm_idle_timeout, export_info
+from nbdserver.edge.transmission import Transmission
+from nbdserver.exports import Export
 from nbdserver.protocol.constants import TransmissionFlag
 from nbdserver.protocol.events import Negotiated
 

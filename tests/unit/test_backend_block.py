@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from nbdserver.backends.block import BlockDeviceBackend, is_block_device
-from nbdserver.exports import ExportConfig, open_export
+from nbdserver.config import ExportConfig
+from nbdserver.exports import open_export
 from tests.loopdev import loop_device
 
 MiB = 1 << 20

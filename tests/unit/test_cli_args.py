@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from nbdserver.cli import build_parser, config_from_args, main
+from nbdserver.cli import main
+from nbdserver.config import ExportConfig, assemble_from_argv
+from nbdserver.config.specs import parse_export_spec, parse_size
 from nbdserver.errors import ConfigError
-from nbdserver.exports import ExportConfig, open_export, parse_export_spec, parse_size
+from nbdserver.exports import open_export
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,11 +60,10 @@ def test_bad_export_specs_are_refused(spec: str) -> None:
 
 
 def test_image_and_extra_exports_become_one_config(tmp_path: Path) -> None:
-    args = build_parser().parse_args(
-        ["serve", str(tmp_path / "a.img"), "--name", "a", "--size", "1M", "--port", "0",
+    config = assemble_from_argv(
+        [str(tmp_path / "a.img"), "--name", "a", "--size", "1M", "--port", "0",
          "-e", "b=memory,size=2M", "--max-connections", "7", "--handshake-timeout", "2"]
     )  # fmt: skip
-    config = config_from_args(args)
     assert [e.name for e in config.exports] == ["a", "b"]
     assert config.exports[0].size == 1 << 20 and config.port == 0
     assert config.max_connections == 7 and config.handshake_timeout == 2
@@ -70,7 +71,7 @@ def test_image_and_extra_exports_become_one_config(tmp_path: Path) -> None:
 
 def test_nothing_to_serve_is_an_error() -> None:
     with pytest.raises(ConfigError, match="nothing to serve"):
-        config_from_args(build_parser().parse_args(["serve"]))
+        assemble_from_argv([])
 
 
 def test_size_creates_a_sparse_image(tmp_path: Path) -> None:

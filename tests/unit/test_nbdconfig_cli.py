@@ -1,4 +1,5 @@
-"""How --config and the security flags become server settings (nbdserver.security_cli)."""
+"""How --config and the security flags become server settings (nbdserver.config.assemble) and
+a policy guard (nbdserver.policy.guard)."""
 
 from __future__ import annotations
 
@@ -7,23 +8,22 @@ from pathlib import Path
 import pytest
 
 from nbdserver.backends.memory import MemoryBackend
-from nbdserver.cli import build_parser, config_from_args
+from nbdserver.config import ServerConfig, TlsMode, assemble_from_argv
 from nbdserver.errors import ConfigError
 from nbdserver.exports import open_export
 from nbdserver.filters.cow import CowFilter
-from nbdserver.filters.qos import QosFilter
-from nbdserver.security_cli import finish
+from nbdserver.filters.qos import QosFilter, QosLimits
+from nbdserver.policy.guard import Guard
 
 
-def _build(*argv: str):  # type: ignore[no-untyped-def]
-    args = build_parser().parse_args(["serve", *argv])
-    config = config_from_args(args)
-    return config, finish(args, config)
+def _build(*argv: str) -> tuple[ServerConfig, Guard | None]:
+    config = assemble_from_argv(argv)
+    return config, Guard.build(config)
 
 
 def test_no_feature_flags_means_no_guard_and_unwrapped_backends() -> None:
     config, guard = _build("--backend", "memory", "--size", "1M")
-    assert guard is None and config.tls_policy == "off"
+    assert guard is None and config.tls.mode is TlsMode.OFF
     export = open_export(config.exports[0])
     try:
         assert type(export.backend) is MemoryBackend  # the hot path sees the backend itself
@@ -75,7 +75,7 @@ def test_tls_flags(tmp_path: Path) -> None:
         "--tls-key",
         str(pki.server_key),
     )
-    assert config.tls_policy == "on" and guard is not None and guard.tls_context is not None
+    assert config.tls.mode is TlsMode.ON and guard is not None and guard.tls_context is not None
     with pytest.raises(ConfigError, match="TLS files given but --tls off"):
         _build(
             "--backend",
@@ -93,8 +93,8 @@ def test_tls_flags(tmp_path: Path) -> None:
 
 def test_config_file_errors_surface_as_config_errors(tmp_path: Path) -> None:
     conf = tmp_path / "c.conf"
-    conf.write_text("[generic]\nuser = nbd\n[a]\nexportname = /x\n")
-    with pytest.raises(ConfigError, match=rf"{conf}:2: \[generic\] user is not supported"):
+    conf.write_text("[generic]\ntlsprio = NORMAL\n[a]\nexportname = /x\n")
+    with pytest.raises(ConfigError, match=rf"{conf}:2: \[generic\] tlsprio is not supported"):
         _build("--config", str(conf))
 
 
@@ -105,8 +105,8 @@ def test_per_export_qos_and_cow_dir_options(tmp_path: Path) -> None:
         "--qos-write-bps", "999",
     )  # fmt: skip
     a, b = config.exports
-    assert a.qos == {"read_iops": 5, "write_bps": 100}  # the export's own value wins
-    assert b.qos == {"write_bps": 999}
+    assert a.qos == QosLimits(read_iops=5, write_bps=100)  # the export's own value wins
+    assert b.qos == QosLimits(write_bps=999)
     assert a.cow_dir == str(tmp_path)
     with pytest.raises(ConfigError, match="expected an integer"):
         _build("--export", "a=memory,size=1M,qos-read-bps=fast")
@@ -127,7 +127,7 @@ def test_idle_timeout_from_the_flag_the_export_and_nbd_server_timeout(tmp_path: 
     config, _ = _build("--backend", "memory", "--size", "1M")
     assert config.exports[0].idle_timeout == 0  # off unless asked for
     for bad in (["--idle-timeout", "-1"], ["--idle-timeout", "nan"]):
-        with pytest.raises(ConfigError, match="idle-timeout must be 0"):
+        with pytest.raises(ConfigError, match="--idle-timeout must be"):
             _build("--backend", "memory", "--size", "1M", *bad)
     with pytest.raises(ConfigError, match="idle timeout of 'x' must be 0"):
         _build("--export", "x=memory,size=1M,idle-timeout=-3")

@@ -14,12 +14,12 @@ never a quiet fallback to plaintext.
 
 from __future__ import annotations
 
-import enum
 import logging
 import socket
 import ssl
-from dataclasses import dataclass
 from pathlib import Path
+
+from nbdserver.config.model import TlsMode, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,30 +28,8 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 30.0
 
 
-class TlsMode(enum.Enum):
-    """``off``: STARTTLS is refused. ``on``: offered. ``require``: nothing but STARTTLS and
-    ABORT is allowed before TLS is up."""
-
-    OFF = "off"
-    ON = "on"
-    REQUIRE = "require"
-
-
 class TlsConfigError(ValueError):
     """Unusable TLS settings (missing file, key not matching certificate, unsupported mode)."""
-
-
-@dataclass(frozen=True)
-class TlsSettings:
-    mode: TlsMode = TlsMode.OFF
-    certfile: str | None = None
-    keyfile: str | None = None
-    cafile: str | None = None  # given: client certificates are required and verified
-    pskfile: str | None = None
-
-    @property
-    def mutual(self) -> bool:
-        return self.cafile is not None
 
 
 def psk_supported() -> bool:

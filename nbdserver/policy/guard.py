@@ -1,10 +1,11 @@
-"""Glue between the network edge and the security/operations features.
+"""The policy parts (address ACLs, TLS, per-export TLS-only and allow lists, the single-writer
+lease, metrics) behind one interface, ``Guard``.
 
-Why: TLS, address ACLs, per-export TLS-only and allow lists, single-writer leases, metrics and
-per-connection filters each need a word at a few points of a connection's life (accept, export
-lookup, STARTTLS, attach, close). The edge (``nbdserver.server``/``connection``) calls one
-``Guard`` at those points and stays ignorant of the details; with no guard attached it runs the
-plain path and pays nothing.
+Why: each part needs a word at a few points of a connection's life (accept, export lookup,
+STARTTLS, attach, close). The server asks one ``Guard`` at those points and the edge never sees
+the parts; with no guard (``Guard.build`` returns None when nothing is asked for) every point
+runs its plain path and pays nothing. Which filters a connection gets is decided by
+``nbdserver.exports.stack``; the guard only says which per-connection layers apply.
 
 What it must not do: speak the protocol, own sockets beyond the TLS upgrade, or block a
 connection's thread on another connection.
@@ -17,43 +18,55 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from nbdserver.acl import AccessPolicy, Acl, address_of
-from nbdserver.filters.access import ReadOnlyFilter, WriterLease
-from nbdserver.filters.stats import StatsFilter
+from nbdserver.backends.base import Backend
+from nbdserver.config.model import ExportConfig, ServerConfig, TlsMode, TlsSettings
+from nbdserver.errors import ConfigError
+from nbdserver.exports import Export, stack
+from nbdserver.filters.access import WriterLease
 from nbdserver.metrics import ConnStats, CountingReplies, Metrics, MetricsServer
-from nbdserver.protocol.constants import OptionReply, TransmissionFlag
-from nbdserver.protocol.events import Refused
-from nbdserver.tls import (
+from nbdserver.policy.tls import (
     HANDSHAKE_TIMEOUT,
+    TlsConfigError,
     TlsHandshakeError,
-    TlsMode,
-    TlsSettings,
     build_server_context,
     peer_subject,
     server_handshake,
 )
+from nbdserver.protocol.constants import OptionReply, TransmissionFlag
+from nbdserver.protocol.events import ExportInfo, Refused
 
-if TYPE_CHECKING:
-    from nbdserver.backends.base import Backend
-    from nbdserver.exports import Export
-    from nbdserver.protocol.events import ExportInfo
-
-log = logging.getLogger("nbdserver.security")
+log = logging.getLogger("nbdserver.policy.guard")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SecurityOptions:
-    tls: TlsSettings = field(default_factory=TlsSettings)
-    allow: Acl | None = None  # server-wide list; None: everyone
-    export_acls: dict[str, Acl | None] = field(default_factory=dict)
-    tls_only: frozenset[str] = frozenset()  # exports served only over TLS
-    single_writer: bool = False
-    list_allowed: bool = True  # nbd-server's "allowlist": may clients NBD_OPT_LIST?
-    metrics_port: int | None = None
-    metrics_bind: str = "0.0.0.0"
+    """The policy part of a ``ServerConfig``; ``active``: whether any part is asked for."""
+
+    tls: TlsSettings
+    allow: Acl | None
+    export_acls: dict[str, Acl | None]
+    tls_only: frozenset[str]  # exports served only over TLS
+    single_writer: bool
+    list_allowed: bool  # nbd-server's "allowlist": may clients NBD_OPT_LIST?
+    metrics_port: int | None
+    metrics_bind: str | None
+
+    @classmethod
+    def of(cls, config: ServerConfig) -> SecurityOptions:
+        return cls(
+            tls=config.tls,
+            allow=config.allow,
+            export_acls={e.name: e.acl for e in config.exports},
+            tls_only=frozenset(e.name for e in config.exports if e.tls),
+            single_writer=config.single_writer,
+            list_allowed=config.list_allowed,
+            metrics_port=config.metrics_port,
+            metrics_bind=config.metrics_bind,
+        )
 
     @property
     def active(self) -> bool:
@@ -81,22 +94,47 @@ class ConnState:
 class Guard:
     def __init__(self, opts: SecurityOptions) -> None:
         self.opts = opts
-        self.tls_context: ssl.SSLContext | None = build_server_context(opts.tls)
+        try:
+            self.tls_context: ssl.SSLContext | None = build_server_context(opts.tls)
+        except TlsConfigError as exc:
+            raise ConfigError(str(exc)) from None
         self.tls_policy = opts.tls.mode.value
         self.access = AccessPolicy.build(opts.allow, list(opts.export_acls.items()))
         self.metrics: Metrics | None = Metrics() if opts.metrics_port is not None else None
         self._metrics_server: MetricsServer | None = None
         self._leases: dict[str, WriterLease] = {}
 
+    @classmethod
+    def build(cls, config: ServerConfig, always: bool = False) -> Guard | None:
+        """The guard ``config`` asks for; None when it asks for no policy at all (unless
+        ``always``: a server that may reload its exports keeps one for what they bring)."""
+        opts = SecurityOptions.of(config)
+        return cls(opts) if opts.active or always else None
+
+    def update_exports(self, exports: tuple[ExportConfig, ...]) -> None:
+        """A reload: the per-export rules of the new exports (the server-wide ones stay)."""
+        self.opts = dataclasses.replace(
+            self.opts,
+            export_acls={e.name: e.acl for e in exports},
+            tls_only=frozenset(e.name for e in exports if e.tls),
+        )
+        self.access = AccessPolicy.build(self.opts.allow, list(self.opts.export_acls.items()))
+
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        if self.metrics is not None and self.opts.metrics_port is not None:
-            self._metrics_server = MetricsServer(
-                self.metrics, self.opts.metrics_port, self.opts.metrics_bind
-            )
-            log.info(
-                "metrics on http://%s:%d/metrics", self.opts.metrics_bind, self._metrics_server.port
-            )
+        """Open the metrics endpoint; a port that cannot be had is one line naming the flag."""
+        if self.metrics is None or self.opts.metrics_port is None:
+            return
+        host = self.opts.metrics_bind
+        try:
+            self._metrics_server = MetricsServer(self.metrics, self.opts.metrics_port, host)
+        except (OSError, OverflowError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(
+                f"--metrics-port {self.opts.metrics_port}: cannot listen on "
+                f"{host or 'every address'}: {reason}"
+            ) from None
+        log.info("metrics on http://%s:%d/metrics", host or "[::]", self._metrics_server.port)
 
     @property
     def metrics_port(self) -> int | None:
@@ -200,17 +238,11 @@ class Guard:
         return dataclasses.replace(info, flags=info.flags | TransmissionFlag.NBD_FLAG_READ_ONLY)
 
     # --- transmission --------------------------------------------------------------------------
-    def attach(self, tx: Any, export: Export, state: ConnState) -> None:
-        """Set up a transmission loop (``nbdserver.edge_transmission.Transmission``) before it
-        runs: its backend view, and error counting on its replies when metrics are on."""
-        tx.backend = self.connection_backend(export, state)
-        if self.metrics is not None:
-            tx.replies = CountingReplies(tx.replies, self.metrics, export.name)
-
     def connection_backend(self, export: Export, state: ConnState) -> Backend:
-        """The backend this connection's transmission loop should call."""
-        backend = export.backend
-        if self.opts.single_writer and backend.can_write and not export.read_only:
+        """The backend this connection's transmission loop calls: the export's stack plus the
+        per-connection layers the policy asks for (``nbdserver.exports.stack`` orders them)."""
+        read_only_view = False
+        if self.opts.single_writer and export.backend.can_write and not export.read_only:
             lease = self._leases.setdefault(export.name, WriterLease())
             host = address_of(state.peer)
             if lease.acquire(host):
@@ -219,8 +251,14 @@ class Guard:
             else:
                 log.info("%s gets export %r read-only: %s writes", state.peer, export.name,
                          lease.holder)  # fmt: skip
-                backend = ReadOnlyFilter(backend)
+                read_only_view = True
         if self.metrics is not None:
             state.stats = self.metrics.open_stats(export.name)
-            backend = StatsFilter(backend, state.stats)
-        return backend
+        return stack(export.backend, export.config, connection=True,
+                     read_only_view=read_only_view, stats=state.stats)  # fmt: skip
+
+    def replies(self, replies: Any, export: Export) -> Any:
+        """The connection's reply encoder, counting error replies when metrics are on."""
+        if self.metrics is None:
+            return replies
+        return CountingReplies(replies, self.metrics, export.name)

@@ -6,8 +6,8 @@ the socket holds into one buffer, decodes every complete request in it, validate
 (``protocol.transmission.RequestValidator``) before any backend call, runs it, and sends all
 replies of the pass with one ``sendmsg`` (writev). Reads land in an arena and go out from there;
 write payloads are written straight from the receive buffer. Both are lazily resident mappings
-(``edge_sparse.buffer``); a request larger than them gets a buffer of its own, returned once it
-is answered. Large reads of sparse ranges answer holes with OFFSET_HOLE chunks (``edge_sparse``).
+(``edge.sparse.buffer``); a request larger than them gets a buffer of its own, returned once it
+is answered. Large reads of sparse ranges answer holes with OFFSET_HOLE chunks (``edge.sparse``).
 The GIL is released in every syscall, so other connections run meanwhile.
 
 Slow commands (FLUSH, TRIM, WRITE_ZEROES, CACHE) run on a small shared worker pool and reply
@@ -24,9 +24,11 @@ import select
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor
 
-from nbdserver.edge_sparse import SPARSE_READ, Plan, buffer, hole_plan, release, sparse_reply
+from nbdserver.backends.base import Backend
+from nbdserver.edge.sparse import SPARSE_READ, Plan, buffer, hole_plan, release, sparse_reply
 from nbdserver.errors import ConnectionClosed, ProtocolViolation, nbd_errno
 from nbdserver.exports import Export
 from nbdserver.protocol import wire
@@ -84,14 +86,19 @@ class Transmission:
         *,
         pool: Executor,
         peer: str = "?",
+        backend: Backend | None = None,
+        wrap_replies: Callable[[ReplyEncoder], ReplyEncoder] | None = None,
     ) -> None:
+        """``backend``: this connection's view of the export (its per-connection filters);
+        ``wrap_replies``: a layer over the reply encoder (metrics count error replies)."""
         self.sock = sock
         self.export = export
-        self.backend = export.backend
+        self.backend = export.backend if backend is None else backend
         self.extended = negotiated.extended_headers
         self.pool = pool
         self.peer = peer
-        self.replies = ReplyEncoder.for_negotiated(negotiated)
+        replies = ReplyEncoder.for_negotiated(negotiated)
+        self.replies = replies if wrap_replies is None else wrap_replies(replies)
         self.validator = RequestValidator(negotiated)
         contexts = negotiated.meta_contexts
         self.meta_context_id: int | None = contexts[0][0] if contexts else None
@@ -106,7 +113,7 @@ class Transmission:
         self._arena = buffer(READ_ARENA)
         self.big_held = 0  # bytes of a large request's own buffer, while it runs
         structured = negotiated.structured_replies or negotiated.extended_headers
-        self._sparse = structured and export.backend.can_extents
+        self._sparse = structured and self.backend.can_extents
         self.requests = 0
         self.waiting = False  # blocked in recv with no request in progress
         # A plain attribute beside the validator's flag: the loop reads it on every pass, and

@@ -2,7 +2,15 @@
 transmission loop, and log who it was, which export, and why it ended.
 
 The handshake itself is ``nbdserver.protocol.handshake`` (sans-I/O); this module only feeds it
-socket bytes under an idle deadline, performs STARTTLS when it asks, and resolves export names.
+socket bytes under a deadline, performs STARTTLS when it asks, and asks its host (the narrow
+``nbdserver.edge.host.Host``, never the server itself) to resolve names and attach.
+
+The handshake deadline: a client has ``handshake_timeout`` seconds to complete each option;
+every option answered starts the clock again. A client making steady progress (libnbd listing
+fifty exports, ~200 ms per round trip) is never cut, and one that stalls (or trickles one option
+byte by byte) is cut ``handshake_timeout`` after its last answered option. A client that keeps
+making progress forever is bounded by the host's cap on pending handshakes instead.
+
 Must not interpret option or request bytes itself, nor touch other connections.
 """
 
@@ -16,9 +24,9 @@ import ssl
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING
 
-from nbdserver.edge_transmission import SHUTDOWN_QUIET, Transmission
+from nbdserver.edge.host import Host
+from nbdserver.edge.transmission import SHUTDOWN_QUIET, Transmission
 from nbdserver.errors import ConnectionClosed
 from nbdserver.exports import Export
 from nbdserver.protocol.constants import TransmissionFlag
@@ -28,23 +36,19 @@ from nbdserver.protocol.events import (
     Closed,
     ExportInfo,
     Negotiated,
-    Refused,
     StartTLS,
 )
 from nbdserver.protocol.handshake import ServerHandshake
 
-if TYPE_CHECKING:
-    from nbdserver.server import Server
+log = logging.getLogger("nbdserver.edge.connection")
 
-log = logging.getLogger("nbdserver.connection")
-
-_HANDSHAKE, _TRANSMISSION, _DONE = "handshake", "transmission", "done"
+_HANDSHAKE, _ATTACHING, _TRANSMISSION, _DONE = "handshake", "attaching", "transmission", "done"
 
 
 def export_info(export: Export) -> ExportInfo:
     """What the handshake advertises for ``export``: the backend's capabilities as transmission
     flags (the handshake adds HAS_FLAGS and DF, and drops write flags on read-only exports)."""
-    b = export.backend
+    b = export.advertised
     f = TransmissionFlag(0)
     if export.read_only:
         f |= TransmissionFlag.NBD_FLAG_READ_ONLY
@@ -96,31 +100,29 @@ def _arm_idle_timeout(sock: socket.socket, seconds: float) -> None:
 
 
 class Connection:
-    """Runs in its own thread (``run``); the server may call ``begin_shutdown`` from another."""
+    """Runs in its own thread (``run``); the host may call ``begin_shutdown`` from another."""
 
-    def __init__(self, server: Server, sock: socket.socket, peer: str) -> None:
-        self.server = server
+    def __init__(self, host: Host, sock: socket.socket, peer: str) -> None:
+        self.host = host
         self.sock = sock
         self.peer = peer
         self.export: Export | None = None
         self.transmission: Transmission | None = None
         self.thread: threading.Thread | None = None
+        self.last_progress = time.monotonic()  # handshake eviction: the longest silent goes
         self._state = _HANDSHAKE
         self._lock = threading.Lock()
-        self._attached = False
-        guard = server.guard
-        self.guard_state = guard.opened(peer) if guard is not None else None
 
     # --- called from other threads -------------------------------------------------------------
     def begin_shutdown(self) -> None:
         """In transmission, requests already received finish and are answered, later ones get
         ESHUTDOWN, and the connection closes once the client goes quiet (an idle connection's
         recv is woken by shutting the read side). A handshake needs nothing from here: its
-        thread waits on the server's ``stop_fd`` too, then answers the client's next option
+        thread waits on the host's ``stop_fd`` too, then answers the client's next option
         NBD_REP_ERR_SHUTDOWN (see ``_receive``)."""
         with self._lock:
             state, tx = self._state, self.transmission
-        if state in (_DONE, _HANDSHAKE):
+        if state in (_DONE, _HANDSHAKE, _ATTACHING):
             return
         if tx is not None:
             tx.begin_shutdown()
@@ -132,15 +134,20 @@ class Connection:
             _shutdown(self.sock, socket.SHUT_RD)
 
     def abort(self) -> None:
-        """Hard disconnect (used when a graceful stop overran its deadline)."""
+        """Hard disconnect (a graceful stop overran its deadline, or an evicted handshake)."""
         with contextlib.suppress(OSError):
             _shutdown(self.sock, socket.SHUT_RDWR)
+
+    @property
+    def negotiating(self) -> bool:
+        return self._state == _HANDSHAKE
 
     # --- the connection's own thread ---------------------------------------------------------
     def run(self) -> None:
         reason = "unknown"
         started = time.monotonic()
         try:
+            self.host.opened(self)
             reason = self._serve()
         except ConnectionClosed as e:
             reason = e.reason
@@ -158,14 +165,13 @@ class Connection:
             reason = f"internal error: {e!r}"
         finally:
             with self._lock:
+                handshaking = self._state == _HANDSHAKE
                 self._state = _DONE
-            if self._attached and self.export is not None:
-                self.export.detach()
+            if handshaking:
+                self.host.handshake_done(self)
             with contextlib.suppress(OSError):
                 self.sock.close()
-            if self.guard_state is not None and self.server.guard is not None:
-                self.server.guard.closed(self.guard_state)
-            self.server.connection_done(self)
+            self.host.detach(self, self.export)
             # Logged last: once this line is out, the connection no longer counts anywhere.
             tx = self.transmission
             log.info(
@@ -179,23 +185,22 @@ class Connection:
 
     def _serve(self) -> str:
         negotiated = self._handshake()
+        with self._lock:
+            self._state = _ATTACHING
+        self.host.handshake_done(self)
         if not isinstance(negotiated, Negotiated):
             return negotiated
-        export = self.server.lookup(negotiated.export.name)
-        if export is None:  # the resolver found it moments ago; exports do not go away
-            return "export vanished"
+        attached = self.host.attach(negotiated.export.name, self)
+        if isinstance(attached, str):
+            return attached
+        export, backend, wrap_replies = attached
         self.export = export
-        if not export.try_attach():
-            return f"export {export.name!r} reached its limit of {export.config.connections}"
-        self._attached = True
-        tx = Transmission(self.sock, export, negotiated, pool=self.server.pool, peer=self.peer)
-        if self.guard_state is not None and self.server.guard is not None:
-            # Per-connection layers (single-writer view, metrics) over the export's backend.
-            self.server.guard.attach(tx, export, self.guard_state)
+        tx = Transmission(self.sock, export, negotiated, pool=self.host.pool, peer=self.peer,
+                          backend=backend, wrap_replies=wrap_replies)  # fmt: skip
         with self._lock:
             self.transmission = tx
             self._state = _TRANSMISSION
-        if self.server.stopping:
+        if self.host.stopping:
             tx.begin_shutdown()
             return "server shutting down"
         log.info(
@@ -215,33 +220,32 @@ class Connection:
         return tx.run()
 
     def _handshake(self) -> Negotiated | str:
-        server = self.server
-        guard, state = server.guard, self.guard_state
-        lister = (
-            server.list_exports
-            if guard is None or state is None
-            else guard.lister(server.list_exports, state)  # LIST may be off or filtered
+        host = self.host
+        hs = ServerHandshake(
+            lambda name: host.resolve(name, self), host.lister(self), tls=host.tls_policy
         )
-        hs = ServerHandshake(self._resolve, lister, tls=server.tls_policy)
-        deadline = time.monotonic() + server.handshake_timeout
+        deadline = time.monotonic() + host.handshake_timeout
         sock = self.sock
         while True:
             event = hs.next_event()
-            remaining = deadline - time.monotonic()
+            out = hs.data_to_send()  # replies to the options just processed, before waiting
+            now = time.monotonic()
+            if out:  # an option was answered: the client is making progress
+                deadline = now + host.handshake_timeout
+                self.last_progress = now  # the host's handshake eviction reads it
+            remaining = deadline - now
             if remaining <= 0:
                 raise TimeoutError
             # What is left bounds every wait: receives, sends to a client that does not read,
             # and the TLS handshake (which takes the socket's timeout as its budget).
             sock.settimeout(remaining)
-            out = hs.data_to_send()  # replies to the options just processed, before waiting
             if out:
                 sock.sendall(out)
             if event is NEED_DATA:
                 if not self._receive(hs, sock, remaining):
                     return "server shutting down (client was negotiating and went quiet)"
             elif isinstance(event, StartTLS):
-                # Hook point for TLS: the server turns the plain socket into an SSL one.
-                self.sock = sock = server.start_tls(sock, self.guard_state)
+                self.sock = sock = host.start_tls(sock, self)
                 hs.tls_started()
             elif isinstance(event, Negotiated):
                 sock.settimeout(None)
@@ -260,39 +264,22 @@ class Connection:
         NBD_REP_ERR_SHUTDOWN, and a client that sends nothing for ``SHUTDOWN_QUIET`` seconds is
         let go (False), as in transmission. Raises TimeoutError at the handshake deadline.
         """
-        server = self.server
-        if server.stopping:
+        host = self.host
+        if host.stopping:
             hs.begin_shutdown()
         if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):  # else: decrypted bytes
-            if server.stopping:
+            if host.stopping:
                 readable, _, _ = select.select([sock], [], [], min(remaining, SHUTDOWN_QUIET))
                 if not readable:
                     return False
             else:
                 fd = sock.fileno()
-                ready, _, _ = select.select([fd, server.stop_fd], [], [], remaining)
+                ready, _, _ = select.select([fd, host.stop_fd], [], [], remaining)
                 if not ready:
                     raise TimeoutError
                 if fd not in ready:
                     return True  # stopping now: the caller asks again and lands above
-        if server.stopping:  # it may have begun while we waited: these bytes are refused
+        if host.stopping:  # it may have begun while we waited: these bytes are refused
             hs.begin_shutdown()
         hs.receive_data(sock.recv(65536))
         return True
-
-    def _resolve(self, name: str) -> ExportInfo | Refused | None:
-        export = self.server.find(name)
-        if export is None:
-            return None
-        guard, state = self.server.guard, self.guard_state
-        if guard is not None and state is not None:
-            # Policy first: a client the export's rules refuse learns nothing about its load.
-            refusal = guard.refusal(export.name, state)
-            if refusal is not None:
-                return refusal
-        refusal = self.server.limit_refusal(export, self.peer)
-        if refusal is not None:
-            return refusal
-        if guard is None or state is None:
-            return export_info(export)
-        return guard.advertise(export_info(export), export, state)

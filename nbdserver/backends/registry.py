@@ -1,0 +1,26 @@
+"""The backends by name: adding one is a module that defines ``KIND`` and one line below.
+
+Why: ``--backend``, ``-e NAME=PATH,backend=...`` and ``auto`` all need the list of backends and
+how each opens its image; before this table that knowledge was spread over the export code and
+the command line.
+
+What it must not do: wrap backends in filters (``nbdserver.filters.chain`` does) or know the
+configuration model (the caller passes plain values).
+"""
+
+from __future__ import annotations
+
+from nbdserver.backends import block, file, memory
+from nbdserver.backends.base import BackendKind
+
+# One line per backend; ``auto`` asks them in this order.
+KINDS: dict[str, BackendKind] = {k.name: k for k in (block.KIND, file.KIND, memory.KIND)}
+NAMES: tuple[str, ...] = ("auto", *KINDS)
+
+
+def kind_for(name: str, path: str | None) -> BackendKind:
+    """The backend ``name`` names; for ``auto`` the first that claims ``path``."""
+    if name != "auto":
+        return KINDS[name]
+    assert path is not None
+    return next(k for k in KINDS.values() if k.needs_path and k.claims(path))

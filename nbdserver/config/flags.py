@@ -1,0 +1,252 @@
+"""Reader for the ``nbdserver serve`` command line: the parser, and the ``Layer`` it gives.
+
+Why: flags are the first of the three sources; every flag defaults to None so that "given" means
+given (an explicit ``--port 10809`` wins over a config file's port, which a default could not
+tell apart). Defaults live in ``nbdserver.config.model``, applied by the assembly step.
+
+What it must not do: merge with other sources, or open anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from nbdserver import __version__
+from nbdserver.acl import Acl, AclError
+from nbdserver.backends.registry import NAMES as BACKENDS
+from nbdserver.config.model import CowMode, ExportConfig, Layer, TlsMode, TlsSettings
+from nbdserver.config.specs import parse_export_spec, parse_size
+from nbdserver.errors import ConfigError
+from nbdserver.filters.qos import QosLimits
+
+_QOS = ("read_bps", "write_bps", "read_iops", "write_iops")
+
+
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("image", nargs="?", help="image file or block device to serve")
+    s.add_argument("--name", default="", help='export name of IMAGE (default "")')
+    s.add_argument(
+        "--size",
+        help="create IMAGE sparse with this size (1G, 512M, bytes) if "
+        "absent; grow, never shrink (read-only: serve only the first SIZE bytes)",
+    )
+    s.add_argument(
+        "--read-only", "-r", action="store_true", default=None, help="refuse writes to every export"
+    )
+    s.add_argument("--description", default="", help="export description shown to clients")
+    s.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto picks block for devices, else file; memory needs --size",
+    )
+    s.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="per-export connection limit for IMAGE (0 = none)",
+    )
+    s.add_argument(
+        "--export",
+        "-e",
+        action="append",
+        default=[],
+        metavar="NAME=PATH[,opt=val...]",
+        help="another export (PATH memory: RAM); opts: size, ro, description, backend, "
+        "connections, idle-timeout, tls, cow, cow-dir, allow, qos-*",
+    )
+    s.add_argument(
+        "--bind", "-b", help="address to listen on (default: every address, IPv6 and IPv4)"
+    )
+    s.add_argument("--port", "-p", type=int, help="TCP port (default 10809; 0 = any free port)")
+    s.add_argument("--unix", "-u", metavar="PATH", help="also listen on a unix socket")
+    s.add_argument(
+        "--no-tcp", action="store_true", default=None, help="no TCP listener (with --unix)"
+    )
+    s.add_argument(
+        "--max-connections", type=int, help="connections past the handshake (default 256; 0 = none)"
+    )
+    s.add_argument(
+        "--max-handshakes",
+        type=int,
+        metavar="N",
+        help="handshakes in progress (default 64); past it the longest silent one is dropped",
+    )
+    s.add_argument(
+        "--handshake-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a client may take over one handshake option (default 10)",
+    )
+    s.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="S",
+        help="end a connection after S seconds without a request (0 = never; per "
+        "export: idle-timeout=S)",
+    )
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="S",
+        help="seconds to let connections finish on SIGTERM (default 30)",
+    )
+    s.add_argument("--workers", type=int, help="threads for FLUSH/TRIM/WRITE_ZEROES (default 4)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = s.add_argument_group("security and operations (docs/security.md)")
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read exports and settings from an "
+        "nbd-server(5) config file (flags win; SIGHUP re-reads it)",
+    )
+    g.add_argument(
+        "--tls",
+        choices=[m.value for m in TlsMode],
+        help="STARTTLS: off (default), on (offered) or require",
+    )
+    g.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
+    g.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    g.add_argument(
+        "--tls-ca", metavar="FILE", help="CA for client certificates: turns on mutual TLS"
+    )
+    g.add_argument(
+        "--tls-psk", metavar="FILE", help="TLS-PSK keys (identity:hexkey); needs Python >= 3.13"
+    )
+    g.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="admit only these client networks (repeatable; IPv4 or IPv6); "
+        "per export: --export NAME=PATH,allow=CIDR",
+    )
+    g.add_argument(
+        "--copy-on-write",
+        nargs="?",
+        const="shared",
+        metavar="MODE",
+        choices=[m.value for m in CowMode if m is not CowMode.OFF],
+        help="writes go to an overlay, the image is never written: connection (one "
+        "per connection, dropped at disconnect), shared (the default: one for all, "
+        "for the process) or persistent (in --cow-dir, survives restarts)",
+    )
+    g.add_argument("--cow-dir", metavar="DIR", help="where overlays live (default: $TMPDIR)")
+    g.add_argument(
+        "--single-writer",
+        action="store_true",
+        default=None,
+        help="one client host may write; the others get the export read-only",
+    )
+    g.add_argument("--no-list", action="store_true", default=None, help="refuse NBD_OPT_LIST")
+    for key in _QOS:
+        unit = "bytes/s" if key.endswith("bps") else "operations/s"
+        g.add_argument(
+            f"--qos-{key.replace('_', '-')}",
+            type=int,
+            default=0,
+            metavar="N",
+            help=f"per-export limit in {unit} (0 = none)",
+        )
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://ADDR:PORT/metrics",
+    )
+    g.add_argument("--metrics-bind", metavar="ADDR",
+                   help="address of the metrics endpoint (default: as --bind)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nbdserver", description="An NBD (network block device) server."
+    )
+    p.add_argument("--version", action="version", version=f"nbdserver {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve disk images over NBD",
+        description="Serve IMAGE (a file or a block device) and/or the --export entries.",
+    )
+    add_arguments(serve)
+    return p
+
+
+def _image_export(args: argparse.Namespace) -> tuple[ExportConfig, ...]:
+    if args.image is None and args.backend != "memory":
+        return ()
+    cfg = ExportConfig(
+        name=args.name,
+        path=None if args.backend == "memory" else args.image,
+        size=parse_size(args.size) if args.size else None,
+        description=args.description,
+        backend=args.backend,
+        connections=args.connections,
+    )
+    cfg.validate(BACKENDS)
+    return (cfg,)
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Value checks that need no file system; each names its flag."""
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a TCP port (0-65535)")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port {args.metrics_port} is not a TCP port (0-65535)")
+    for flag in ("idle_timeout", "handshake_timeout", "shutdown_timeout"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and 0 <= value < 1e9):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a number of seconds")
+    if args.handshake_timeout is not None and args.handshake_timeout <= 0:
+        raise ConfigError("--handshake-timeout must be positive")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    for flag in ("max_connections", "max_handshakes", "connections"):
+        if (getattr(args, flag) or 0) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must not be negative")
+    if args.max_handshakes == 0:
+        raise ConfigError("--max-handshakes must be at least 1")
+    if args.no_tcp and not args.unix:
+        raise ConfigError("--no-tcp needs --unix")
+
+
+def _tls(args: argparse.Namespace) -> TlsSettings | None:
+    if args.tls is None and not (args.tls_cert or args.tls_key or args.tls_ca or args.tls_psk):
+        return None
+    mode = TlsMode(args.tls) if args.tls else TlsMode.ON
+    return TlsSettings(mode, args.tls_cert, args.tls_key, args.tls_ca, args.tls_psk)
+
+
+def read_layer(args: argparse.Namespace) -> Layer:
+    """The settings the command line gives (None where a flag was not given)."""
+    _check(args)
+    qos = {k: getattr(args, f"qos_{k}") for k in _QOS if getattr(args, f"qos_{k}")}
+    try:
+        allow = Acl.from_rules(args.allow) if args.allow else None
+    except AclError as exc:
+        raise ConfigError(str(exc)) from None
+    return Layer(
+        exports=_image_export(args) + tuple(parse_export_spec(s) for s in args.export),
+        bind=args.bind,
+        port=args.port,
+        no_tcp=args.no_tcp,
+        unix=args.unix,
+        max_connections=args.max_connections,
+        max_handshakes=args.max_handshakes,
+        handshake_timeout=args.handshake_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+        workers=args.workers,
+        tls=_tls(args),
+        allow=allow,
+        list_allowed=False if args.no_list else None,
+        single_writer=args.single_writer,
+        metrics_port=args.metrics_port,
+        metrics_bind=args.metrics_bind,
+        read_only=args.read_only,
+        cow=CowMode(args.copy_on_write) if args.copy_on_write else None,
+        cow_dir=args.cow_dir,
+        qos=QosLimits(**qos) if qos else None,
+        idle_timeout=args.idle_timeout,
+    )
