@@ -55,7 +55,7 @@ class _Record:
     conn: Connection
     state: ConnState
     pending: bool = True  # still negotiating
-    served: bool = False  # attached to an export
+    served: Export | None = None  # the export it is attached to
     own: dict[str, Export] = field(default_factory=dict)  # per-client (%s) exports it opened
 
 
@@ -253,11 +253,11 @@ class Server:
             return "export vanished (removed by a reload)"
         limit = self.config.max_connections
         with self._lock:
-            if limit and sum(r.served for r in self._records.values()) >= limit:
+            if limit and self._served() >= limit:
                 return f"connection limit of {limit} reached"
             if not export.try_attach():
                 return f"export {export.name!r} is at its limit or was removed"
-            rec.served = True
+            rec.served, rec.pending = export, False
         if self.guard is None:
             return export, stack(export.backend, export.config, connection=True), None
         backend = self.guard.connection_backend(export, rec.state)
@@ -269,13 +269,13 @@ class Server:
             if rec is not None:
                 rec.pending = False
 
-    def detach(self, conn: Peer, export: Export | None) -> None:
+    def detach(self, conn: Peer) -> None:
         with self._lock:
             rec = self._records.pop(conn, None)  # type: ignore[call-overload]
         if rec is None:
             return
-        if rec.served and export is not None:
-            export.detach()
+        if rec.served is not None:
+            rec.served.detach()
         for own in rec.own.values():
             own.close()
         if self.guard is not None:
@@ -305,11 +305,14 @@ class Server:
             sel.close()
             self._drain()
 
+    def _served(self) -> int:
+        return sum(r.served is not None for r in self._records.values())
+
     def _admit(self, peer: str) -> str | None:
         """None to accept a new connection, else the reason to refuse it (logged). Past the
         pending-handshake cap, the handshake silent the longest is evicted to make room."""
         limit = self.config.max_connections
-        if limit and sum(r.served for r in self._records.values()) >= limit:
+        if limit and self._served() >= limit:
             return f"connection limit of {limit} reached"
         if self.guard is not None:
             refusal = self.guard.admit(peer)

@@ -4,7 +4,7 @@ Why: ``--backend``, ``-e NAME=PATH,backend=...`` and ``auto`` all need the list 
 how each opens its image; before this table that knowledge was spread over the export code and
 the command line.
 
-What it must not do: wrap backends in filters (``nbdserver.filters.chain`` does) or know the
+What it must not do: wrap backends in filters (``nbdserver.exports.stack`` does) or know the
 configuration model (the caller passes plain values).
 """
 

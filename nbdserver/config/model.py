@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from nbdserver.acl import Acl
 from nbdserver.errors import ConfigError
-from nbdserver.filters.chain import Caps
 from nbdserver.filters.qos import QosLimits
 from nbdserver.protocol.constants import NBD_DEFAULT_PORT, NBD_MAX_STRING
 
@@ -55,6 +54,21 @@ class TlsSettings:
     @property
     def mutual(self) -> bool:
         return self.cafile is not None
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Advertised capabilities an export switches off (nbd-server's trim/flush/fua keys), or
+    rotational switched on; a switch can only take away what the backend has."""
+
+    trim: bool = True
+    flush: bool = True
+    fua: bool = True
+    rotational: bool | None = None
+
+    @property
+    def default(self) -> bool:
+        return self.trim and self.flush and self.fua and self.rotational is None
 
 
 @dataclass(frozen=True)

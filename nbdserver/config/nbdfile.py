@@ -27,9 +27,8 @@ from pathlib import Path
 
 from nbdserver.acl import Acl, AclError
 from nbdserver.backends.registry import NAMES as BACKENDS
-from nbdserver.config.model import CowMode, ExportConfig, Layer, TlsMode, TlsSettings
+from nbdserver.config.model import Caps, CowMode, ExportConfig, Layer, TlsMode, TlsSettings
 from nbdserver.errors import ConfigError
-from nbdserver.filters.chain import Caps
 
 log = logging.getLogger("nbdserver")
 

@@ -24,7 +24,9 @@ import ssl
 import struct
 import threading
 import time
+from typing import Any
 
+from nbdserver.backends.base import Backend
 from nbdserver.edge.host import Host
 from nbdserver.edge.transmission import SHUTDOWN_QUIET, Transmission
 from nbdserver.errors import ConnectionClosed
@@ -110,6 +112,7 @@ class Connection:
         self.transmission: Transmission | None = None
         self.thread: threading.Thread | None = None
         self.last_progress = time.monotonic()  # handshake eviction: the longest silent goes
+        self._attached: tuple[Export, Backend, Any] | str | None = None
         self._state = _HANDSHAKE
         self._lock = threading.Lock()
 
@@ -171,7 +174,7 @@ class Connection:
                 self.host.handshake_done(self)
             with contextlib.suppress(OSError):
                 self.sock.close()
-            self.host.detach(self, self.export)
+            self.host.detach(self)
             # Logged last: once this line is out, the connection no longer counts anywhere.
             tx = self.transmission
             log.info(
@@ -190,7 +193,8 @@ class Connection:
         self.host.handshake_done(self)
         if not isinstance(negotiated, Negotiated):
             return negotiated
-        attached = self.host.attach(negotiated.export.name, self)
+        attached = self._attached
+        assert attached is not None
         if isinstance(attached, str):
             return attached
         export, backend, wrap_replies = attached
@@ -239,6 +243,10 @@ class Connection:
             # What is left bounds every wait: receives, sends to a client that does not read,
             # and the TLS handshake (which takes the socket's timeout as its budget).
             sock.settimeout(remaining)
+            if isinstance(event, Negotiated):
+                # Attach (and count) before the client learns it is in: a client that sees
+                # its GO reply is already one of the server's served connections.
+                self._attached = host.attach(event.export.name, self)
             if out:
                 sock.sendall(out)
             if event is NEED_DATA:

@@ -67,5 +67,5 @@ class Host(Protocol):
     def handshake_done(self, conn: Peer) -> None:
         """The handshake ended (either way): the connection no longer counts as pending."""
 
-    def detach(self, conn: Peer, export: Export | None) -> None:
+    def detach(self, conn: Peer) -> None:
         """The connection is over: release what ``attach`` and ``resolve`` took."""

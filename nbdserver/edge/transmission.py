@@ -33,8 +33,6 @@ from nbdserver.errors import ConnectionClosed, ProtocolViolation, nbd_errno
 from nbdserver.exports import Export
 from nbdserver.protocol import wire
 from nbdserver.protocol.constants import (
-    NBD_EXTENDED_REQUEST_MAGIC,
-    NBD_REQUEST_MAGIC,
     Command,
     CommandFlag,
 )
@@ -175,11 +173,11 @@ class Transmission:
         mv = memoryview(buf)
         cap = len(buf)
         ext = self.extended
-        hdr = wire.EXTENDED_REQUEST if ext else wire.REQUEST
-        unpack = hdr.unpack_from
-        hsize = hdr.size
-        magic_ok = NBD_EXTENDED_REQUEST_MAGIC if ext else NBD_REQUEST_MAGIC
         validator = self.validator
+        # The validator's framing, unpacked inline (one call per request less than .unpack).
+        unpack = validator.header.unpack_from
+        hsize = validator.header_size
+        magic_ok = validator.magic
         validate = validator.validate
         payload_length = validator.payload_length
         replies = self.replies

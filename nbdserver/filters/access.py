@@ -70,21 +70,6 @@ class WriterLease:
                 self._holder, self._count = None, 0
 
 
-def backend_for_connection(
-    backend: Backend, lease: WriterLease | None, host: str
-) -> tuple[Backend, bool]:
-    """The backend a new connection from ``host`` should see, and whether it holds the lease.
-
-    Without a lease (single-writer off) or for a backend that cannot write anyway, the backend is
-    returned unchanged. The caller must ``lease.release(host)`` when the second value is True.
-    """
-    if lease is None or not backend.can_write:
-        return backend, False
-    if lease.acquire(host):
-        return backend, True
-    return ReadOnlyFilter(backend), False
-
-
 class CapsFilter(Filter):
     """Switch advertised capabilities off (or rotational on), as nbd-server's per-export
     ``trim``, ``flush``, ``fua`` and ``rotational`` keys do. It can only take away what the

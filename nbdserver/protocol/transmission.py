@@ -7,8 +7,9 @@ of integer comparisons against tables precomputed once per connection, and encod
 headers so the edge can ``sendmsg([header, data])`` without copying payloads.
 
 Fatal vs. answered (what the edge must do):
-- bad request magic -> ``wire.ProtocolError`` from ``unpack_request``: hard disconnect (the stream
-  can no longer be framed);
+- bad request magic -> ``wire.ProtocolError`` from ``RequestValidator.unpack``: hard disconnect
+  (the stream can no longer be framed). ``header`` and ``magic`` are the one definition of
+  request framing; the edge's batch loop unpacks with exactly these two;
 - a payload longer than ``skip_limit`` -> ``ProtocolError`` from ``payload_length``: hard
   disconnect (cannot be skipped at a bounded cost);
 - everything else -> ``validate`` returns an NBD errno: read (and discard) ``payload_length``
@@ -40,7 +41,9 @@ from typing import Final, Protocol
 from nbdserver.protocol import wire
 from nbdserver.protocol.constants import (
     NBD_EXTENDED_REPLY_MAGIC,
+    NBD_EXTENDED_REQUEST_MAGIC,
     NBD_REPLY_FLAG_DONE,
+    NBD_REQUEST_MAGIC,
     NBD_SIMPLE_REPLY_MAGIC,
     NBD_STRUCTURED_REPLY_MAGIC,
     Command,
@@ -93,10 +96,11 @@ class RequestValidator:
         "_normal_table",
         "_shutdown_table",
         "_table",
+        "header",
         "header_size",
+        "magic",
         "size",
         "skip_limit",
-        "unpack",
     )
 
     def __init__(self, negotiated: Negotiated, *, skip_limit: int | None = None) -> None:
@@ -111,8 +115,10 @@ class RequestValidator:
         self._max_payload = export.maximum_payload
         self.skip_limit = max(skip_limit or DEFAULT_SKIP_LIMIT, export.maximum_payload)
         self._extended = extended
-        self.header_size = wire.EXTENDED_REQUEST_SIZE if extended else wire.REQUEST_SIZE
-        self.unpack = wire.unpack_extended_request if extended else wire.unpack_request
+        # The request framing negotiated for this connection (the only one in the server).
+        self.header = wire.EXTENDED_REQUEST if extended else wire.REQUEST
+        self.magic = NBD_EXTENDED_REQUEST_MAGIC if extended else NBD_REQUEST_MAGIC
+        self.header_size = self.header.size
         self._big_read = EOVERFLOW if structured else EINVAL
 
         fua = FUA if tflags & TF.NBD_FLAG_SEND_FUA else 0
@@ -152,6 +158,14 @@ class RequestValidator:
             (-1 if c == DISC else ESHUTDOWN, 0, 0) for c in range(_NCOMMANDS)
         )
         self._table = self._normal_table
+
+    def unpack(self, buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, ...]:
+        """Decode the request header at ``buf[pos:]`` without copying: (flags, command, cookie,
+        offset, length). A bad magic raises ``wire.ProtocolError``: the stream is lost."""
+        magic, flags, cmd, cookie, offset, length = self.header.unpack_from(buf, pos)
+        if magic != self.magic:
+            raise wire.ProtocolError(f"bad request magic 0x{magic:08x}")
+        return flags, cmd, cookie, offset, length
 
     def payload_length(self, flags: int, cmd: int, length: int) -> int:
         """Bytes of payload that follow this header (to read, or to discard on error).

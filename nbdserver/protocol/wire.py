@@ -16,7 +16,6 @@ from typing import Final
 
 from nbdserver.protocol.constants import (
     IHAVEOPT,
-    NBD_EXTENDED_REPLY_MAGIC,
     NBD_EXTENDED_REQUEST_MAGIC,
     NBD_MAX_STRING,
     NBD_OPT_REPLY_MAGIC,
@@ -61,9 +60,6 @@ BLOCK_DESCRIPTOR: Final = struct.Struct(">II")  # extent length, status flags
 BLOCK_DESCRIPTOR_EXT: Final = struct.Struct(">QQ")
 BLOCK_STATUS_EXT_HEAD: Final = struct.Struct(">II")  # context id, descriptor count
 ERROR_HEAD: Final = struct.Struct(">IH")  # error, message length
-
-REQUEST_SIZE: Final = REQUEST.size
-EXTENDED_REQUEST_SIZE: Final = EXTENDED_REQUEST.size
 
 
 # --- Handshake encoders/decoders ------------------------------------------------------------
@@ -162,26 +158,6 @@ def unpack_rep_meta_context(payload: bytes) -> tuple[int, str]:
 
 
 # --- Transmission: requests ------------------------------------------------------------------
-def unpack_request(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, ...]:
-    """Decode a compact 28-byte request header at ``buf[pos:]`` without copying.
-
-    Returns (flags, command, cookie, offset, length). Raises ProtocolError on a bad magic,
-    which is always fatal: the stream can no longer be framed.
-    """
-    magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(buf, pos)
-    if magic != NBD_REQUEST_MAGIC:
-        raise ProtocolError(f"bad request magic {magic:#x}")
-    return flags, cmd, cookie, offset, length
-
-
-def unpack_extended_request(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, ...]:
-    """Decode a 32-byte extended request header; same result shape as ``unpack_request``."""
-    magic, flags, cmd, cookie, offset, length = EXTENDED_REQUEST.unpack_from(buf, pos)
-    if magic != NBD_EXTENDED_REQUEST_MAGIC:
-        raise ProtocolError(f"bad extended request magic {magic:#x}")
-    return flags, cmd, cookie, offset, length
-
-
 def pack_request(flags: int, cmd: int, cookie: int, offset: int, length: int) -> bytes:
     return REQUEST.pack(NBD_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
@@ -197,10 +173,6 @@ def pack_simple_reply(cookie: int, error: int = 0) -> bytes:
 
 def pack_structured_header(flags: int, rtype: int, cookie: int, length: int) -> bytes:
     return STRUCTURED_REPLY.pack(NBD_STRUCTURED_REPLY_MAGIC, flags, rtype, cookie, length)
-
-
-def pack_extended_header(flags: int, rtype: int, cookie: int, offset: int, length: int) -> bytes:
-    return EXTENDED_REPLY.pack(NBD_EXTENDED_REPLY_MAGIC, flags, rtype, cookie, offset, length)
 
 
 def error_payload(error: int, message: str = "") -> bytes:

@@ -23,10 +23,11 @@ from urllib.parse import quote
 
 import aiohttp
 import kopf
+from nbd_api import API_VERSION, KIND, PLURAL
 
 # kind -> (API prefix, plural). Only what the operator touches; unknown kinds are a bug.
 RESOURCES: dict[str, tuple[str, str]] = {
-    "NBDExport": ("apis/nbd.dev/v1alpha1", "nbdexports"),
+    KIND: (f"apis/{API_VERSION}", PLURAL),
     "Deployment": ("apis/apps/v1", "deployments"),
     "Service": ("api/v1", "services"),
     "PersistentVolumeClaim": ("api/v1", "persistentvolumeclaims"),

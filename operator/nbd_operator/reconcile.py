@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
-from nbd_api import KIND, LABEL_EXPORT, LABEL_ROLE, ROLE_ATTACHMENT, attachment_from_lease
+from nbd_api import (
+    ANNOTATION_PREFIX,
+    KIND,
+    LABEL_EXPORT,
+    LABEL_ROLE,
+    ROLE_ATTACHMENT,
+    attachment_from_lease,
+)
 from nbd_api import parse_quantity as _parse_quantity
 
 from nbd_operator import manifests
@@ -29,7 +36,7 @@ from nbd_operator.spec import ExportSpec, SpecError, claim_name, parse_spec, pol
 from nbd_operator.spec import server_name as _server_name
 from nbd_operator.status import Observed, Problem, compute_status
 
-RETAINED_ANNOTATION = "nbd.dev/retained-from"
+RETAINED_ANNOTATION = f"{ANNOTATION_PREFIX}/retained-from"
 
 
 class ExportError(Exception):

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from nbd_api import parse_quantity
+from nbd_api import LABEL_EXPORT, parse_quantity
 
 SourceKind = Literal[
     "volumeClaimTemplate", "persistentVolumeClaim", "hostDevice", "memory", "export"
@@ -29,7 +29,6 @@ SOURCE_KINDS: tuple[SourceKind, ...] = (
 
 PART_OF = "kube-nbd"
 MANAGED_BY = "nbd-operator"
-LABEL_EXPORT = "nbd.dev/export"
 
 
 class SpecError(ValueError):
