@@ -33,6 +33,7 @@ def stack(
     connection: bool = False,
     read_only_view: bool = False,
     stats: ConnStats | None = None,
+    owned: list[Backend] | None = None,
 ) -> Backend:
     """The filters over ``inner``, innermost first; the one place their order is decided.
 
@@ -43,12 +44,15 @@ def stack(
     copy-on-write per connection, that overlay and then the capability switches and rate
     limits (which therefore count per connection in that mode); the single-writer read-only
     view; metrics outermost.
-    Nothing asked for: ``inner`` itself, the fast path.
+    Nothing asked for: ``inner`` itself, the fast path. ``owned`` collects the layers that
+    belong to the connection alone; whoever ends the connection closes them.
     """
     if connection:
         if cfg.cow is CowMode.CONNECTION:
-            inner = CowFilter(inner, cow_dir=cfg.cow_dir, shared=False, owns_inner=False)
-            inner = _limits(inner, cfg)
+            overlay = CowFilter(inner, cow_dir=cfg.cow_dir, shared=False, owns_inner=False)
+            if owned is not None:
+                owned.append(overlay)
+            inner = _limits(overlay, cfg)
         if read_only_view:
             inner = ReadOnlyFilter(inner)
         return inner if stats is None else StatsFilter(inner, stats)

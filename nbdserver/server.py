@@ -57,6 +57,7 @@ class _Record:
     pending: bool = True  # still negotiating
     served: Export | None = None  # the export it is attached to
     own: dict[str, Export] = field(default_factory=dict)  # per-client (%s) exports it opened
+    layers: list[Backend] = field(default_factory=list)  # its own filters (an overlay)
 
 
 class Server:
@@ -259,8 +260,9 @@ class Server:
                 return f"export {export.name!r} is at its limit or was removed"
             rec.served, rec.pending = export, False
         if self.guard is None:
-            return export, stack(export.backend, export.config, connection=True), None
-        backend = self.guard.connection_backend(export, rec.state)
+            view = stack(export.backend, export.config, connection=True, owned=rec.layers)
+            return export, view, None
+        backend = self.guard.connection_backend(export, rec.state, rec.layers)
         return export, backend, lambda replies: self.guard.replies(replies, export)  # type: ignore[union-attr]
 
     def handshake_done(self, conn: Peer) -> None:
@@ -274,6 +276,8 @@ class Server:
             rec = self._records.pop(conn, None)  # type: ignore[call-overload]
         if rec is None:
             return
+        for layer in rec.layers:  # a per-connection overlay is dropped here
+            layer.close()
         if rec.served is not None:
             rec.served.detach()
         for own in rec.own.values():

@@ -238,7 +238,9 @@ class Guard:
         return dataclasses.replace(info, flags=info.flags | TransmissionFlag.NBD_FLAG_READ_ONLY)
 
     # --- transmission --------------------------------------------------------------------------
-    def connection_backend(self, export: Export, state: ConnState) -> Backend:
+    def connection_backend(
+        self, export: Export, state: ConnState, owned: list[Backend] | None = None
+    ) -> Backend:
         """The backend this connection's transmission loop calls: the export's stack plus the
         per-connection layers the policy asks for (``nbdserver.exports.stack`` orders them)."""
         read_only_view = False
@@ -255,7 +257,7 @@ class Guard:
         if self.metrics is not None:
             state.stats = self.metrics.open_stats(export.name)
         return stack(export.backend, export.config, connection=True,
-                     read_only_view=read_only_view, stats=state.stats)  # fmt: skip
+                     read_only_view=read_only_view, stats=state.stats, owned=owned)  # fmt: skip
 
     def replies(self, replies: Any, export: Export) -> Any:
         """The connection's reply encoder, counting error replies when metrics are on."""

@@ -10,13 +10,14 @@ The base image is never written in any mode.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 
 from nbdserver.client import connect
 from nbdserver.protocol.constants import TransmissionFlag as TF
-from tests.interop.security_helpers import free_port, serve
+from tests.interop.security_helpers import free_port, serve, wait_for
 
 pytestmark = pytest.mark.interop
 
@@ -47,6 +48,23 @@ def test_nbd_server_copyonwrite_gives_each_connection_its_own_overlay(tmp_path: 
         with connect(uri) as again:  # a's overlay went with its connection
             assert again.pread(0, 4096) == ORIGINAL
     assert hashlib.sha256(base.read_bytes()).hexdigest() == digest
+
+
+def _overlays(pid: int) -> int:
+    """The server's open copy-on-write overlays (unlinked files named nbdserver-cow-*)."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum("nbdserver-cow-" in os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink())
+
+
+def test_a_per_connection_overlay_is_closed_when_its_client_disconnects(tmp_path: Path) -> None:
+    base = tmp_path / "golden.img"
+    _base(base)
+    args = ["--export", f"c={base}", "--copy-on-write=connection"]
+    with serve(args, tmp_path) as srv:
+        with connect(f"nbd://127.0.0.1:{srv.port}/c") as a:
+            a.pwrite(b"\xdd" * 4096, 0)
+            assert _overlays(srv.proc.pid) == 1
+        wait_for(lambda: _overlays(srv.proc.pid) == 0, what="the overlay to be closed")
 
 
 def test_shared_copy_on_write_is_one_overlay_for_every_connection(tmp_path: Path) -> None:
