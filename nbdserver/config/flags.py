@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import NoReturn
 
 from nbdserver import __version__
 from nbdserver.acl import Acl, AclError
@@ -159,10 +160,15 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
                    help="address of the metrics endpoint (default: as --bind)")  # fmt: skip
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refusals are one line naming the flag, exit 2, as every other configuration error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"nbdserver: {message} (see nbdserver serve --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nbdserver", description="An NBD (network block device) server."
-    )
+    p = _Parser(prog="nbdserver", description="An NBD (network block device) server.")
     p.add_argument("--version", action="version", version=f"nbdserver {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(

@@ -59,3 +59,14 @@ def test_a_missing_cow_dir_is_one_line(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_other_bad_values_are_one_line(args: list[str], flag: str) -> None:
     _assert_one_line_error(_serve(*args), flag)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [(["--port", "abc"], "--port"), (["--backend", "tape"], "--backend"),
+     (["--copy-on-write=forever"], "--copy-on-write")],
+)  # fmt: skip
+def test_flags_argparse_refuses_are_one_line_too(args: list[str], flag: str) -> None:
+    res = _serve(*args)
+    _assert_one_line_error(res, flag)
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # no usage block
