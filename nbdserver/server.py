@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import grp
 import logging
 import os
-import pwd
 import selectors
 import socket
 import threading
@@ -41,6 +39,7 @@ from nbdserver.edge.host import Lister, Peer
 from nbdserver.errors import ConfigError
 from nbdserver.exports import Export, client_config, open_export, stack
 from nbdserver.policy.guard import ConnState, Guard
+from nbdserver.privileges import drop_privileges
 from nbdserver.protocol.constants import OptionReply
 from nbdserver.protocol.events import ExportInfo, Refused
 from nbdserver.protocol.handshake import TlsPolicy
@@ -406,24 +405,3 @@ class Server:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._wake_r = self._wake_w = self._reload_r = self._reload_w = -1
-
-
-def drop_privileges(user: str | None, group: str | None) -> None:
-    """Become ``user``/``group`` (nbd-server's keys) once everything privileged is open."""
-    if user is None and group is None:
-        return
-    try:
-        pw = pwd.getpwnam(user) if user is not None else None
-        gid = grp.getgrnam(group).gr_gid if group is not None else (pw.pw_gid if pw else None)
-    except KeyError as e:
-        raise ConfigError(f"user/group {e.args[0]}") from None
-    try:
-        if gid is not None and gid != os.getegid():
-            if os.geteuid() == 0:
-                os.setgroups([gid])
-            os.setgid(gid)
-        if pw is not None and pw.pw_uid != os.geteuid():
-            os.setuid(pw.pw_uid)
-    except OSError as e:
-        raise ConfigError(f"cannot switch to user {user!r} group {group!r}: {e.strerror}") from None
-    log.info("running as user %s, group %s", user or os.geteuid(), group or os.getegid())
