@@ -32,7 +32,6 @@ def serve(args: argparse.Namespace) -> int:
         return assemble(flags, read_file(path), path)
 
     server = Server(reread(), reread if path else None)
-    server.open()
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
@@ -44,7 +43,8 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, hangup)
+    signal.signal(signal.SIGHUP, hangup)  # before open: a SIGHUP meanwhile waits, never kills
+    server.open()
     server.serve_forever()
     log.info("stopped cleanly")
     return 0

@@ -92,8 +92,8 @@ def _open_base(cfg: ExportConfig) -> Backend:
         finally:
             os.unlink(path)
             os.close(fd)
-    if cfg.cow is not CowMode.OFF and cfg.path is not None and os.path.exists(cfg.path):
-        return kind.open(cfg.path, None, True)  # never grow a copy-on-write base
+    if cfg.cow is not CowMode.OFF and kind.needs_path:
+        return kind.open(cfg.path, None, True)  # a copy-on-write base is never created or grown
     return kind.open(cfg.path, cfg.size, read_only)
 
 
