@@ -141,10 +141,6 @@ class Connection:
         with contextlib.suppress(OSError):
             _shutdown(self.sock, socket.SHUT_RDWR)
 
-    @property
-    def negotiating(self) -> bool:
-        return self._state == _HANDSHAKE
-
     # --- the connection's own thread ---------------------------------------------------------
     def run(self) -> None:
         reason = "unknown"
