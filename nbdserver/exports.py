@@ -14,6 +14,7 @@ import dataclasses
 import os
 import re
 import threading
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ class ExportConfig:
     copy_on_write: bool = False
     qos: dict[str, Any] = field(default_factory=dict)
     cow_dir: str | None = None  # where the copy-on-write overlay lives (default: temp dir)
+    cow_persistent: bool = False  # the overlay outlives the process (in cow_dir, see cow_map)
     # Advertised capabilities that may be switched off (nbd-server's trim/flush/fua keys).
     caps: dict[str, Any] = field(default_factory=dict)
 
@@ -66,6 +68,10 @@ class ExportConfig:
             raise ConfigError("size must not be negative")
         if self.connections < 0:
             raise ConfigError("connection limit must not be negative")
+        if self.cow_persistent and not (self.copy_on_write and self.cow_dir):
+            raise ConfigError(
+                f"a persistent overlay for {self.name!r} needs copy-on-write and a cow dir"
+            )
         if not 0 <= self.idle_timeout < 1e9:  # also refuses NaN and infinity
             raise ConfigError(f"idle timeout of {self.name!r} must be 0 (none) or seconds > 0")
 
@@ -189,9 +195,16 @@ def wrap_backend(backend: Backend, cfg: ExportConfig) -> Backend:
         backend,
         copy_on_write=cfg.copy_on_write,
         cow_dir=cfg.cow_dir,
+        cow_path=cow_overlay_path(cfg) if cfg.cow_persistent else None,
         caps=Caps(**cfg.caps) if cfg.caps else None,
         qos=QosLimits(**cfg.qos) if cfg.qos else None,
     )
+
+
+def cow_overlay_path(cfg: ExportConfig) -> str:
+    """Where a persistent overlay of this export lives: one file per export name."""
+    assert cfg.cow_dir is not None
+    return os.path.join(cfg.cow_dir, urllib.parse.quote(cfg.name, safe="") + ".cow")
 
 
 class Export:
@@ -227,7 +240,11 @@ def open_export(cfg: ExportConfig) -> Export:
         backend = open_backend(cfg)
     except OSError as e:
         raise ConfigError(f"cannot open {cfg.path}: {e.strerror}") from None
-    return Export(cfg, wrap_backend(backend, cfg))
+    try:
+        return Export(cfg, wrap_backend(backend, cfg))
+    except (OSError, ValueError) as e:
+        backend.close()
+        raise ConfigError(f"cannot open the overlay of {cfg.name!r}: {e}") from None
 
 
 def replace(cfg: ExportConfig, **changes: Any) -> ExportConfig:

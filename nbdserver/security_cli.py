@@ -63,6 +63,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--cow-dir", metavar="DIR", help="where the overlay lives (default: $TMPDIR)")
     g.add_argument(
+        "--cow-persistent",
+        action="store_true",
+        help="keep the overlay in --cow-dir across restarts (EXPORT.cow + EXPORT.cow.map)",
+    )
+    g.add_argument(
         "--single-writer",
         action="store_true",
         help="one client host may write; the others get the export read-only",
@@ -175,6 +180,8 @@ def finish(args: argparse.Namespace, config: object) -> Guard | None:
             cfg.copy_on_write = True
         if args.cow_dir:
             cfg.cow_dir = args.cow_dir
+        if args.cow_persistent:
+            cfg.cow_persistent = True
         if qos:
             cfg.qos = {**qos, **cfg.qos}
     try:

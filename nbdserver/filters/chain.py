@@ -35,11 +35,12 @@ def wrap_export(
     *,
     copy_on_write: bool = False,
     cow_dir: str | None = None,
+    cow_path: str | None = None,
     caps: Caps | None = None,
     qos: QosLimits | None = None,
 ) -> Backend:
     if copy_on_write:
-        backend = CowFilter(backend, cow_dir=cow_dir)
+        backend = CowFilter(backend, cow_dir=cow_dir, persist_path=cow_path)
     if caps is not None and not caps.default:
         backend = CapsFilter(
             backend, trim=caps.trim, flush=caps.flush, fua=caps.fua, rotational=caps.rotational

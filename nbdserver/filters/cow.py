@@ -2,7 +2,9 @@
 
 Why: a golden image can be served to many clients (or a clone created from a read-only export)
 while each writer's changes go elsewhere. nbd-server's ``copyonwrite`` and nbdkit's cow filter do
-the same; like nbd-server, the overlay is private to the process and is gone when it exits.
+the same; like nbd-server, the overlay is private to the process and is gone when it exits,
+unless it is persistent (``persist_path``: the overlay and its block map outlive the process,
+so a clone survives a restart; see ``nbdserver.filters.cow_map``).
 
 How: the export is cut into ``block``-sized blocks. A byte per block says whether the block lives
 in the overlay. A write that covers a block only partly first copies that block up from the base
@@ -27,7 +29,9 @@ import threading
 
 from nbdserver.backends._linux import punch_hole
 from nbdserver.backends.base import Backend, Extent
+from nbdserver.backends.identity import new_identity
 from nbdserver.filters.base import Filter
+from nbdserver.filters.cow_map import PersistentMap
 from nbdserver.protocol.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
 
 DEFAULT_BLOCK = 64 * 1024
@@ -52,22 +56,38 @@ def _full_pwrite(fd: int, data: memoryview, offset: int) -> None:
 
 
 class CowFilter(Filter):
-    """Overlay ``inner`` with a private sparse file in ``cow_dir`` (default: the temp dir)."""
+    """Overlay ``inner`` with a private sparse file in ``cow_dir`` (default: the temp dir), or,
+    with ``persist_path``, with a persistent overlay kept at that path (see ``PersistentMap``)."""
 
-    def __init__(self, inner: Backend, cow_dir: str | None = None, block: int = DEFAULT_BLOCK):
+    def __init__(
+        self,
+        inner: Backend,
+        cow_dir: str | None = None,
+        block: int = DEFAULT_BLOCK,
+        persist_path: str | None = None,
+    ):
         super().__init__(inner)
         if block <= 0 or block & (block - 1):
             raise ValueError(f"copy-on-write block size must be a power of two, not {block}")
         self._size = inner.size()
         self._block = block
         self._shift = block.bit_length() - 1
-        fd, path = tempfile.mkstemp(prefix="nbdserver-cow-", dir=cow_dir)
-        # Unlinked at once: nothing outlives the process, and no other user can open it.
-        os.unlink(path)
+        nblocks = (self._size + block - 1) >> self._shift
+        self._map: PersistentMap | None = None
+        if persist_path is None:
+            fd, path = tempfile.mkstemp(prefix="nbdserver-cow-", dir=cow_dir)
+            # Unlinked at once: nothing outlives the process, and no other user can open it.
+            os.unlink(path)
+            os.ftruncate(fd, self._size)
+            self._present = bytearray(nblocks)
+            self.identity = new_identity("cow")  # the overlay dies with the process
+        else:
+            self._map = PersistentMap(persist_path, self._size, block)
+            fd = self._map.overlay_fd
+            self._present = self._map.present
+            self.identity = self._map.identity(inner.identity)
         self._fd = fd
-        os.ftruncate(fd, self._size)
-        self._present = bytearray((self._size + block - 1) >> self._shift)
-        self._dirty = False  # nothing in the overlay yet: reads go straight to the base
+        self._dirty = any(self._present)  # nothing in the overlay: reads go to the base
         self._lock = threading.Lock()
         self.can_write = self.can_flush = self.can_fua = True
         self.can_trim = self.can_zero = self.can_fast_zero = True
@@ -91,7 +111,13 @@ class CowFilter(Filter):
         buf = memoryview(bytearray(length))
         self.inner.pread(buf, start)
         _full_pwrite(self._fd, buf, start)
-        self._present[blk] = 1
+        self._mark(blk, blk)
+
+    def _mark(self, first: int, last: int) -> None:
+        """Blocks first..last now live in the overlay (after their data was written there)."""
+        self._present[first : last + 1] = b"\x01" * (last - first + 1)
+        if self._map is not None:
+            self._map.mark(first, last)
 
     def _punch(self, offset: int, length: int) -> None:
         try:
@@ -137,6 +163,8 @@ class CowFilter(Filter):
         first, last = self._blocks(offset, len(mv))
         if self._all_present(first, last):
             _full_pwrite(self._fd, mv, offset)
+            if fua:
+                self.flush()
             return
         with self._lock:
             self._dirty = True
@@ -146,7 +174,9 @@ class CowFilter(Filter):
             if end & (self._block - 1) and end != self._size:
                 self._copy_up(last)
             _full_pwrite(self._fd, mv, offset)
-            self._present[first : last + 1] = b"\x01" * (last - first + 1)
+            self._mark(first, last)
+        if fua:
+            self.flush()
 
     def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
         first, last = self._blocks(offset, length)
@@ -159,7 +189,9 @@ class CowFilter(Filter):
             if end & (self._block - 1) and end != self._size:
                 self._copy_up(last)
             self._punch(offset, length)
-            self._present[first : last + 1] = b"\x01" * (last - first + 1)
+            self._mark(first, last)
+        if fua:
+            self.flush()
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         # Trim may leave anything behind; zeroing in the overlay is the only choice that
@@ -167,9 +199,10 @@ class CowFilter(Filter):
         self.zero(offset, length, True, False, fua)
 
     def flush(self) -> None:
-        # The overlay dies with the process, so durability of it means nothing; every
+        # A private overlay dies with the process, so durability of it means nothing; every
         # connection shares one file descriptor, so writes are already visible to all.
-        return
+        if self._map is not None:
+            self._map.sync()
 
     def fileno(self) -> int | None:
         return None  # merged data cannot be sendfile'd from one descriptor
@@ -227,7 +260,10 @@ class CowFilter(Filter):
 
     def close(self) -> None:
         try:
-            os.close(self._fd)
+            if self._map is not None:
+                self._map.close()
+            else:
+                os.close(self._fd)
         finally:
             self.inner.close()
 
