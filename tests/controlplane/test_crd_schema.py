@@ -253,3 +253,15 @@ def test_defaults_are_applied_where_the_api_server_applies_them() -> None:
         "volumeMode": "Filesystem",
         "path": "disk.img",
     }
+
+
+def test_kubectl_explain_says_memory_is_volatile_and_clones_persist() -> None:
+    source = SCHEMA["properties"]["spec"]["properties"]["source"]["properties"]
+    assert "lost whenever the server pod restarts" in source["memory"]["description"]
+    assert "PersistentVolumeClaim the operator owns" in source["export"]["description"]
+    assert "scratch" in SCHEMA["properties"]["spec"]["properties"]["copyOnWrite"]["description"]
+
+
+def test_a_clone_may_name_its_overlays_storage_class() -> None:
+    spec = {"source": {"export": {"name": "golden", "storageClassName": "fast"}}}
+    assert admit(export(spec)) == []

@@ -175,7 +175,16 @@ async def test_a_clone_runs_beside_its_read_only_base_and_refuses_a_writable_one
             "readOnly": True,
         }
         assert "--copy-on-write" in pod["containers"][0]["args"]
+        assert "--cow-persistent" in pod["containers"][0]["args"]
         assert pod["affinity"]["podAffinity"]
+        # The clone's writes live on a claim the operator owns, not in an emptyDir.
+        cow = next(v for v in pod["volumes"] if v["name"] == "cow")
+        assert cow == {"name": "cow", "persistentVolumeClaim": {"claimName": "copy-nbd-overlay"}}
+        overlay = await server.wait_for(
+            lambda: server.current("persistentvolumeclaims", NS, "copy-nbd-overlay")
+        )
+        assert overlay["metadata"]["ownerReferences"][0]["name"] == "copy"
+        assert overlay["spec"]["accessModes"] == ["ReadWriteOnce"]
 
         await client.create(export("writable", {"source": {"memory": {}}, "size": "1Gi"}))
         await client.create(export("badcopy", {"source": {"export": {"name": "writable"}}}))
