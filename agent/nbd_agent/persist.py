@@ -67,6 +67,7 @@ class Keeper:
         self.outages: list[tuple[int, float]] = []  # (device index, seconds without a link)
         self.proxies: dict[int, list[TlsProxy]] = {}  # nbds:// devices: the running bridges
         self.refused: dict[int, str] = {}  # device index -> why it was not reattached
+        self.unwatched_dead: dict[int, bool] = {}  # LINK_DEAD of devices not kept (yet)
         self.on_refused: Callable[[int, str], None] | None = None  # e.g. the CSI plugin's report
         # Subscribe first: a LINK_DEAD between attach and subscription would be lost.
         self.listener = nl.link_dead_listener()
@@ -79,7 +80,9 @@ class Keeper:
             attachment.index, attachment.target, attachment.backend, attachment.info
         )
         self.proxies[attachment.index] = list(attachment.proxies)
-        self.reconnector.watch(attachment.index, self.clock())
+        # A link that died between CONNECT and now (another thread attached it) is handled.
+        early = self.unwatched_dead.pop(attachment.index, False)
+        self.reconnector.watch(attachment.index, self.clock(), verify=early)
 
     def adopt(self, *, uri: str | None = None, verify: bool = True) -> list[int]:
         """Watch attached devices whose backend identifier is ours (optionally one URI's)."""
@@ -114,8 +117,11 @@ class Keeper:
             watch = self.reconnector.watches.get(index)
             was_healthy = watch is not None and watch.state is LinkState.HEALTHY
             # One LINK_DEAD per dead socket: a multi-connection device sends several.
-            if self.reconnector.link_dead(index, self.clock()) and was_healthy:
-                log.warning("/dev/nbd%d: link dead, reconnecting", index)
+            if self.reconnector.link_dead(index, self.clock()):
+                if was_healthy:
+                    log.warning("/dev/nbd%d: link dead, reconnecting", index)
+            elif len(self.unwatched_dead) < 4096:  # perhaps attached but not handed over yet
+                self.unwatched_dead[index] = True
         for w in self.reconnector.due(self.clock()):
             self._attempt(w.index)
 
@@ -186,6 +192,7 @@ class Keeper:
         self._forget(index)
 
     def _forget(self, index: int) -> None:
+        self.unwatched_dead.pop(index, None)
         attach.close_proxies(self.proxies.pop(index, []))
         self.kept.pop(index, None)
         self.reconnector.forget(index)

@@ -6,12 +6,15 @@
    there, the base untouched, the device reconnected (same identity).
 3. A file export restarted larger: the device grows (RECONFIGURE with the new size) and stays
    attached; the new tail is writable.
+4. The CSI plugin's attacher (in process) over a memory export that restarts: it records the
+   refusal, and the volume condition NodeGetVolumeStats reports turns abnormal with the reason.
 
 What it must not do: import pytest, or run on the host.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -66,6 +69,7 @@ def identity() -> None:
     res["memory"] = _memory_under_ext4()
     res["clone"] = _clone_survives()
     res["grown"] = _grown_export()
+    res["csi"] = _csi_condition()
 
 
 def _memory_under_ext4() -> dict[str, Any]:
@@ -162,4 +166,42 @@ def _grown_export() -> dict[str, Any]:
     out["agent_rc"] = _stop(proc)
     out["detach_rc"] = agent("detach", dev).returncode
     srv.stop()
+    return out
+
+
+def _csi_condition() -> dict[str, Any]:
+    from nbd_agent.csi.kernel import KernelAttacher
+    from nbd_agent.csi.node import NodeService
+    from nbd_agent.csi.state import NodeState, VolumeRecord
+
+    logging.basicConfig(filename=guest.WORK / "csi-keeper.log", level=logging.INFO)
+    out: dict[str, Any] = {}
+    port = guest.free_port()
+    spec = ["-e", "scratch=memory,size=16M"]
+    srv = _nbdserver(port, *spec).start()
+    uri = f"nbd://127.0.0.1:{port}/scratch"
+    attacher = KernelAttacher(dead_conn_timeout=30)
+    attacher.start()
+    reported: list[tuple[str, str]] = []
+    attacher.on_refused = lambda device, why: reported.append((device, why))
+    try:
+        dev = attacher.attach(uri, False, 1)
+        state_dir = guest.SCRATCH / "csi-state"
+        state_dir.mkdir()
+        node = NodeService("node-a", NodeState(str(state_dir)).load(), attacher)
+        record = VolumeRecord(volume_id="v", uri=uri, device=dev)
+        out["identity"] = attacher.identity(dev)
+        before = node._condition(record)
+        out["before"] = {"abnormal": before.abnormal, "message": before.message}
+        srv.kill()
+        srv = _nbdserver(port, *spec).start()
+        wait_until(lambda: attacher.refusal(dev), 30, "the keeper's refusal")
+        after = node._condition(record)
+        out["after"] = {"abnormal": after.abnormal, "message": after.message}
+        out["reported"] = reported
+        rc, got, _ = _dd_read(dev, 0)
+        out["dd_rc"], out["dd_bytes"] = rc, len(got)  # unheld, the device is gone: no bytes
+    finally:
+        attacher.close()
+        srv.stop()
     return out

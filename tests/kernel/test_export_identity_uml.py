@@ -1,8 +1,9 @@
 """Never reattach a consumer to different data, in a real kernel (one UML boot,
 scenarios_identity.identity): a restarted memory export under a mounted ext4 is refused and the
 device fails its reads instead of reading zeros; a persistent clone's writes survive its
-server's restart; a grown export grows the attached device. (A file export restarted under
-fio --verify with zero errors is test_agent_reconnect.py's first test, identity checked.)
+server's restart; a grown export grows the attached device; the CSI volume condition turns
+abnormal. (A file export restarted under fio --verify with zero errors is
+test_agent_reconnect.py's first test, identity checked.)
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ def test_a_grown_export_grows_the_attached_device(run: dict[str, Any]) -> None:
     assert "device resized" in grown["log"]
     assert grown["tail_write_rc"] == 0 and grown["tail_in_image"]
     assert grown["detach_rc"] == 0
+
+
+def test_the_csi_volume_condition_turns_abnormal_with_the_reason(run: dict[str, Any]) -> None:
+    csi = _get(run, "csi")
+    assert csi["identity"].startswith("mem-")
+    assert csi["before"]["abnormal"] is False
+    assert csi["after"]["abnormal"] is True
+    assert "not reattached" in csi["after"]["message"]
+    assert "identity changed" in csi["after"]["message"]
+    assert [device for device, _ in csi["reported"]] == ["/dev/nbd0"]
+    assert csi["dd_rc"] != 0 or csi["dd_bytes"] == 0  # fails, or (nothing holds it) is gone
 
 
 def test_the_guest_scenario_itself_succeeded(run: dict[str, Any]) -> None:

@@ -25,8 +25,12 @@ URI = "nbd://127.0.0.1:10809/disk"
 
 
 class Listener:
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+
     def read(self, timeout: float | None) -> list[int]:
-        return []
+        out, self.pending = self.pending, []
+        return out
 
     def close(self) -> None:
         pass
@@ -37,7 +41,8 @@ class KernelStandIn:
         self.calls: list[tuple[str, int, dict[str, object]]] = []
 
     def link_dead_listener(self) -> Listener:
-        return Listener()
+        self.listener = Listener()
+        return self.listener
 
     def status(self, index: int | None = None) -> list[DeviceStatus]:
         return [DeviceStatus(0, True)]
@@ -157,3 +162,16 @@ def test_the_backend_identifier_keeps_the_identity_for_adoption() -> None:
     parsed = Backend.parse(backend.identifier())
     assert parsed == backend
     assert Backend.parse(Backend(URI, 1, False).identifier()) == Backend(URI, 1, False, "")
+
+
+def test_a_link_that_dies_before_the_device_is_handed_to_the_keeper_is_still_reconnected(
+    kernel: KernelStandIn, serve: list[ExportInfo]
+) -> None:
+    keeper = persist.Keeper(kernel)  # type: ignore[arg-type]
+    kernel.listener.pending.append(0)  # LINK_DEAD arrives before keep() (another thread)
+    keeper.step(0)
+    info = ExportInfo(8 * MiB, 0, None, identity="file-1")
+    keeper.keep(Attachment(0, handshake.parse_uri(URI), info, Backend(URI, 1, False, "file-1")))
+    serve.append(info)
+    keeper.step(0)
+    assert [c[0] for c in kernel.calls] == ["reconfigure"]

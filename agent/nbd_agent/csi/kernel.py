@@ -30,6 +30,7 @@ from nbd_agent.reconnect import LinkState
 
 log = logging.getLogger(__name__)
 _STEP = 0.2  # longest wait of the keeper loop before it looks at its queue again
+_LISTEN_WAIT = 10.0  # how long an attach waits for the keeper thread to listen
 
 
 class KernelAttacher:
@@ -48,6 +49,7 @@ class KernelAttacher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._keeper: persist.Keeper | None = None
+        self._listening = threading.Event()  # the keeper hears LINK_DEAD from now on
         self._states: dict[int, LinkState] = {}  # snapshot published by the keeper thread
         self._refused: dict[int, str] = {}  # device index -> why it was not reattached
         self._states_lock = threading.Lock()
@@ -74,9 +76,11 @@ class KernelAttacher:
                     keeper = persist.Keeper(nl, attach.AttachOptions())
                     keeper.on_refused = self._refuse
                     self._keeper = keeper
+                    self._listening.set()
                     try:
                         self._loop(keeper)
                     finally:
+                        self._listening.clear()
                         keeper.close()
                         self._keeper = None
             except AgentError as exc:  # e.g. the nbd module is not loaded yet
@@ -133,6 +137,9 @@ class KernelAttacher:
             # the attach layer's userspace TLS bridge; the keeper keeps the bridges.
             allow_tls_proxy=True,
         )
+        # Attach only once the keeper listens: a link that dies right after CONNECT must reach
+        # it (bounded: without a keeper the device still attaches, unprotected, as before).
+        self._listening.wait(_LISTEN_WAIT)
         try:
             attachment = attach.attach(uri, opts)
         except AgentError as exc:
