@@ -10,6 +10,7 @@ means a test that did not run, not one that cannot.
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
-def _tier(report: pytest.TestReport) -> str:
+def _tier(report: pytest.TestReport | pytest.CollectReport) -> str:
     parts = Path(report.fspath).resolve().relative_to(TESTS).parts
     return parts[0] if len(parts) > 1 else "other"
 
@@ -44,14 +45,22 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _counts[_tier(report), "failed"] += 1
 
 
-def _kernel_line() -> str | None:
-    from tests.kernel.kernels import NoBootableKernel, probed, selected_kernel
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    # A module skipped as a whole (pytest.skip(allow_module_level=True)) reports here only.
+    if report.skipped and report.fspath:
+        tier = _tier(report)
+        _counts[tier, "skipped"] += 1
+        if tier in _skipped:
+            _skipped[tier].append(report.nodeid)
 
-    if not probed():
+
+def _kernel_line() -> str | None:
+    kernels = sys.modules.get("tests.kernel.kernels")
+    if kernels is None or not kernels.probed():
         return None  # no kernel test booted a guest in this process
     try:
-        return f"kernel tier ran {selected_kernel().describe()}"
-    except NoBootableKernel as exc:  # each kernel test failed with the whole reason already
+        return f"kernel tier ran {kernels.selected_kernel().describe()}"
+    except kernels.NoBootableKernel as exc:  # each kernel test failed with the whole reason
         return f"kernel tier: {str(exc).splitlines()[0]}"
 
 

@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = _subcommand(argv)
     adder = _parser_adder(only) if only else None
     if only and isinstance(adder, ImportError):  # said before parsing: its options are unknown
-        print(f"nbd-agent {only}: {_unavailable_reason(only, adder)}", file=sys.stderr)
+        print(f"nbd-agent {only}: unavailable: {_unavailable_reason(only, adder)}", file=sys.stderr)
         return 2
     args = build_parser(only=only).parse_args(argv)
     logging.basicConfig(

@@ -60,6 +60,24 @@ class UmlKernel:
     def describe(self) -> str:
         return f"Linux {self.version} (user-mode-linux from Debian {self.origin}: {self.binary})"
 
+    def argv(self, init: Path, uml_dir: Path, mem: str) -> list[str]:
+        """The command line that boots this kernel with the host's / as root (hostfs), runs
+        ``init`` as its first process and puts the console on stdout. Each boot gets its own
+        ``umid`` and ``uml_dir`` so parallel boots never share a pid file or socket."""
+        return [
+            str(self.binary),
+            f"mem={mem}",
+            "root=/dev/root",
+            "rootfstype=hostfs",
+            "rootflags=/",
+            "rw",
+            f"init={init}",
+            "con=null",
+            "con0=fd:0,fd:1",
+            f"umid=kn-{uuid.uuid4().hex[:12]}",
+            f"uml_dir={uml_dir}",
+        ]
+
 
 @dataclass(frozen=True)
 class ProbeResult:
@@ -125,19 +143,7 @@ def probe(kernel: UmlKernel, timeout: float = PROBE_TIMEOUT_S) -> ProbeResult:
         init = work / "init.sh"
         init.write_text(_PROBE_INIT.format(nbd=kernel.nbd_module, marker=marker))
         init.chmod(0o755)
-        argv = [
-            str(kernel.binary),
-            "mem=128M",
-            "root=/dev/root",
-            "rootfstype=hostfs",
-            "rootflags=/",
-            "rw",
-            f"init={init}",
-            "con=null",
-            "con0=fd:0,fd:1",
-            f"umid=kn-probe-{uuid.uuid4().hex[:8]}",
-            f"uml_dir={work}",
-        ]
+        argv = kernel.argv(init, uml_dir=work, mem="128M")
         try:
             proc = subprocess.run(
                 argv,

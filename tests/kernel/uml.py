@@ -41,7 +41,6 @@ import signal
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,19 +148,7 @@ def run_in_uml(
     )
     init.chmod(0o755)
     uml_dir = Path(tempfile.mkdtemp(prefix="umldir-"))
-    argv = [
-        str(kernel.binary),
-        f"mem={mem}",
-        "root=/dev/root",
-        "rootfstype=hostfs",
-        "rootflags=/",
-        "rw",
-        f"init={init}",
-        "con=null",
-        "con0=fd:0,fd:1",
-        f"umid=kn-{uuid.uuid4().hex[:12]}",
-        f"uml_dir={uml_dir}",
-    ]
+    argv = kernel.argv(init, uml_dir=uml_dir, mem=mem)
     start = time.monotonic()
     timed_out = False
     # A new session: UML forks helper processes; on timeout the whole group is killed at once.
