@@ -9,26 +9,16 @@ tests/unit/test_agent_reconnect_identity.py and tests/kernel/test_export_identit
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 from nbd_agent.csi._generated import csi_pb2 as pb
 
 from tests.interop.csi_harness import CsiHarness, block_cap
-from tests.interop.test_csi_grpc_node import publish, stage
+from tests.interop.test_csi_grpc_node import csi, publish, stage
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount needs root")
-
-
-@pytest.fixture
-def csi(tmp_path: Path) -> Iterator[CsiHarness]:
-    harness = CsiHarness(tmp_path)
-    try:
-        yield harness
-    finally:
-        harness.close()
+__all__ = ["csi"]  # the harness fixture, shared with test_csi_grpc_node.py
 
 
 def test_stage_records_the_identity_and_a_restage_refuses_another_one(csi: CsiHarness) -> None:

@@ -55,6 +55,17 @@ def _restart_after_kill(srv: guest.Server, log: Path, again: guest.Server) -> gu
     return again.start()
 
 
+def _finish(
+    out: dict[str, Any], proc: subprocess.Popen[bytes], dev: str, log: Path, srv: guest.Server
+) -> dict[str, Any]:
+    """End a phase: keep the agent's log, stop it, detach the device, stop the server."""
+    out["log"] = log.read_text()[-2000:]
+    out["agent_rc"] = _stop(proc)
+    out["detach_rc"] = agent("detach", dev).returncode
+    srv.stop()
+    return out
+
+
 def _dd_read(dev: str, skip_4k: int) -> tuple[int, bytes, str]:
     done = subprocess.run(
         ["dd", f"if={dev}", "bs=4k", "count=1", f"skip={skip_4k}", "iflag=direct"],
@@ -136,11 +147,7 @@ def _clone_survives() -> dict[str, Any]:
     out["read_rc"] = back.returncode
     out["writes_still_there"] = back.stdout == pattern
     out["base_untouched"] = base.read_bytes() == b"B" * (32 * MiB)
-    out["log"] = log.read_text()[-2000:]
-    out["agent_rc"] = _stop(proc)
-    out["detach_rc"] = agent("detach", dev).returncode
-    srv.stop()
-    return out
+    return _finish(out, proc, dev, log, srv)
 
 
 def _grown_export() -> dict[str, Any]:
@@ -162,11 +169,7 @@ def _grown_export() -> dict[str, Any]:
         f.seek(40 * MiB)
         out["tail_in_image"] = f.read(len(tail)) == tail
     out["configured"] = guest.configured_devices()
-    out["log"] = log.read_text()[-2000:]
-    out["agent_rc"] = _stop(proc)
-    out["detach_rc"] = agent("detach", dev).returncode
-    srv.stop()
-    return out
+    return _finish(out, proc, dev, log, srv)
 
 
 def _csi_condition() -> dict[str, Any]:
