@@ -175,3 +175,19 @@ def test_a_link_that_dies_before_the_device_is_handed_to_the_keeper_is_still_rec
     serve.append(info)
     keeper.step(0)
     assert [c[0] for c in kernel.calls] == ["reconfigure"]
+
+
+def test_an_adopted_device_is_checked_against_the_identity_in_its_backend_identifier(
+    kernel: KernelStandIn, serve: list[ExportInfo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbd_agent import devices
+
+    recorded = Backend(URI, 1, False, "file-1").identifier()
+    device = devices.Device(0, True, 8 * MiB, False, recorded, None)
+    monkeypatch.setattr(devices, "list_devices", lambda nl: [device])
+    keeper = persist.Keeper(kernel)  # type: ignore[arg-type]
+    assert keeper.adopt() == [0]  # a restarted agent: it verifies the link at once
+    assert keeper.kept[0].expected.identity == "file-1"
+    serve.append(ExportInfo(8 * MiB, 0, None, identity="mem-9"))
+    keeper.step(0)
+    assert kernel.calls == [("disconnect", 0, {})] and "from file-1" in keeper.refused[0]
