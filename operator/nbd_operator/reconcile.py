@@ -350,22 +350,14 @@ async def _ensure_claim(
 
 
 async def _ensure_overlay_claim(ctx: Ctx, body: Mapping[str, Any], a: Assessment) -> None:
-    """A clone's overlay claim: created once (owned by the export, so it goes with it), grown
-    when the base grew; never recreated under a running clone by anything but its absence."""
+    """A clone's overlay claim, created once and owned by the export (so it goes with it).
+    Never resized: the overlay is made for the base's size, and nbdserver refuses to serve it
+    over a base of another size (the clone's data would be misread)."""
     assert a.served_size is not None
-    desired = manifests.overlay_claim(a.spec, a.served_size, a.claim)
     name = overlay_claim_name(a.spec.name)
-    current = await ctx.kube.get("PersistentVolumeClaim", a.spec.namespace, name)
-    if current is None:
-        await ctx.kube.ensure(desired)
+    if await ctx.kube.get("PersistentVolumeClaim", a.spec.namespace, name) is None:
+        await ctx.kube.ensure(manifests.overlay_claim(a.spec, a.served_size, a.claim))
         _event(body, "Normal", "ClaimCreated", f"created PersistentVolumeClaim {name}")
-        return
-    want = _parse_quantity(desired["spec"]["resources"]["requests"]["storage"])
-    requests = ((current.get("spec") or {}).get("resources") or {}).get("requests") or {}
-    if want > _parse_quantity(requests.get("storage", 0)):
-        patch = {"spec": {"resources": {"requests": {"storage": manifests.quantity(want)}}}}
-        await ctx.kube.patch("PersistentVolumeClaim", a.spec.namespace, name, patch)
-        _event(body, "Normal", "ClaimResizing", f"growing the overlay claim to {want} bytes")
 
 
 async def finalize(ctx: Ctx, body: Mapping[str, Any]) -> None:
