@@ -133,3 +133,25 @@ def test_a_persistent_overlay_refuses_a_base_of_another_size(tmp_path: Path) -> 
             CowFilter(other, persist_path=overlay)
     finally:
         other.close()
+
+
+def test_a_persistent_overlay_needs_copy_on_write_and_a_cow_dir() -> None:
+    from nbdserver.errors import ConfigError
+    from nbdserver.exports import ExportConfig
+
+    for cfg in (
+        ExportConfig("disk", "/x.img", cow_persistent=True, cow_dir="/cow"),
+        ExportConfig("disk", "/x.img", cow_persistent=True, copy_on_write=True),
+    ):
+        with pytest.raises(ConfigError, match="persistent overlay"):
+            cfg.validate()
+    ExportConfig(
+        "a/b", "/x.img", copy_on_write=True, cow_dir="/cow", cow_persistent=True
+    ).validate()
+
+
+def test_each_export_has_its_own_persistent_overlay_file() -> None:
+    from nbdserver.exports import ExportConfig, cow_overlay_path
+
+    cfg = ExportConfig("team/db", "/x.img", copy_on_write=True, cow_dir="/cow", cow_persistent=True)
+    assert cow_overlay_path(cfg) == "/cow/team%2Fdb.cow"  # a name never escapes the folder
