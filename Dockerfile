@@ -6,7 +6,9 @@
 # release, and a cluster pulls one layer set per node.
 #
 # Build:   docker build -t ghcr.io/kube-nbd/kube-nbd:0.1.0 .
+#          podman/buildah: add --format docker, or the HEALTHCHECK is dropped (docs/image.md)
 # Lint:    .venv/bin/hadolint Dockerfile   (tests/controlplane/test_dockerfile_lint.py does this)
+# Test:    tests/image/ builds this file with buildah and runs the image with runc (as root)
 
 # The base is pinned to a patch release and a Debian release; the node tools below are pinned to
 # that Debian release's versions, so both move together. Override for a mirror or a digest pin:
@@ -131,6 +133,8 @@ EXPOSE 10809
 # `docker run ... nbdserver serve` users: a healthy NBD server greets every new connection with
 # the 8-byte NBDMAGIC before any option, TLS or not. Override the port with KUBE_NBD_HEALTH_PORT,
 # or disable it with `--no-healthcheck` when running the agent or the operator outside Kubernetes.
+# Only the docker image format has a place for it: podman and buildah, which default to OCI, keep
+# it with `--format docker` (tests/image/ builds that way and runs this command).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, socket; s = socket.create_connection(('127.0.0.1', int(os.environ.get('KUBE_NBD_HEALTH_PORT', '10809'))), timeout=3); raise SystemExit(0 if s.recv(8) == b'NBDMAGIC' else 1)"]
 
