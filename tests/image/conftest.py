@@ -22,7 +22,7 @@ import pytest
 
 from tests.image.base_image import CACHE, ROOT, base_image
 from tests.image.buildah_store import BuildahStore
-from tests.image.oci_run import ImageRunner
+from tests.image.oci_run import ImageRunner, remove_all_containers
 
 TAG = "localhost/kube-nbd:image-test"
 
@@ -44,10 +44,15 @@ def _revision() -> str:
     return proc.stdout.strip() or "unknown"
 
 
+def _remove(store: BuildahStore) -> None:
+    remove_all_containers(store.root / "oci")
+    store.close()
+
+
 def _remove_stores_of_dead_runs(stores: Path) -> None:
     for old in stores.glob("*"):
         if old.name.isdigit() and not Path("/proc", old.name).exists():
-            BuildahStore(old).close()
+            _remove(BuildahStore(old))
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +71,7 @@ def built_image() -> Iterator[BuiltImage]:
         runner = ImageRunner(rootfs, config, store.root / "oci")
         yield BuiltImage(TAG, base, config, store.layer_sizes(TAG), seconds, runner)
     finally:
-        store.close()
+        _remove(store)
 
 
 def image_path(image: BuiltImage, path: str) -> Path:

@@ -33,6 +33,15 @@ from tests.image.buildah_store import ImageError
 _ids = itertools.count()
 
 
+def remove_all_containers(state: Path) -> None:
+    """Kill and delete every container whose runc state is under ``state`` (a killed run's too)."""
+    runc = ["runc", f"--root={state / 'runc'}"]
+    listed = subprocess.run([*runc, "list", "--quiet"], capture_output=True, text=True, check=False)
+    for container_id in listed.stdout.split():
+        subprocess.run([*runc, "kill", container_id, "KILL"], capture_output=True, check=False)
+        subprocess.run([*runc, "delete", "--force", container_id], capture_output=True, check=False)
+
+
 @dataclass
 class Served:
     """A process running in a container, with its stderr lines collected as they come."""
