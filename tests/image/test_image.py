@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.image.base_image import ROOT
-from tests.image.conftest import BuiltImage, image_path
+from tests.image.built import BuiltImage
 
 # The first test also builds (the session fixture): about 35 s here, a minute more on a machine
 # that has to make the base first.
@@ -120,8 +120,8 @@ def _certificates(pem: str) -> set[str]:
 def test_the_builds_mounts_leave_nothing_behind(built_image: BuiltImage) -> None:
     # The build's RUN steps see this machine's CA bundle (tests/image/buildah_store.py); the
     # image must carry neither the mount's target nor this machine's own local CAs.
-    assert not image_path(built_image, "/etc/pip.conf").exists()
-    bundle = image_path(built_image, "/etc/ssl/certs/ca-certificates.crt").read_text()
+    assert not built_image.path("/etc/pip.conf").exists()
+    bundle = built_image.path("/etc/ssl/certs/ca-certificates.crt").read_text()
     assert len(_certificates(bundle)) > 50  # the parse sees the base's bundle at all
     local = "".join(crt.read_text() for crt in LOCAL_CAS.glob("*.crt"))
     assert _certificates(local) & _certificates(bundle) == set()
@@ -155,13 +155,13 @@ def test_every_node_tool_loads_and_formats_a_file(built_image: BuiltImage) -> No
 
 
 def test_the_xfs_programs_come_without_libicu_or_a_second_python(built_image: BuiltImage) -> None:
-    libdir = image_path(built_image, "/usr/lib/x86_64-linux-gnu")
+    libdir = built_image.path("/usr/lib/x86_64-linux-gnu")
     assert sorted(p.name for p in libdir.glob("libicu*")) == []
     # The stand-in's Python, like the official image's, is no dpkg package: any dpkg-known
     # Python was pulled in by the Dockerfile (xfsprogs depends on python3).
-    status = image_path(built_image, "/var/lib/dpkg/status").read_text()
+    status = built_image.path("/var/lib/dpkg/status").read_text()
     assert re.findall(r"^Package: ((?:lib)?python3\S*)", status, re.M) == []
-    assert image_path(built_image, "/usr/share/doc/xfsprogs/copyright").is_file()
+    assert built_image.path("/usr/share/doc/xfsprogs/copyright").is_file()
 
 
 def test_the_venv_holds_no_build_front_end_and_nothing_left_out(built_image: BuiltImage) -> None:
