@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-TIERS = ("unit", "interop", "kernel", "controlplane", "e2e")
+TIERS = ("unit", "interop", "kernel", "controlplane", "image", "e2e")
 MUST_NOT_SKIP = ("kernel", "interop")
 TESTS = Path(__file__).resolve().parent
 

@@ -5,11 +5,13 @@ hadolint finds nothing (and does find a planted mistake, so the check is live), 
 ends as a fixed non-root user, every console script in pyproject.toml is smoke-tested during
 the build, every node tool the agent runs comes from a package the image has, and the pinned
 Debian versions exist in the package index of the Debian release the base image is built on.
+The image built and run for real is tests/image/.
 """
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import re
 import shutil
@@ -26,7 +28,9 @@ HADOLINT = Path(ROOT / ".venv" / "bin" / "hadolint")
 # The tools nbd_agent runs on a node, and the Debian package each comes from (on bookworm).
 NODE_TOOLS = {
     "mkfs.ext4": "e2fsprogs",
+    "resize2fs": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
+    "xfs_growfs": "xfsprogs",
     "blkid": "util-linux",
     "blockdev": "util-linux",
     "mount": "mount",
@@ -73,10 +77,14 @@ def _final_stage() -> list[tuple[str, str]]:
 
 
 def _apt_pins() -> dict[str, str]:
+    """package -> pinned version (a glob such as ``6.1.0-*`` allowed) of every ``apt-get install``
+    in the final stage and every ``apt-get download`` in any stage."""
     pins: dict[str, str] = {}
-    for word, args in _final_stage():
-        if word == "RUN" and "apt-get install" in args:
-            pins.update(re.findall(r"\b([a-z0-9][a-z0-9+.-]+)=([0-9][^\s]*)", args))
+    for index, (word, args) in enumerate(_instructions()):
+        final = index >= len(_instructions()) - len(_final_stage())
+        if word == "RUN" and ("apt-get download" in args or (final and "apt-get install" in args)):
+            unquoted = args.replace("'", " ").replace('"', " ")
+            pins.update(re.findall(r"\b([a-z0-9][a-z0-9+.-]+)=([0-9][^\s]*)", unquoted))
     return pins
 
 
@@ -181,13 +189,14 @@ def test_the_base_image_is_pinned_to_a_patch_release_and_a_debian_release() -> N
     image = args["PYTHON_IMAGE"]
     assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", image), image
     stages = [a for word, a in _instructions() if word == "FROM"]
-    assert stages == ["${PYTHON_IMAGE} AS build", "${PYTHON_IMAGE} AS runtime"]
+    assert stages == [f"${{PYTHON_IMAGE}} AS {name}" for name in ("build", "xfsprogs", "runtime")]
 
 
 def test_pinned_debian_versions_exist_in_the_base_images_debian_release(tmp_path: Path) -> None:
-    """Each pin must be installable on the base image: the version is in that release's package
-    index (its main, -updates and -security suites), read from Debian's archive itself, not
-    from whatever this machine happens to have installed."""
+    """Each pin must be installable on the base image: a version in that release's package index
+    (its main, -updates and -security suites) matches it, read from Debian's archive itself, not
+    from whatever this machine happens to have installed. A pin is apt's version glob, so the
+    match is fnmatch's."""
     args = dict(a.split("=", 1) for word, a in _instructions() if word == "ARG" and "=" in a)
     codename = _debian_codename(args["PYTHON_IMAGE"])
     pins = _apt_pins()
@@ -197,7 +206,7 @@ def test_pinned_debian_versions_exist_in_the_base_images_debian_release(tmp_path
     missing = {
         package: (version, index.versions(package))
         for package, version in pins.items()
-        if version not in index.versions(package)
+        if not fnmatch.filter(index.versions(package), version)
     }
     assert missing == {}, f"pinned versions not in Debian {codename}: {missing}"
 
