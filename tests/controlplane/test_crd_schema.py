@@ -126,15 +126,19 @@ def test_the_crd_names_match_the_api_package() -> None:
     assert tuple(modes) == nbd_api.ACCESS_MODES
 
 
-def test_printer_columns_show_phase_size_uri_attachments_and_age() -> None:
+def test_printer_columns_show_phase_reason_size_uri_attachments_and_age() -> None:
     columns = {c["name"]: c["jsonPath"] for c in VERSION["additionalPrinterColumns"]}
     assert columns == {
         "Phase": ".status.phase",
-        "Size": ".spec.size",
+        "Reason": ".status.reason",  # why a Failed (or not yet Ready) export is not Ready
+        "Size": ".status.sizeBytes",  # what is served: also for host devices and raw claims
         "URI": ".status.uri",
         "Attached": ".status.attachmentCount",
         "Age": ".metadata.creationTimestamp",
+        "Message": ".status.message",
     }
+    wide = {c["name"] for c in VERSION["additionalPrinterColumns"] if c.get("priority")}
+    assert wide == {"Message"}  # long sentences only with kubectl get -o wide
     for path in columns.values():
         if path.startswith(".metadata."):
             continue  # metadata is the API server's, not the CRD's schema
@@ -263,6 +267,17 @@ def test_defaults_are_applied_where_the_api_server_applies_them() -> None:
         "volumeMode": "Filesystem",
         "path": "disk.img",
     }
+
+
+def test_kubectl_explain_describes_every_spec_field() -> None:
+    undescribed = [
+        path
+        for path, node in _walk(SCHEMA["properties"]["spec"], ".spec")
+        if not str(node.get("description") or "").strip()
+    ]
+    assert undescribed == []
+    qos = SCHEMA["properties"]["spec"]["properties"]["qos"]
+    assert "limit" in qos["description"]  # kubectl explain nbdexport.spec.qos
 
 
 def test_kubectl_explain_says_memory_is_volatile_and_clones_persist() -> None:
