@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_chart_support import ROOT
+from test_chart_support import ROOT, schema_nodes
 
 CRD = yaml.safe_load((ROOT / "crds" / "nbdexport.yaml").read_text())
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
@@ -69,16 +69,6 @@ def is_fieldless_object(node: dict[str, Any]) -> bool:
         and not isinstance(node.get("additionalProperties"), dict)
         and not node.get("x-kubernetes-preserve-unknown-fields")
     )
-
-
-def subtree(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    yield path, node
-    for key, sub in (node.get("properties") or {}).items():
-        yield from subtree(sub, f"{path}.{key}")
-    if isinstance(node.get("additionalProperties"), dict):
-        yield from subtree(node["additionalProperties"], f"{path}.*")
-    if isinstance(node.get("items"), dict):
-        yield from subtree(node["items"], f"{path}[]")
 
 
 def rules(
@@ -129,7 +119,7 @@ def _path_problems(
     named = "self" + "".join(f".{p}" for p in path)
     return [
         f"{at}: {named} reaches {named}{sub or ''}, an object without properties"
-        for sub, inner in subtree(target)
+        for sub, inner in schema_nodes(target)
         if is_fieldless_object(inner)
     ]
 

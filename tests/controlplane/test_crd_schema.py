@@ -20,7 +20,7 @@ import kubernetes_validate
 import nbd_api
 import pytest
 import yaml
-from test_chart_support import KUBE_VERSIONS
+from test_chart_support import KUBE_VERSIONS, schema_nodes
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "crds" / "nbdexport.yaml").read_text())
@@ -147,18 +147,8 @@ def test_printer_columns_show_phase_reason_size_uri_attachments_and_age() -> Non
             node = node["properties"][part]  # KeyError: a column points at nothing
 
 
-def _walk(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
-    yield path, schema
-    for key, sub in (schema.get("properties") or {}).items():
-        yield from _walk(sub, f"{path}.{key}")
-    if isinstance(schema.get("additionalProperties"), dict):
-        yield from _walk(schema["additionalProperties"], f"{path}.*")
-    if "items" in schema:
-        yield from _walk(schema["items"], f"{path}[]")
-
-
 def test_the_schema_is_structural_and_prunes_unknown_fields() -> None:
-    for path, node in _walk(SCHEMA):
+    for path, node in schema_nodes(SCHEMA):
         assert not node.get("x-kubernetes-preserve-unknown-fields"), path
         assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
 
@@ -272,7 +262,7 @@ def test_defaults_are_applied_where_the_api_server_applies_them() -> None:
 def test_kubectl_explain_describes_every_spec_field() -> None:
     undescribed = [
         path
-        for path, node in _walk(SCHEMA["properties"]["spec"], ".spec")
+        for path, node in schema_nodes(SCHEMA["properties"]["spec"], ".spec")
         if not str(node.get("description") or "").strip()
     ]
     assert undescribed == []
