@@ -18,6 +18,7 @@ import aiohttp
 import nbd_api
 import pytest
 import yaml
+from nbd_operator import login
 from operator_harness import NS, api_server, export
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -258,3 +259,26 @@ async def test_kubeconfig_and_context_flags_choose_the_cluster_and_user(
                 proc.send_signal(signal.SIGTERM)
             output, _ = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, output.decode()[-2000:]
+
+
+def test_the_login_source_is_the_flag_then_the_cluster_then_kubeconfig_then_home(
+    tmp_path: pathlib.Path,
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("sa-token")
+    flag = kubeconfig(tmp_path / "flag.yaml", "http://127.0.0.1:9")
+    home = tmp_path / "home"
+    (home / ".kube").mkdir(parents=True)
+    kubeconfig(home / ".kube" / "config", "http://127.0.0.1:9")
+    pod = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBECONFIG": "/elsewhere"}
+
+    def find(flag: str | None, context: str | None, env: dict[str, str]) -> login.LoginSource:
+        return login.find(flag, context, env, home, token)
+
+    assert find(str(flag), "c", pod) == login.LoginSource(str(flag), "c")
+    assert find(None, None, pod) == login.LoginSource(None)  # in a pod: its service account
+    assert find(None, "c", pod) == login.LoginSource("/elsewhere", "c")  # a context: kubeconfig
+    assert find(None, None, {"KUBECONFIG": "/elsewhere"}) == login.LoginSource("/elsewhere")
+    assert find(None, None, {}) == login.LoginSource(str(home / ".kube" / "config"))
+    token.unlink()
+    assert find(None, None, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}).kubeconfig is not None
