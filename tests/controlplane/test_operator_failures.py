@@ -44,6 +44,7 @@ async def test_a_missing_claim_fails_clearly_and_recovers_when_created() -> None
         await client.create(export("fromclaim", spec))
         obj = await server.wait_for(lambda: failed_with(server, "fromclaim", "ClaimNotFound"))
         assert f"PersistentVolumeClaim {NS}/images does not exist" in obj["status"]["message"]
+        assert obj["status"]["reason"] == "ClaimNotFound"  # kubectl get's Reason column
         assert condition(obj, "Ready")["status"] == "False"
         assert server.current("deployments", NS, "fromclaim-nbd") is None
         await server.wait_for(lambda: warned(server, "ClaimNotFound"))
@@ -73,6 +74,8 @@ async def test_a_missing_claim_fails_clearly_and_recovers_when_created() -> None
             )
         )
         assert condition(ready, "SourceBound")["reason"] == "ClaimBound"
+        assert "reason" not in ready["status"]  # the Reason column empties once it is Ready
+        assert ready["status"]["sizeBytes"] == 2**30  # the Size column: what is served
         # ... without repeating the Event (Events are posted in order: ServerCreated came later).
         await server.wait_for(
             lambda: [e for e in server.all("events", NS) if e.get("reason") == "ServerCreated"]
