@@ -2,8 +2,8 @@
 
 The tiers are the folders under tests/ (docs in shared DESIGN.md, section 4). At the end of a run
 a table gives passed, failed and skipped per tier, and the kernel tier's line names the
-user-mode-linux kernel it booted. Under CI (``CI`` set, as ``.ci/run`` has it), a skipped kernel
-or interop test fails the run: there every tool those tiers need is installed, so a skip there
+user-mode-linux kernel it booted. Under CI (``CI`` set, as ``.ci/run`` has it), a skipped kernel,
+interop or image test fails the run: there every tool those tiers need is installed, so a skip there
 means a test that did not run, not one that cannot.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 TIERS = ("unit", "interop", "kernel", "controlplane", "image", "e2e")
-MUST_NOT_SKIP = ("kernel", "interop")
+MUST_NOT_SKIP = ("kernel", "interop", "image")
 TESTS = Path(__file__).resolve().parent
 
 _counts: Counter[tuple[str, str]] = Counter()
