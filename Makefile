@@ -22,7 +22,7 @@ test-unit:
 test-interop:
 	$(PY) -m pytest tests/interop
 
-test-kernel:    ## tier 3: a real 6.1 kernel (user-mode-linux) with nbd.ko
+test-kernel:    ## tier 3: a real kernel (user-mode-linux, probed: tests/kernel/kernels.py) with nbd.ko
 	$(PY) -m pytest tests/kernel
 
 test-controlplane:

@@ -59,11 +59,8 @@ def stack(
     if cfg.cow is CowMode.CONNECTION:
         return inner  # every layer above the base is per connection
     if cfg.cow in (CowMode.SHARED, CowMode.PERSISTENT):
-        persist = None
-        if cfg.cow is CowMode.PERSISTENT:
-            assert cfg.cow_dir is not None
-            persist = os.path.join(cfg.cow_dir, "nbdserver-cow-" + quote(cfg.name, safe=""))
-        inner = CowFilter(inner, cow_dir=cfg.cow_dir, persist_as=persist)
+        persist = cow_overlay_path(cfg) if cfg.cow is CowMode.PERSISTENT else None
+        inner = CowFilter(inner, cow_dir=cfg.cow_dir, persist_path=persist)
     return _limits(inner, cfg)
 
 
@@ -95,6 +92,12 @@ def _open_base(cfg: ExportConfig) -> Backend:
     if cfg.cow is not CowMode.OFF and kind.needs_path:
         return kind.open(cfg.path, None, True)  # a copy-on-write base is never created or grown
     return kind.open(cfg.path, cfg.size, read_only)
+
+
+def cow_overlay_path(cfg: ExportConfig) -> str:
+    """Where a persistent overlay of this export lives: one file per export name."""
+    assert cfg.cow_dir is not None
+    return os.path.join(cfg.cow_dir, quote(cfg.name, safe="") + ".cow")
 
 
 class Export:
@@ -178,7 +181,11 @@ def open_export(cfg: ExportConfig) -> Export:
         raise ConfigError(f"cannot open {cfg.path}: {e.strerror}") from None
     try:
         return Export(cfg, stack(backend, cfg))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a persistent overlay made for another size
         backend.close()
         where = f"--cow-dir {cfg.cow_dir}" if cfg.cow is not CowMode.OFF else cfg.path
-        raise ConfigError(f"cannot open export {cfg.name!r} ({where}): {e.strerror or e}") from None
+        raise ConfigError(f"cannot open export {cfg.name!r} ({where}): {_reason(e)}") from None
+
+
+def _reason(exc: OSError | ValueError) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)

@@ -16,7 +16,9 @@ persist.py's job), or detach a device that is mounted unless forced.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import logging
 import socket
 import ssl
 import time
@@ -26,6 +28,7 @@ from nbd_agent import devices, handshake
 from nbd_agent.devices import Backend
 from nbd_agent.errors import (
     AgentError,
+    DataChanged,
     DeviceBusy,
     DeviceNotFound,
     ExportChanged,
@@ -38,6 +41,8 @@ from nbd_agent.handshake import ExportInfo, Target
 from nbd_agent.netlink import NbdNetlink
 from nbd_agent.tlsproxy import TlsProxy
 from nbdserver.protocol.constants import TransmissionFlag
+
+log = logging.getLogger("nbd_agent.attach")
 
 KERNEL_SENDS = (
     TransmissionFlag.NBD_FLAG_SEND_FLUSH
@@ -56,6 +61,7 @@ class AttachOptions:
     dead_conn_timeout: int | None = None  # seconds I/O waits for a reconnect; None: fail at once
     connect_timeout: float = 10.0  # reaching the server and the handshake
     allow_tls_proxy: bool = False  # nbds:// needs a process that stays (persist mode)
+    expect_identity: str = ""  # re-attaching a consumer: the identity it saw (CSI restage)
     tls_context: ssl.SSLContext | None = field(default=None, repr=False)
 
 
@@ -83,8 +89,9 @@ def kernel_flags(info: ExportInfo, read_only: bool) -> int:
 def open_connections(
     target: Target, count: int, opts: AttachOptions, expected: ExportInfo | None = None
 ) -> tuple[list[socket.socket], ExportInfo]:
-    """Negotiate ``count`` connections that all describe the same export (and, on a reconnect,
-    the export the kernel already knows: same size, same read-only-ness)."""
+    """Negotiate ``count`` connections that all describe the same export, then ask its
+    identity (after the data connections, so a restart in between shows as a new identity).
+    On a reconnect the export must be the one the kernel knows (``check_unchanged``)."""
     socks: list[socket.socket] = []
     info: ExportInfo | None = None
     try:
@@ -97,6 +104,10 @@ def open_connections(
                 raise HandshakeError(f"{target.describe()}: connections disagree on the export")
             info = this
         assert info is not None
+        identity = handshake.export_identity(
+            target, timeout=opts.connect_timeout, tls_context=opts.tls_context
+        )
+        info = dataclasses.replace(info, identity=identity)
         if expected is not None:
             check_unchanged(expected, info, target)
         if count > 1 and not info.multi_conn and not (opts.read_only or info.read_only):
@@ -116,23 +127,42 @@ def kernel_size_matches(kernel_bytes: int, export_size: int) -> bool:
     return kernel_bytes % 512 == 0 and export_size - 4096 < kernel_bytes <= export_size
 
 
-def check_unchanged(before: ExportInfo, now: ExportInfo, target: Target) -> None:
-    # An adopted device knows its size only as the kernel shows it.
-    same = (
-        kernel_size_matches(before.size, now.size) if before.from_sysfs else before.size == now.size
-    )
-    if not same:
-        raise ExportChanged(
-            f"{target.describe()}: size changed from {before.size} to {now.size} bytes"
+def grew(before: ExportInfo, now: ExportInfo) -> bool:
+    """Whether the export is larger than the kernel's device (an adopted device knows its size
+    only as the kernel shows it)."""
+    if before.from_sysfs:
+        return now.size > before.size and not kernel_size_matches(before.size, now.size)
+    return now.size > before.size
+
+
+def check_identity(expected: str, now: str, target: Target) -> None:
+    """DataChanged unless the server tells the identity recorded at attach (if one was)."""
+    if expected and now != expected:
+        told = f"identity {now}" if now else "no identity"
+        raise DataChanged(
+            f"{target.describe()}: the export's identity changed from {expected} to {told}; "
+            "it serves different data now (a restarted memory export, a lost overlay)"
         )
+
+
+def check_unchanged(before: ExportInfo, now: ExportInfo, target: Target) -> None:
+    """Raise unless ``now`` is the data the kernel's consumer saw as ``before``: the same
+    identity (DataChanged otherwise, for good), not smaller (DataChanged), no less writable,
+    the same commands. A size that only grew is fine: the caller resizes the device."""
+    where = target.describe()
+    check_identity(before.identity, now.identity, target)
+    if not before.identity:
+        log.warning("%s tells no export identity: only size and flags are checked", where)
+    if now.size < before.size:  # the kernel's view of a size never exceeds the export's
+        raise DataChanged(f"{where}: the export shrank from {before.size} to {now.size} bytes")
     if now.read_only and not before.read_only:
-        raise ExportChanged(f"{target.describe()}: the export became read-only")
+        raise ExportChanged(f"{where}: the export became read-only")
     # RECONFIGURE cannot change the flags the kernel was given: a command it would still send
     # (flush, FUA, trim, write zeroes) must still be supported. New flags are harmless.
     lost = before.flags & ~now.flags & KERNEL_SENDS
     if lost:
         names = ", ".join(f.name or "?" for f in TransmissionFlag if f & lost)
-        raise ExportChanged(f"{target.describe()}: the server no longer supports {names}")
+        raise ExportChanged(f"{where}: the server no longer supports {names}")
 
 
 def close_all(socks: list[socket.socket]) -> None:
@@ -175,6 +205,16 @@ def attach(uri: str | Target, opts: AttachOptions, nl: NbdNetlink | None = None)
         if opts.device is not None and not devices.device_node_exists(opts.device):
             raise DeviceNotFound(f"/dev/nbd{opts.device} does not exist")
         socks, info = open_connections(target, opts.connections, opts)
+        try:
+            check_identity(opts.expect_identity, info.identity, target)
+        except DataChanged:
+            close_all(socks)
+            raise
+        if not info.identity:
+            log.warning(
+                "%s tells no export identity: a reconnect can check only size and flags",
+                target.describe(),
+            )
         ksocks, proxies = kernel_sockets(target, socks)
         try:
             attachment = connect_sockets(nl, target, info, ksocks, opts)
@@ -199,7 +239,7 @@ def connect_sockets(
 ) -> Attachment:
     """CONNECT the negotiated sockets to the requested or first free device, then verify."""
     read_only = opts.read_only or info.read_only
-    backend = Backend(target.uri, len(socks), read_only)
+    backend = Backend(target.uri, len(socks), read_only, info.identity)
     candidates = [opts.device] if opts.device is not None else devices.free_indexes(nl)
     for index in candidates:
         try:

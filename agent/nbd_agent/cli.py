@@ -134,6 +134,10 @@ def _run_watch(args: argparse.Namespace) -> int:
     return persist.watch_all(attach.AttachOptions())
 
 
+# Subcommands whose module needs an optional extra: the extra that brings what they import.
+EXTRAS: dict[str, str] = {"csi": "agent"}
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser, or (``only``) one that registers just that subcommand: a command
     line names its subcommand, and importing the others (gRPC for csi) costs start-up time."""
@@ -144,21 +148,34 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log reconnects and more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, target in SUBCOMMANDS.items():
+    for name in SUBCOMMANDS:
         if only is not None and name != only:
             continue
-        module, function = target.split(":")
-        try:
-            getattr(importlib.import_module(module), function)(sub)
-        except ImportError as exc:  # a component that is not installed must not break the rest
-            broken = sub.add_parser(name, help=f"(unavailable: {exc})")
-            broken.set_defaults(func=lambda _args, exc=exc: _unavailable(exc))
+        adder = _parser_adder(name)
+        if isinstance(adder, ImportError):  # a component not installed must not break the rest
+            sub.add_parser(name, help=f"(unavailable: {_unavailable_reason(name, adder)})")
+        else:
+            adder(sub)
     return parser
 
 
-def _unavailable(exc: Exception) -> int:
-    print(f"nbd-agent: this command is unavailable: {exc}", file=sys.stderr)
-    return 2
+def _parser_adder(name: str) -> Any:
+    """The subcommand's ``add_parser`` function, or the ImportError that its module raised."""
+    module, function = SUBCOMMANDS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except ImportError as exc:
+        return exc
+
+
+def _unavailable_reason(name: str, exc: ImportError) -> str:
+    extra = EXTRAS.get(name)
+    if extra is None:
+        return str(exc)
+    return (
+        f"needs the {extra!r} extra ({exc.name or exc} is not installed): "
+        f"pip install 'kube-nbd[{extra}]'"
+    )
 
 
 def _subcommand(argv: Sequence[str]) -> str | None:
@@ -170,7 +187,12 @@ def _subcommand(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(only=_subcommand(argv)).parse_args(argv)
+    only = _subcommand(argv)
+    adder = _parser_adder(only) if only else None
+    if only and isinstance(adder, ImportError):  # said before parsing: its options are unknown
+        print(f"nbd-agent {only}: unavailable: {_unavailable_reason(only, adder)}", file=sys.stderr)
+        return 2
+    args = build_parser(only=only).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s nbd-agent %(levelname)s %(message)s",

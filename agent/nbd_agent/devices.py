@@ -31,10 +31,13 @@ class Backend:
     uri: str
     connections: int
     read_only: bool
+    identity: str = ""  # the export identity seen at attach ("" = the server told none)
 
     def identifier(self) -> str:
-        query = urlencode({"c": self.connections, "ro": int(self.read_only), "uri": self.uri})
-        return BACKEND_PREFIX + query
+        fields = {"c": self.connections, "ro": int(self.read_only), "uri": self.uri}
+        if self.identity:
+            fields["id"] = self.identity
+        return BACKEND_PREFIX + urlencode(fields)
 
     @classmethod
     def parse(cls, identifier: str) -> Backend | None:
@@ -43,7 +46,7 @@ class Backend:
             return None
         fields = dict(parse_qsl(identifier[len(BACKEND_PREFIX) :]))
         try:
-            return cls(fields["uri"], int(fields["c"]), fields["ro"] == "1")
+            return cls(fields["uri"], int(fields["c"]), fields["ro"] == "1", fields.get("id", ""))
         except (KeyError, ValueError):
             return None
 

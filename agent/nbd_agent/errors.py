@@ -54,5 +54,10 @@ class ExportChanged(HandshakeError):
     """After a reconnect the export's size or flags differ from what the kernel was given."""
 
 
+class DataChanged(ExportChanged):
+    """The server now serves different data under the same name (another export identity, or a
+    smaller export): the consumer must never be reattached to it. Permanent, never retried."""
+
+
 class UsageError(AgentError):
     """Bad input from the user (URI, options)."""

@@ -12,8 +12,10 @@ What it must not do: touch netlink or devices, or keep sockets it failed to nego
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nbd_agent.errors import ExportUnknown, HandshakeError, ServerUnreachable, UsageError
@@ -54,6 +56,7 @@ class ExportInfo:
     flags: int
     block_size: int | None  # the server's preferred block size, if the kernel accepts it
     from_sysfs: bool = False  # size as the kernel shows it (adopted device), not the server
+    identity: str = ""  # which incarnation of the data (docs/protocol.md); "" = none told
 
     @property
     def read_only(self) -> bool:
@@ -71,13 +74,11 @@ def kernel_block_size(preferred: int) -> int | None:
     return None
 
 
-def open_export(
-    target: Target, *, timeout: float = 10.0, tls_context: ssl.SSLContext | None = None
-) -> tuple[socket.socket, ExportInfo]:
-    """Connect and negotiate one connection for the kernel: the returned socket is blocking
-    and at the start of transmission. Nothing stays open on failure."""
+@contextlib.contextmanager
+def _agent_errors(target: Target) -> Iterator[None]:
+    """The client library's errors as the agent's (one mapping for every handshake)."""
     try:
-        conn = client.connect(target.parsed, tls_context=tls_context, timeout=timeout)
+        yield
     except client.NBDConnectError as exc:
         raise ServerUnreachable(f"cannot reach {target.describe()}: {exc}") from exc
     except client.NBDUnknownExport as exc:
@@ -86,6 +87,15 @@ def open_export(
         raise HandshakeError(f"{target.describe()}: the server requires TLS (nbds://)") from exc
     except client.NBDClientError as exc:
         raise HandshakeError(f"{target.describe()}: handshake failed: {exc}") from exc
+
+
+def open_export(
+    target: Target, *, timeout: float = 10.0, tls_context: ssl.SSLContext | None = None
+) -> tuple[socket.socket, ExportInfo]:
+    """Connect and negotiate one connection for the kernel: the returned socket is blocking
+    and at the start of transmission. Nothing stays open on failure."""
+    with _agent_errors(target):
+        conn = client.connect(target.parsed, tls_context=tls_context, timeout=timeout)
     details = conn.details
     if details.structured_replies:  # never asked for; a server that forces it is unusable
         conn.close()
@@ -98,3 +108,13 @@ def open_export(
         else None,
     )
     return conn.detach(), info
+
+
+def export_identity(
+    target: Target, *, timeout: float = 10.0, tls_context: ssl.SSLContext | None = None
+) -> str:
+    """The export's identity, asked on a connection of its own (it needs structured replies,
+    which a kernel connection must not have); "" when the server tells none."""
+    with _agent_errors(target):
+        found = client.export_identity(target.parsed, tls_context=tls_context, timeout=timeout)
+    return found or ""

@@ -245,9 +245,11 @@ class NbdNetlink:
         backend_identifier: str | None = None,
         timeout: int | None = None,
         dead_conn_timeout: int | None = None,
+        size_bytes: int | None = None,
     ) -> None:
         """NBD_CMD_RECONFIGURE: the kernel puts each fd in place of a socket it marked dead and
-        ignores the rest (it never replaces a live socket)."""
+        ignores the rest (it never replaces a live socket); ``size_bytes`` resizes the device
+        (kernels since 5.3). The backend identifier must equal the one given at CONNECT."""
         self.request(
             NbdCmd.NBD_CMD_RECONFIGURE,
             {
@@ -256,6 +258,7 @@ class NbdNetlink:
                 "backend_identifier": backend_identifier,
                 "timeout": timeout,
                 "dead_conn_timeout": dead_conn_timeout,
+                "size_bytes": size_bytes,
             },
         )
 

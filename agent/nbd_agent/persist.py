@@ -4,16 +4,20 @@ Why it exists: the kernel marks a socket dead when its server goes away and, if 
 attached with a dead-connection timeout, holds the I/O for that long waiting for a new socket.
 This module is the long-running side that provides it: it listens on ``nbd_mc_group``, redoes
 the handshake with backoff (reconnect.py decides when), checks the export did not change, and
-hands the new sockets over with NBD_CMD_RECONFIGURE. A restarted agent adopts the devices it
-attached earlier (found by their backend identifier) and verifies their links at once, since
-it cannot know what happened while nobody was listening.
+hands the new sockets over with NBD_CMD_RECONFIGURE (resizing the device when the export only
+grew). An export that answers with another identity, or smaller, is different data: the device
+gets no socket and is disconnected, so its I/O fails rather than reading that data. A restarted
+agent adopts the devices it attached earlier (found by their backend identifier, which also
+records the identity seen at attach) and verifies their links at once, since it cannot know
+what happened while nobody was listening.
 
-What it must not do: detach anything (a device outlives the agent on purpose), or give up on a
-device while it is still attached.
+What it must not do: detach anything (a device outlives the agent on purpose) except a device
+whose server now serves different data, or give up on a device while it is still attached.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import signal
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from nbd_agent import attach, devices, handshake
 from nbd_agent.attach import Attachment, AttachOptions
 from nbd_agent.devices import Backend
-from nbd_agent.errors import AgentError, NetlinkError
+from nbd_agent.errors import AgentError, DataChanged, NetlinkError
 from nbd_agent.handshake import ExportInfo, Target
 from nbd_agent.netlink import NbdNetlink
 from nbd_agent.reconnect import LinkState, Reconnector
@@ -62,6 +66,9 @@ class Keeper:
         self.kept: dict[int, Kept] = {}
         self.outages: list[tuple[int, float]] = []  # (device index, seconds without a link)
         self.proxies: dict[int, list[TlsProxy]] = {}  # nbds:// devices: the running bridges
+        self.refused: dict[int, str] = {}  # device index -> why it was not reattached
+        self.unwatched_dead: dict[int, bool] = {}  # LINK_DEAD of devices not kept (yet)
+        self.on_refused: Callable[[int, str], None] | None = None  # e.g. the CSI plugin's report
         # Subscribe first: a LINK_DEAD between attach and subscription would be lost.
         self.listener = nl.link_dead_listener()
 
@@ -73,7 +80,9 @@ class Keeper:
             attachment.index, attachment.target, attachment.backend, attachment.info
         )
         self.proxies[attachment.index] = list(attachment.proxies)
-        self.reconnector.watch(attachment.index, self.clock())
+        # A link that died between CONNECT and now (another thread attached it) is handled.
+        early = self.unwatched_dead.pop(attachment.index, False)
+        self.reconnector.watch(attachment.index, self.clock(), verify=early)
 
     def adopt(self, *, uri: str | None = None, verify: bool = True) -> list[int]:
         """Watch attached devices whose backend identifier is ours (optionally one URI's)."""
@@ -90,7 +99,9 @@ class Keeper:
                 log.warning("cannot adopt %s: %s", dev.path, exc)
                 continue
             flags = TransmissionFlag.NBD_FLAG_READ_ONLY if dev.read_only else 0
-            expected = ExportInfo(dev.size_bytes, int(flags), None, from_sysfs=True)
+            expected = ExportInfo(
+                dev.size_bytes, int(flags), None, from_sysfs=True, identity=backend.identity
+            )
             self.kept[dev.index] = Kept(dev.index, target, backend, expected)
             self.reconnector.watch(dev.index, self.clock(), verify=verify)
             log.warning("adopted %s (%s)", dev.path, backend.uri)
@@ -106,8 +117,11 @@ class Keeper:
             watch = self.reconnector.watches.get(index)
             was_healthy = watch is not None and watch.state is LinkState.HEALTHY
             # One LINK_DEAD per dead socket: a multi-connection device sends several.
-            if self.reconnector.link_dead(index, self.clock()) and was_healthy:
-                log.warning("/dev/nbd%d: link dead, reconnecting", index)
+            if self.reconnector.link_dead(index, self.clock()):
+                if was_healthy:
+                    log.warning("/dev/nbd%d: link dead, reconnecting", index)
+            elif len(self.unwatched_dead) < 4096:  # perhaps attached but not handed over yet
+                self.unwatched_dead[index] = True
         for w in self.reconnector.due(self.clock()):
             self._attempt(w.index)
 
@@ -118,17 +132,24 @@ class Keeper:
             self._forget(index)
             return
         try:
-            socks, _info = attach.open_connections(
+            socks, info = attach.open_connections(
                 kept.target, kept.backend.connections, self.opts, expected=kept.expected
             )
+        except DataChanged as exc:
+            self._refuse(index, str(exc))
+            return
         except AgentError as exc:
             delay = self.reconnector.failed(index, self.clock(), str(exc))
             log.info("/dev/nbd%d: reconnect failed (%s); next try in %.2fs", index, exc, delay)
             return
+        grown = attach.grew(kept.expected, info)
         ksocks, proxies = attach.kernel_sockets(kept.target, socks)
         try:
             self.nl.reconfigure(
-                index, [s.fileno() for s in ksocks], backend_identifier=kept.backend.identifier()
+                index,
+                [s.fileno() for s in ksocks],
+                backend_identifier=kept.backend.identifier(),
+                size_bytes=info.size if grown else None,
             )
         except NetlinkError as exc:
             attach.close_proxies(proxies)
@@ -140,17 +161,38 @@ class Keeper:
             return
         finally:
             attach.close_all(ksocks)
+        if grown:
+            log.warning("/dev/nbd%d: the export grew to %d bytes; device resized", index, info.size)
+        # From now on compare with what the server said (its identity too, if it told one only
+        # now; the backend identifier keeps the one seen at attach, the kernel insists on it).
+        kept.expected = dataclasses.replace(info, identity=info.identity or kept.expected.identity)
         # Proxies whose socket the kernel did not take see EOF and stop by themselves.
         self.proxies[index] = [p for p in self.proxies.get(index, []) + proxies if p.alive]
         outage = self.reconnector.succeeded(index, self.clock())
         self.outages.append((index, outage))
         log.warning("/dev/nbd%d: reconnected after %.3fs", index, outage)
 
+    def _refuse(self, index: int, reason: str) -> None:
+        """Different data answers under the export's name: give the kernel no socket and end
+        the device's configuration, so queued and future I/O fails (EIO) instead of reading
+        the wrong data. A mounted device keeps its number (the kernel will not reuse it while
+        it is held) until it is unmounted and detached."""
+        log.error("/dev/nbd%d: %s; not reattaching, the device fails its I/O", index, reason)
+        self.refused[index] = reason
+        try:
+            self.nl.disconnect(index)
+        except AgentError as exc:
+            log.error("/dev/nbd%d: DISCONNECT failed: %s", index, exc)
+        self._forget(index)
+        if self.on_refused is not None:
+            self.on_refused(index, reason)
+
     def forget(self, index: int) -> None:
         """Stop watching a device (before detaching it): its TLS bridges, if any, close."""
         self._forget(index)
 
     def _forget(self, index: int) -> None:
+        self.unwatched_dead.pop(index, None)
         attach.close_proxies(self.proxies.pop(index, []))
         self.kept.pop(index, None)
         self.reconnector.forget(index)

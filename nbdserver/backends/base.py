@@ -51,6 +51,8 @@ class Backend:
     can_multi_conn: bool = False
     is_rotational: bool = False
     block_size: BlockSize = BlockSize()
+    # Which incarnation of the data this is (nbdserver.backends.identity); "" = unknown.
+    identity: str = ""
 
     def size(self) -> int:
         raise NotImplementedError

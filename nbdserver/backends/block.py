@@ -15,6 +15,7 @@ import stat
 from nbdserver.backends import _linux
 from nbdserver.backends.base import Backend, BackendKind, BlockSize
 from nbdserver.backends.file import FdBackend
+from nbdserver.backends.identity import block_identity
 from nbdserver.errors import ConfigError
 
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY)
@@ -41,6 +42,7 @@ class BlockDeviceBackend(FdBackend):
             size = _linux.blk_size(fd)
             sector = _linux.blk_sector_size(fd)
             self.is_rotational = _linux.blk_rotational(fd)
+            self.identity = block_identity(fd, size)
         except BaseException:
             os.close(fd)
             raise

@@ -14,6 +14,7 @@ import os
 
 from nbdserver.backends import _linux
 from nbdserver.backends.base import Backend, BackendKind, Extent
+from nbdserver.backends.identity import file_identity
 from nbdserver.errors import ConfigError
 from nbdserver.protocol.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
 
@@ -106,6 +107,11 @@ class FileBackend(FdBackend):
             raise
         super().__init__(fd, st.st_size if size is None else min(size, st.st_size), read_only)
         self.path = path
+        try:
+            self.identity = file_identity(fd, path, read_only)
+        except BaseException:
+            os.close(fd)
+            raise
         # A range known to hold no hole, from the last SEEK_HOLE: on tmpfs SEEK_HOLE walks
         # page by page to the next hole (milliseconds across a fully written GiB), and reads
         # ask for extents. Writes only fill holes, so the range stays true until this backend

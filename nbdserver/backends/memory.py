@@ -8,6 +8,7 @@ otherwise (FLUSH succeeds because there is nothing more durable to reach).
 from __future__ import annotations
 
 from nbdserver.backends.base import Backend, BackendKind, Extent
+from nbdserver.backends.identity import new_identity
 from nbdserver.protocol.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
 
 PAGE = 4096
@@ -32,6 +33,7 @@ class MemoryBackend(Backend):
         self._size = size
         self._pages: dict[int, bytearray] = {}
         self.can_write = not read_only
+        self.identity = new_identity("mem")  # the data dies with the process
 
     def size(self) -> int:
         return self._size

@@ -17,6 +17,7 @@ from nbdserver.client.connection import NBDConnection
 from nbdserver.client.negotiate import (
     DEFAULT_TIMEOUT,
     connect,
+    export_identity,
     handshake,
     list_exports,
     open_socket,
@@ -47,6 +48,7 @@ __all__ = [
     "NBDTLSRequired",
     "NBDUnknownExport",
     "connect",
+    "export_identity",
     "handshake",
     "list_exports",
     "open_socket",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 from nbdserver.client.connection import NBDConnection, recv_exact, send_all
@@ -36,6 +37,8 @@ from nbdserver.protocol.client_handshake import (
 )
 from nbdserver.protocol.constants import (
     BASE_ALLOCATION,
+    IDENTITY_NAMESPACE,
+    IDENTITY_PREFIX,
     HandshakeFlag,
     Option,
     OptionReply,
@@ -264,17 +267,7 @@ def list_exports(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> list[tuple[str, str]]:
     """NBD_OPT_LIST: (name, description) of each export, then a clean NBD_OPT_ABORT."""
-    uri = parse_uri(target) if isinstance(target, str) else target
-    if uri.tls and tls_context is None:
-        tls_context = tls_context_for(uri)
-    sock = open_socket(uri, timeout)
-    try:
-        opts, _ = _start(sock)
-        if tls_context is not None:
-            upgraded = _starttls(opts, tls_context, uri.server_hostname, uri.tls)
-            if upgraded is not None:
-                sock = upgraded
-                opts = _Options(sock)
+    with _session(target, tls_context, timeout) as (opts, _uri):
         opts.send(Option.NBD_OPT_LIST)
         found: list[tuple[str, str]] = []
         while True:
@@ -291,12 +284,71 @@ def list_exports(
                 raise option_error(Option.NBD_OPT_LIST, rtype, data)
             else:
                 raise NBDProtocolError(f"unexpected reply {rtype:#x} to NBD_OPT_LIST")
-        opts.send(Option.NBD_OPT_ABORT)
-        with contextlib.suppress(NBDProtocolError):  # the server may close without an ACK
-            opts.reply(Option.NBD_OPT_ABORT)
+        _abort(opts)
         return found
+
+
+@contextlib.contextmanager
+def _session(
+    target: NBDURI | str, tls_context: ssl.SSLContext | None, timeout: float
+) -> Iterator[tuple[_Options, NBDURI]]:
+    """A connection in option haggling (after STARTTLS where the URI asks for it), closed after."""
+    uri = parse_uri(target) if isinstance(target, str) else target
+    if uri.tls and tls_context is None:
+        tls_context = tls_context_for(uri)
+    sock = open_socket(uri, timeout)
+    try:
+        opts, _ = _start(sock)
+        if tls_context is not None:
+            upgraded = _starttls(opts, tls_context, uri.server_hostname, uri.tls)
+            if upgraded is not None:
+                sock = upgraded
+                opts = _Options(sock)
+        yield opts, uri
     finally:
         sock.close()
+
+
+def _abort(opts: _Options) -> None:
+    opts.send(Option.NBD_OPT_ABORT)
+    with contextlib.suppress(NBDProtocolError):  # the server may close without an ACK
+        opts.reply(Option.NBD_OPT_ABORT)
+
+
+def export_identity(
+    target: NBDURI | str,
+    *,
+    tls_context: ssl.SSLContext | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> str | None:
+    """The export's identity (``x-kube-nbd:identity=<id>``, docs/protocol.md), or None when the
+    server does not tell one. Its own connection: the spec wants structured replies before
+    NBD_OPT_LIST_META_CONTEXT, and a connection meant for the kernel must not have them."""
+    with _session(target, tls_context, timeout) as (opts, uri):
+        rtype, _ = opts.simple(Option.NBD_OPT_STRUCTURED_REPLY)
+        if is_error(rtype):
+            _soft_disconnect(opts)
+            return None
+        opt = Option.NBD_OPT_LIST_META_CONTEXT
+        opts.send(opt, wire.pack_meta_context_request(uri.export_name, (IDENTITY_NAMESPACE + ":",)))
+        found: str | None = None
+        while True:
+            rtype, data = opts.reply(opt)
+            if rtype == OptionReply.NBD_REP_META_CONTEXT:
+                _, name = wire.unpack_rep_meta_context(data)
+                if name.startswith(IDENTITY_PREFIX):
+                    found = name[len(IDENTITY_PREFIX) :]
+            elif rtype == OptionReply.NBD_REP_ACK:
+                break
+            elif is_error(rtype):
+                _soft_disconnect(opts)
+                if rtype == OptionReply.NBD_REP_ERR_UNKNOWN:
+                    raise option_error(opt, rtype, data)
+                return None  # the spec: disregard contexts sent before an error
+            else:
+                raise NBDProtocolError(f"unexpected reply {rtype:#x} to {opt.name}")
+        _abort(opts)
+        return found
 
 
 def connect(

@@ -75,6 +75,7 @@ def export_info(export: Export) -> ExportInfo:
         minimum_block=bs.minimum,
         preferred_block=bs.preferred,
         maximum_payload=bs.maximum,
+        identity=b.identity,
     )
 
 

@@ -33,6 +33,7 @@ class Filter(Backend):
         for name in _CAPABILITIES:
             setattr(self, name, getattr(inner, name))
         self.block_size: BlockSize = inner.block_size
+        self.identity = inner.identity  # a filter that changes the data sets its own
 
     def size(self) -> int:
         return self.inner.size()

@@ -5,7 +5,8 @@ while each writer's changes go elsewhere. nbd-server's ``copyonwrite`` and nbdki
 the same. Three lifetimes (``nbdserver.config.CowMode`` names them): an unlinked overlay per
 connection (nbd-server's ``copyonwrite``: gone at disconnect), one unlinked overlay shared by
 every connection (gone when the process exits), or a persistent overlay: a data file and a
-presence map in ``cow_dir`` that a restarted server opens again (a writable clone).
+presence map in ``cow_dir`` that a restarted server opens again (a writable clone; the files
+and their crash ordering are ``nbdserver.filters.cow_map``'s).
 
 How: the export is cut into ``block``-sized blocks. A byte per block says whether the block lives
 in the overlay. A write that covers a block only partly first copies that block up from the base
@@ -30,7 +31,9 @@ import threading
 
 from nbdserver.backends._linux import punch_hole
 from nbdserver.backends.base import Backend, Extent
+from nbdserver.backends.identity import new_identity
 from nbdserver.filters.base import Filter
+from nbdserver.filters.cow_map import PersistentMap
 from nbdserver.protocol.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
 
 DEFAULT_BLOCK = 64 * 1024
@@ -57,10 +60,11 @@ def _full_pwrite(fd: int, data: memoryview, offset: int) -> None:
 class CowFilter(Filter):
     """Overlay ``inner`` with a sparse file in ``cow_dir`` (default: the temp dir).
 
-    ``persist_as``: keep the overlay as ``<persist_as>.overlay`` plus ``<persist_as>.map`` and
-    reopen them if present; else the overlay is unlinked at once. ``shared``: every connection
-    sees this overlay (CAN_MULTI_CONN); False for an overlay of one connection. ``owns_inner``:
-    ``close`` closes the base too (not for a per-connection overlay over a shared base).
+    ``persist_path``: keep the overlay at that path plus its map (``PersistentMap``) and reopen
+    them if present; else the overlay is unlinked at once and created on the first write.
+    ``shared``: every connection sees this overlay (CAN_MULTI_CONN); False for an overlay of one
+    connection. ``owns_inner``: ``close`` closes the base too (not for a per-connection overlay
+    over a shared base).
     """
 
     def __init__(
@@ -69,7 +73,7 @@ class CowFilter(Filter):
         cow_dir: str | None = None,
         block: int = DEFAULT_BLOCK,
         *,
-        persist_as: str | None = None,
+        persist_path: str | None = None,
         shared: bool = True,
         owns_inner: bool = True,
     ):
@@ -80,14 +84,19 @@ class CowFilter(Filter):
         self._block = block
         self._shift = block.bit_length() - 1
         self._owns_inner = owns_inner
-        blocks = (self._size + block - 1) >> self._shift
-        self._map_fd = self._fd = -1
+        self._fd = -1
         self._cow_dir = cow_dir
-        if persist_as is None:
-            self._present = bytearray(blocks)  # the overlay file comes with the first write
+        self._map: PersistentMap | None = None
+        if persist_path is None:
+            # The overlay file comes with the first write; it dies with its owner, and so
+            # does the data: a new identity.
+            self._present = bytearray((self._size + block - 1) >> self._shift)
+            self.identity = new_identity("cow")
         else:
-            self._fd, self._map_fd, self._present = _open_persistent(persist_as, self._size, blocks)
-            os.ftruncate(self._fd, self._size)
+            self._map = PersistentMap(persist_path, self._size, block)
+            self._fd = self._map.overlay_fd
+            self._present = self._map.present
+            self.identity = self._map.identity(inner.identity)
         # Nothing in the overlay yet: reads go straight to the base.
         self._dirty = self._present.find(1) >= 0
         self._lock = threading.Lock()
@@ -109,8 +118,8 @@ class CowFilter(Filter):
     def _mark(self, first: int, last: int) -> None:
         """Blocks ``first..last`` now live in the overlay (and, persistent, in its map)."""
         self._present[first : last + 1] = b"\x01" * (last - first + 1)
-        if self._map_fd >= 0:
-            _full_pwrite(self._map_fd, memoryview(self._present)[first : last + 1], first)
+        if self._map is not None:
+            self._map.mark(first, last)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -175,6 +184,8 @@ class CowFilter(Filter):
         first, last = self._blocks(offset, len(mv))
         if self._all_present(first, last):
             _full_pwrite(self._fd, mv, offset)
+            if fua:
+                self.flush()
             return
         with self._lock:
             self._overlay()
@@ -186,6 +197,8 @@ class CowFilter(Filter):
                 self._copy_up(last)
             _full_pwrite(self._fd, mv, offset)
             self._mark(first, last)
+        if fua:
+            self.flush()
 
     def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
         first, last = self._blocks(offset, length)
@@ -200,6 +213,8 @@ class CowFilter(Filter):
                 self._copy_up(last)
             self._punch(offset, length)
             self._mark(first, last)
+        if fua:
+            self.flush()
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         # Trim may leave anything behind; zeroing in the overlay is the only choice that
@@ -210,9 +225,8 @@ class CowFilter(Filter):
         # An unlinked overlay dies with its owner, so durability of it means nothing; every
         # connection shares one file descriptor, so writes are already visible to all. A
         # persistent overlay makes its data durable, then the map that points at it.
-        if self._map_fd >= 0:
-            os.fsync(self._fd)
-            os.fsync(self._map_fd)
+        if self._map is not None:
+            self._map.sync()
 
     def fileno(self) -> int | None:
         return None  # merged data cannot be sendfile'd from one descriptor
@@ -270,37 +284,13 @@ class CowFilter(Filter):
 
     def close(self) -> None:
         try:
-            if self._fd >= 0:
+            if self._map is not None:
+                self._map.close()
+            elif self._fd >= 0:
                 os.close(self._fd)
-            if self._map_fd >= 0:
-                os.close(self._map_fd)
         finally:
             if self._owns_inner:
                 self.inner.close()
-
-
-def _open_persistent(prefix: str, size: int, blocks: int) -> tuple[int, int, bytearray]:
-    """Open (or create) ``prefix.overlay`` and ``prefix.map``; refuse a pair made for an
-    export of another size."""
-    fd = os.open(prefix + ".overlay", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        map_fd = os.open(prefix + ".map", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
-        present = bytearray(os.pread(map_fd, blocks + 1, 0))
-        had = os.fstat(fd).st_size
-        if present and (len(present) != blocks or had != size):
-            raise OSError(errno.EINVAL, f"{prefix}.overlay belongs to an export of another size")
-        if not present:
-            present = bytearray(blocks)
-            os.ftruncate(map_fd, blocks)
-    except BaseException:
-        os.close(fd)
-        os.close(map_fd)
-        raise
-    return fd, map_fd, present
 
 
 def _append(out: list[Extent], length: int, flags: int) -> None:

@@ -136,6 +136,11 @@ class ReplyType(IntEnum):
 NBD_STATE_HOLE = 1 << 0
 NBD_STATE_ZERO = 1 << 1
 BASE_ALLOCATION = "base:allocation"
+# kube-nbd's export identity, listed (never selected) through NBD_OPT_LIST_META_CONTEXT as
+# "x-kube-nbd:identity=<identity>". "x-" because the spec reserves bare namespaces for the
+# protocol document and registered implementations (see docs/protocol.md).
+IDENTITY_NAMESPACE = "x-kube-nbd"
+IDENTITY_PREFIX = "x-kube-nbd:identity="
 
 
 class Errno(IntEnum):

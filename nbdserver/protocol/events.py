@@ -9,6 +9,7 @@ What this module must not do: no logic beyond trivial derived properties; no I/O
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
@@ -18,6 +19,7 @@ from nbdserver.protocol.constants import TransmissionFlag
 DEFAULT_MINIMUM_BLOCK: Final = 1
 DEFAULT_PREFERRED_BLOCK: Final = 4096
 DEFAULT_MAXIMUM_PAYLOAD: Final = 32 * 1024 * 1024
+IDENTITY_RE: Final = re.compile(r"[A-Za-z0-9._-]{0,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,9 @@ class ExportInfo:
     minimum_block: int = DEFAULT_MINIMUM_BLOCK
     preferred_block: int = DEFAULT_PREFERRED_BLOCK
     maximum_payload: int = DEFAULT_MAXIMUM_PAYLOAD
+    # Which incarnation of the data this is: changes exactly when the data may differ from what
+    # earlier clients saw (a restarted memory export, a lost overlay). "" = not known.
+    identity: str = ""
 
     def __post_init__(self) -> None:
         # Refuse values the wire cannot carry now, at configuration time, rather than with a
@@ -56,6 +61,8 @@ class ExportInfo:
             raise ValueError(f"maximum payload {maximum} is not in [preferred, 2^32-1]")
         if len(self.name.encode()) > 4096 or len(self.description.encode()) > 4096:
             raise ValueError("export names and descriptions are limited to 4096 bytes")
+        if not IDENTITY_RE.fullmatch(self.identity):
+            raise ValueError(f"export identity {self.identity!r} is not 0-128 of [A-Za-z0-9._-]")
 
     @property
     def read_only(self) -> bool:

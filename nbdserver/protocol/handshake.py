@@ -16,7 +16,8 @@ Rules it enforces:
   NBD_INFO_EXPORT is always sent on success, NBD_INFO_BLOCK_SIZE too, NAME and DESCRIPTION when
   asked; no zero padding after GO;
 - NBD_OPT_SET_META_CONTEXT replaces the selection even when it fails; the selection counts only
-  if GO names the same export; only ``base:allocation`` exists; ``base:`` lists it;
+  if GO names the same export; only ``base:allocation`` exists; ``base:`` lists it; LIST
+  also reports the export's identity as ``x-kube-nbd:identity=<id>`` (never selectable);
 - STARTTLS under a policy of off/on/require; after TLS every negotiated option resets; a second
   STARTTLS gets NBD_REP_ERR_INVALID; under "require" every option but STARTTLS and ABORT gets
   NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME (which cannot be refused) disconnects;
@@ -35,6 +36,7 @@ from typing import Final, Literal
 from nbdserver.protocol import options, wire
 from nbdserver.protocol.constants import (
     BASE_ALLOCATION,
+    IDENTITY_PREFIX,
     IHAVEOPT,
     NBD_MAX_OPTION_LENGTH,
     ClientFlag,
@@ -393,6 +395,9 @@ class ServerHandshake:
             self._reply(
                 opt, R.NBD_REP_META_CONTEXT, wire.pack_rep_meta_context(cid, BASE_ALLOCATION)
             )
+        if not setting and export.identity and options.match_identity(queries):
+            record = IDENTITY_PREFIX + export.identity
+            self._reply(opt, R.NBD_REP_META_CONTEXT, wire.pack_rep_meta_context(0, record))
         if setting:
             self._meta = ((BASE_ALLOCATION_ID, BASE_ALLOCATION),) if found else ()
             self._meta_export = name

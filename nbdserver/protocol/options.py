@@ -12,6 +12,7 @@ NBD_REP_ERR_INVALID with it).
 from __future__ import annotations
 
 from nbdserver.protocol import wire
+from nbdserver.protocol.constants import IDENTITY_NAMESPACE, IDENTITY_PREFIX
 
 
 def parse_info_request(data: bytes) -> tuple[str, frozenset[int]] | str:
@@ -78,3 +79,17 @@ def match_base_allocation(queries: list[str], setting: bool) -> bool | str:
         if namespace == "base" and (leaf == "allocation" or (leaf == "" and not setting)):
             found = True
     return found
+
+
+def match_identity(queries: list[str]) -> bool:
+    """Whether a LIST_META_CONTEXT query asks for the export identity: no query (everything),
+    the namespace wildcard ``x-kube-nbd:``, or a prefix of ``x-kube-nbd:identity=``.
+
+    Listing only: the identity is a record about the export, not a context with block-status
+    meaning, so NBD_OPT_SET_META_CONTEXT never selects it (docs/protocol.md).
+    """
+    if not queries:
+        return True
+    return any(
+        q.startswith(IDENTITY_NAMESPACE + ":") and IDENTITY_PREFIX.startswith(q) for q in queries
+    )

@@ -1,8 +1,10 @@
 """``nbd-operator``: run the NBDExport operator against the current cluster.
 
 Why it exists: one entry point for in-cluster and local runs. With no arguments it logs in the
-way kopf does (in-cluster service account, else the current kubeconfig context) and watches
-NBDExports in all namespaces; ``--namespace`` (repeatable) narrows that. With
+way kubectl does (``login``: in-cluster service account, else the kubeconfig's current context;
+``--kubeconfig`` and ``--context`` choose) and watches NBDExports in all namespaces;
+``--namespace`` (repeatable) narrows that. Without any cluster to log in to it says so in one
+line and exits 2 before kopf starts. With
 ``--leader-elect`` it first stands by (answering its health URL) until it holds the leader
 Lease (``leader``), and runs kopf only while it does.
 
@@ -16,8 +18,9 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import logging
+import importlib.metadata
 import os
+import pathlib
 import signal
 import socket
 import sys
@@ -28,7 +31,7 @@ from typing import Any
 import kopf
 from aiohttp import web
 
-from nbd_operator import leader
+from nbd_operator import leader, login
 from nbd_operator.config import OperatorConfig
 from nbd_operator.handlers import build_registry, configure_settings
 from nbd_operator.kube import Kube
@@ -70,8 +73,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="NAME",
         help="name of the leader election Lease (default nbd-operator-leader)",
     )
+    parser.add_argument(
+        "--kubeconfig",
+        metavar="FILE",
+        help="log in with this kubeconfig (default: in-cluster, else KUBECONFIG, else "
+        "~/.kube/config)",
+    )
+    parser.add_argument(
+        "--context", metavar="NAME", help="the kubeconfig context to use (default: its current)"
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"nbd-operator {_version()}")
     return parser.parse_args(argv)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kube-nbd")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.server_metrics_port is not None:
             port = args.server_metrics_port or None
             config = dataclasses.replace(config, server_metrics_port=port)
-    except ValueError as exc:  # a bad setting stops the start with a clear line, exit 2
+        source = login.find(args.kubeconfig, args.context, os.environ, pathlib.Path.home())
+        asyncio.run(login.connection_info(source))  # a wrong file or context fails now, once
+    except (ValueError, login.NoCredentials) as exc:  # one clear line, exit 2, no traceback
         print(f"nbd-operator: {exc}", file=sys.stderr)
         return 2
     kopf.configure(verbose=args.verbose)
@@ -92,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def operate() -> None:
         await kopf.operator(
-            registry=build_registry(config),
+            registry=build_registry(config, source=source),
             settings=settings,
             clusterwide=not args.namespace,
             namespaces=args.namespace,
@@ -104,25 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.leader_elect:
         asyncio.run(operate())
         return 0
-    return asyncio.run(_elected(args, settings, operate))
+    return asyncio.run(_elected(args, source, operate))
 
 
 async def _elected(
     args: argparse.Namespace,
-    settings: kopf.OperatorSettings,
+    source: login.LoginSource,
     operate: Callable[[], Coroutine[Any, Any, None]],
 ) -> int:
     """Campaign for the Lease, operate while holding it; exit 1 when it was lost, so that the
     pod restarts and campaigns afresh instead of resuming with stale state."""
-    logger = logging.getLogger("nbd_operator.leader")
-    info = (
-        await kopf.login_via_async_client(logger=logger, settings=settings)
-        or kopf.login_with_service_account(logger=logger, settings=settings)
-        or kopf.login_with_kubeconfig(logger=logger, settings=settings)
-    )
-    if info is None:
-        print("nbd-operator: no credentials for leader election", file=sys.stderr)
-        return 2
+    info = await login.connection_info(source)
     namespace = os.environ.get("POD_NAMESPACE") or "default"
     identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
     kube = Kube(info)

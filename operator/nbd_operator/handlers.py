@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 from nbd_api import FINALIZER, GROUP, KIND, LABEL_EXPORT, PLURAL, VERSION
 
-from nbd_operator import lease_gc, reconcile
+from nbd_operator import lease_gc, login, reconcile
 from nbd_operator.config import OperatorConfig
 from nbd_operator.kube import Kube, KubeError
 from nbd_operator.spec import MANAGED_BY
@@ -121,9 +121,12 @@ def _reraise(exc: Exception, config: OperatorConfig) -> None:
 
 
 def build_registry(
-    config: OperatorConfig, connection: kopf.ConnectionInfo | None = None
+    config: OperatorConfig,
+    connection: kopf.ConnectionInfo | None = None,
+    source: login.LoginSource | None = None,
 ) -> kopf.OperatorRegistry:
-    """All handlers on a new registry. ``connection`` overrides the login (tests)."""
+    """All handlers on a new registry. Logs in from ``source`` (default: ``login``'s order);
+    ``connection`` overrides the login (tests)."""
     registry = kopf.OperatorRegistry()
     rt = Runtime(config, connection)
     owned: dict[str, Any] = {"app.kubernetes.io/managed-by": MANAGED_BY}
@@ -133,18 +136,11 @@ def build_registry(
         configure_settings(settings)
 
     @kopf.on.login(registry=registry)
-    async def login(
-        logger: kopf.Logger, settings: kopf.OperatorSettings, **_: Any
-    ) -> kopf.ConnectionInfo | None:
+    async def log_in(**_: Any) -> kopf.ConnectionInfo:
         info = rt.connection
         if info is None:
-            info = await kopf.login_via_async_client(logger=logger, settings=settings)
-        if info is None:
-            info = kopf.login_with_service_account(logger=logger, settings=settings)
-        if info is None:
-            info = kopf.login_with_kubeconfig(logger=logger, settings=settings)
-        if info is not None:
-            await rt.login(info)
+            info = await login.connection_info(source or login.default_source())
+        await rt.login(info)
         return info
 
     @kopf.on.cleanup(registry=registry)

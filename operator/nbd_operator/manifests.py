@@ -10,6 +10,7 @@ What it must not do: I/O, or import nbdserver. The server's command line is the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from nbd_api import API_VERSION, KIND, NBD_PORT, parse_quantity
@@ -19,6 +20,7 @@ from nbd_operator.spec import (
     ExportSpec,
     child_labels,
     claim_name,
+    overlay_claim_name,
     policy_name,
     selector_labels,
     server_name,
@@ -92,6 +94,32 @@ def persistent_volume_claim(spec: ExportSpec) -> dict[str, Any]:
     }
 
 
+def overlay_claim(
+    spec: ExportSpec, base_size: int, base_claim: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The claim for a clone's overlay (``source.export``): the overlay file is as large as the
+    base (sparse) plus a byte per 64 KiB block of map; room for the filesystem comes on top. The
+    storage class is the spec's, else the base claim's, else the cluster's default."""
+    overhead = max(64 * MiB, base_size // 32)
+    storage = -(-(base_size + overhead) // MiB) * MiB
+    claim_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "volumeMode": "Filesystem",
+        "resources": {"requests": {"storage": quantity(storage)}},
+    }
+    storage_class = spec.source.get("storageClassName") or (
+        ((base_claim or {}).get("spec") or {}).get("storageClassName")
+    )
+    if storage_class:
+        claim_spec["storageClassName"] = storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(spec, overlay_claim_name(spec.name), "overlay"),
+        "spec": claim_spec,
+    }
+
+
 def server_args(
     spec: ExportSpec,
     image: str,
@@ -115,7 +143,9 @@ def server_args(
         # the second line (a stale node that never released its attachment).
         args.append("--single-writer")
     if cow_dir is not None:
-        args += ["--copy-on-write", "--cow-dir", cow_dir]
+        # A clone's overlay lives on its own claim: keep it across restarts.
+        mode = "persistent" if spec.source_kind == "export" else "shared"
+        args += ["--copy-on-write", mode, "--cow-dir", cow_dir]
     if spec.tls is not None:
         args += ["--tls", "require" if spec.tls.required else "on"]
         args += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
@@ -233,7 +263,14 @@ def deployment(
         b = _backing(spec, read_only=spec.read_only or spec.copy_on_write)
     cow_dir = COW_DIR if spec.copy_on_write else None
     if cow_dir is not None:
-        b.volumes.append({"name": "cow", "emptyDir": {}})
+        # A clone's writes are its data: they live on a claim the operator owns and survive
+        # a reschedule. copyOnWrite over another source is a scratch overlay (emptyDir).
+        overlay: dict[str, Any] = (
+            {"persistentVolumeClaim": {"claimName": overlay_claim_name(spec.name)}}
+            if spec.source_kind == "export"
+            else {"emptyDir": {}}
+        )
+        b.volumes.append({"name": "cow", **overlay})
         b.mounts.append({"name": "cow", "mountPath": COW_DIR})
     if spec.tls is not None:
         secret = {"secretName": spec.tls.secret_name, "defaultMode": 0o440}

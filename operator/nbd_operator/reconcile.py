@@ -32,7 +32,14 @@ from nbd_api import parse_quantity as _parse_quantity
 from nbd_operator import manifests
 from nbd_operator.config import OperatorConfig
 from nbd_operator.kube import Kube, KubeError, NotFound
-from nbd_operator.spec import ExportSpec, SpecError, claim_name, parse_spec, policy_name
+from nbd_operator.spec import (
+    ExportSpec,
+    SpecError,
+    claim_name,
+    overlay_claim_name,
+    parse_spec,
+    policy_name,
+)
 from nbd_operator.spec import server_name as _server_name
 from nbd_operator.status import Observed, Problem, compute_status
 
@@ -193,6 +200,12 @@ async def assess(ctx: Ctx, body: Mapping[str, Any]) -> Assessment:
     served_size = _served_size(spec, body, claim)
     if base is not None:
         served_size = ((await _base_status(ctx, base)) or {}).get("sizeBytes")
+        if not isinstance(served_size, int):
+            raise InputMissing(
+                "BaseNotReady",
+                f"NBDExport {base.namespace}/{base.name} reports no size yet; the clone's "
+                "overlay claim is sized from it",
+            )
     return Assessment(spec, base, served_size, refused, claim)
 
 
@@ -288,6 +301,8 @@ async def _apply(ctx: Ctx, body: Mapping[str, Any], a: Assessment) -> dict[str, 
     claim = a.claim
     if spec.source_kind == "volumeClaimTemplate":
         claim = await _ensure_claim(ctx, body, spec, claim)
+    elif spec.source_kind == "export":
+        await _ensure_overlay_claim(ctx, body, a)
     _, how = await kube.ensure(
         manifests.deployment(spec, ctx.config, a.base),
         prune=(("spec", "template", "spec", "nodeSelector"),),
@@ -341,6 +356,17 @@ async def _ensure_claim(
     return claim
 
 
+async def _ensure_overlay_claim(ctx: Ctx, body: Mapping[str, Any], a: Assessment) -> None:
+    """A clone's overlay claim, created once and owned by the export (so it goes with it).
+    Never resized: the overlay is made for the base's size, and nbdserver refuses to serve it
+    over a base of another size (the clone's data would be misread)."""
+    assert a.served_size is not None
+    name = overlay_claim_name(a.spec.name)
+    if await ctx.kube.get("PersistentVolumeClaim", a.spec.namespace, name) is None:
+        await ctx.kube.ensure(manifests.overlay_claim(a.spec, a.served_size, a.claim))
+        _event(body, "Normal", "ClaimCreated", f"created PersistentVolumeClaim {name}")
+
+
 async def finalize(ctx: Ctx, body: Mapping[str, Any]) -> None:
     """Deletion: wait while nodes have the export attached, then remove the children.
 
@@ -365,6 +391,9 @@ async def finalize(ctx: Ctx, body: Mapping[str, Any]) -> None:
     await kube.delete("NetworkPolicy", ns, policy_name(name))
     await kube.delete("Service", ns, _server_name(name))
     await kube.delete("Deployment", ns, _server_name(name))
+    clone = spec is not None and spec.source_kind == "export"
+    if clone and await kube.delete("PersistentVolumeClaim", ns, overlay_claim_name(name)):
+        _event(body, "Normal", "ClaimDeleted", f"deleted the clone's overlay claim of {name}")
     if spec is not None and spec.source_kind == "volumeClaimTemplate":
         if spec.reclaim_policy == "Retain":
             # Without the owner reference the garbage collector leaves the claim alone.

@@ -190,6 +190,11 @@ def claim_name(export: str) -> str:
     return f"{export}-nbd-data"
 
 
+def overlay_claim_name(export: str) -> str:
+    """The PersistentVolumeClaim that holds a clone's copy-on-write overlay."""
+    return f"{export}-nbd-overlay"
+
+
 def policy_name(export: str) -> str:
     """The NetworkPolicy that admits only spec.allowedClients."""
     return f"{export}-nbd-clients"

@@ -153,6 +153,8 @@ def compute_status(obs: Observed, now: str) -> dict[str, Any]:
     message = ready_msg if obs.refused is None else f"{ready_msg}; {obs.refused[1]}"
     status: dict[str, Any] = {
         "phase": phase,
+        # Why it is not Ready, for kubectl's Reason column; None clears it (merge patch).
+        "reason": None if phase == "Ready" else ready_reason,
         "message": message,
         "conditions": conditions,
         "attachments": [a.to_status() for a in obs.attachments],

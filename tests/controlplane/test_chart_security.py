@@ -36,10 +36,12 @@ OPERATOR_CLUSTER_RULES: set[Rule] = {
     ("", "nodes", ("get", "list", "watch")),
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
 }
-# From nbd_agent.csi.kube.ClusterAccess: GET an export; GET/POST/PATCH/DELETE Leases.
+# From nbd_agent.csi.kube.ClusterAccess: GET an export; GET/POST/PATCH/DELETE Leases; POST
+# an Event on an export whose data changed under a device.
 AGENT_RULES: set[Rule] = {
     ("nbd.dev", "nbdexports", ("get",)),
     ("coordination.k8s.io", "leases", ("create", "delete", "get", "patch")),
+    ("", "events", ("create",)),
 }
 
 

@@ -196,6 +196,17 @@ def api_server_errors(obj: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- the NBDExport CRD
 
 
+def schema_nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every (path, schema) under an openAPIV3Schema node: .field, .* (a map's values), []."""
+    yield path, node
+    for key, sub in (node.get("properties") or {}).items():
+        yield from schema_nodes(sub, f"{path}.{key}")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from schema_nodes(node["additionalProperties"], f"{path}.*")
+    if isinstance(node.get("items"), dict):
+        yield from schema_nodes(node["items"], f"{path}[]")
+
+
 def load_crd() -> dict[str, Any]:
     return dict(yaml.safe_load(CRD_FILE.read_text()))
 

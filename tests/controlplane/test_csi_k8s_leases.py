@@ -244,3 +244,19 @@ async def test_api_refusals_map_to_csi_codes(cluster: Any) -> None:
         await asyncio.to_thread(acc.get_export, "team", "overloaded")
     with pytest.raises(Internal, match="creating Lease"):
         await asyncio.to_thread(acc.acquire_writer, "team", "db")
+
+
+async def test_a_refused_device_leaves_a_warning_event_on_its_export(cluster: Any) -> None:
+    cluster.resources["v1/events"] = {}
+    api = access(cluster, "node-a")
+    await asyncio.to_thread(
+        api.record_event, "team", "db", "DataChanged", "/dev/nbd0: identity changed"
+    )
+    events = [obj.raw for key, obj in cluster.objects.items() if key[0] == km.resource("v1/events")]
+    assert len(events) == 1
+    event = events[0]
+    assert event["involvedObject"] == {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "NBDExport", "name": "db", "namespace": "team"
+    }  # fmt: skip
+    assert (event["type"], event["reason"]) == ("Warning", "DataChanged")
+    assert "identity changed" in event["message"] and event["source"]["host"] == "node-a"

@@ -138,6 +138,24 @@ def test_clone_objects_are_valid_and_mount_the_base_read_only() -> None:
     assert affinity["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "golden"
 
 
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_a_clones_overlay_claim_is_valid_and_takes_its_class_from_the_spec_or_the_base(
+    version: str,
+) -> None:
+    base_claim = {"spec": {"storageClassName": "fast"}}
+    clone = parse_spec(body({"source": {"export": {"name": "golden"}}}, name="copy"))
+    claim = manifests.overlay_claim(clone, 10 << 30, base_claim)
+    kubernetes_validate.validate(claim, version, strict=True)
+    assert claim["metadata"]["name"] == "copy-nbd-overlay"
+    assert claim["metadata"]["ownerReferences"][0]["name"] == "copy"
+    assert claim["spec"]["storageClassName"] == "fast"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10560Mi"  # base + 1/32
+    own = {"source": {"export": {"name": "golden", "storageClassName": "cheap"}}}
+    claim = manifests.overlay_claim(parse_spec(body(own, name="copy")), 1 << 30, base_claim)
+    assert claim["spec"]["storageClassName"] == "cheap"
+    assert "storageClassName" not in manifests.overlay_claim(clone, 1 << 30, None)["spec"]
+
+
 def test_a_memory_export_runs_nonroot_with_a_sized_tmpfs_image() -> None:
     dep = manifests.deployment(parse_spec(body(SOURCES["memory"])), CONFIG)
     assert dep["metadata"] == {

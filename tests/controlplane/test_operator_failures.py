@@ -44,6 +44,7 @@ async def test_a_missing_claim_fails_clearly_and_recovers_when_created() -> None
         await client.create(export("fromclaim", spec))
         obj = await server.wait_for(lambda: failed_with(server, "fromclaim", "ClaimNotFound"))
         assert f"PersistentVolumeClaim {NS}/images does not exist" in obj["status"]["message"]
+        assert obj["status"]["reason"] == "ClaimNotFound"  # kubectl get's Reason column
         assert condition(obj, "Ready")["status"] == "False"
         assert server.current("deployments", NS, "fromclaim-nbd") is None
         await server.wait_for(lambda: warned(server, "ClaimNotFound"))
@@ -73,6 +74,8 @@ async def test_a_missing_claim_fails_clearly_and_recovers_when_created() -> None
             )
         )
         assert condition(ready, "SourceBound")["reason"] == "ClaimBound"
+        assert "reason" not in ready["status"]  # the Reason column empties once it is Ready
+        assert ready["status"]["sizeBytes"] == 2**30  # the Size column: what is served
         # ... without repeating the Event (Events are posted in order: ServerCreated came later).
         await server.wait_for(
             lambda: [e for e in server.all("events", NS) if e.get("reason") == "ServerCreated"]
@@ -174,8 +177,17 @@ async def test_a_clone_runs_beside_its_read_only_base_and_refuses_a_writable_one
             "claimName": "golden-nbd-data",
             "readOnly": True,
         }
-        assert "--copy-on-write" in pod["containers"][0]["args"]
+        args = pod["containers"][0]["args"]
+        assert args[args.index("--copy-on-write") + 1] == "persistent"
         assert pod["affinity"]["podAffinity"]
+        # The clone's writes live on a claim the operator owns, not in an emptyDir.
+        cow = next(v for v in pod["volumes"] if v["name"] == "cow")
+        assert cow == {"name": "cow", "persistentVolumeClaim": {"claimName": "copy-nbd-overlay"}}
+        overlay = await server.wait_for(
+            lambda: server.current("persistentvolumeclaims", NS, "copy-nbd-overlay")
+        )
+        assert overlay["metadata"]["ownerReferences"][0]["name"] == "copy"
+        assert overlay["spec"]["accessModes"] == ["ReadWriteOnce"]
 
         await client.create(export("writable", {"source": {"memory": {}}, "size": "1Gi"}))
         await client.create(export("badcopy", {"source": {"export": {"name": "writable"}}}))

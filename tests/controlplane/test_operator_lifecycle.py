@@ -271,3 +271,22 @@ async def test_deletion_finishes_as_soon_as_the_last_attachment_lease_goes() -> 
         await client.delete("Lease", NS, leases[1]["metadata"]["name"])
         await server.wait_for(lambda: server.current("nbdexports", NS, "prompt") is None, 5)
         assert server.current("deployments", NS, "prompt-nbd") is None
+
+
+async def test_a_raw_block_claim_reports_the_claims_capacity_as_its_size() -> None:
+    """No spec.size (the device's size is the claim's): the Size column still says something."""
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "raw", "namespace": NS},
+        "spec": {"volumeMode": "Block", "accessModes": ["ReadWriteOnce"]},
+        "status": {"phase": "Bound", "capacity": {"storage": "3Gi"}},
+    }
+    spec = {"source": {"persistentVolumeClaim": {"claimName": "raw", "volumeMode": "Block"}}}
+    async with api_server() as (server, client), running_operator(server):
+        await client.create(claim)
+        await client.create(export("rawdisk", spec))
+        await server.wait_for(lambda: server.current("deployments", NS, "rawdisk-nbd"))
+        await mark_available(client, "rawdisk-nbd")
+        obj = await server.wait_for(lambda: phase_is(server, "rawdisk", "Ready"))
+        assert obj["status"]["sizeBytes"] == 3 * GiB

@@ -8,8 +8,10 @@ from typing import Any
 
 import nbd_api
 import pytest
+import yaml
 from nbd_operator.spec import parse_spec
 from nbd_operator.status import Observed, compute_status, deployment_available
+from test_chart_support import ROOT
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 SPEC = parse_spec(
@@ -61,6 +63,8 @@ def test_phase_and_ready_follow_the_observed_children(
     assert status["phase"] == phase
     ready = conditions(status)["Ready"]
     assert ready == ("True" if phase == "Ready" else "False", ready_reason)
+    # kubectl's Reason column: why it is not Ready; a Ready export clears it.
+    assert status["reason"] == (None if phase == "Ready" else ready_reason)
 
 
 def test_a_refused_shrink_keeps_ready_but_says_spec_invalid() -> None:
@@ -153,3 +157,18 @@ def test_lease_names_are_deterministic_bounded_and_read_back() -> None:
     writer = nbd_api.writer_lease("ns", "disk", "n1")
     assert writer["metadata"]["name"] == "nbd-writer-disk"
     assert nbd_api.attachment_from_lease(writer) is None
+
+
+def test_every_status_field_the_operator_writes_is_in_the_crd() -> None:
+    """The API server prunes what the schema does not declare (the API substitute does not):
+    a field missing there would silently never reach kubectl or the agent."""
+    crd = yaml.safe_load((ROOT / "crds" / "nbdexport.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    att = nbd_api.Attachment(node="n1", device="/dev/nbd0", mode="ReadOnly")
+    for observed in ({"served_size": 1}, {"source_problem": ("ClaimNotFound", "no claim")}):
+        status = compute_status(observe(attachments=[att], **observed), T0)
+        assert set(status) <= set(schema["properties"]), set(status) - set(schema["properties"])
+        condition_fields = schema["properties"]["conditions"]["items"]["properties"]
+        assert all(set(c) <= set(condition_fields) for c in status["conditions"])
+        attachment_fields = schema["properties"]["attachments"]["items"]["properties"]
+        assert all(set(a) <= set(attachment_fields) for a in status["attachments"])

@@ -68,6 +68,13 @@ async def test_the_api_server_rejects_what_the_crd_forbids(kube: Kube, namespace
         spec = {"source": {"memory": {}}, "size": "1Gi", "accessMode": "ReadWriteMany"}
         await kube.create(export_manifest(name, namespace, spec))
     assert "clusterFilesystemAcknowledged" in info.value.message
+    # Exactly one source: minProperties/maxProperties, not CEL (docs/operator.md says why).
+    for source in ({}, {"memory": {}, "export": {"name": "base"}}):
+        with pytest.raises(KubeError) as info:
+            spec = {"source": source, "size": "1Gi"}
+            await kube.create(export_manifest(name, namespace, spec))
+        assert info.value.status == 422
+        assert "spec.source" in info.value.message
 
 
 async def test_a_memory_export_is_served_then_deleted(kube: Kube, namespace: str) -> None:
@@ -85,6 +92,8 @@ async def test_a_memory_export_is_served_then_deleted(kube: Kube, namespace: str
 
         obj = await eventually(ready, f"NBDExport {name} to be Ready")
         assert obj["status"]["uri"] == f"nbd://{name}-nbd.{namespace}.svc:10809/{name}"
+        assert obj["status"]["sizeBytes"] == 64 * 2**20  # kept by the schema: the Size column
+        assert "reason" not in obj["status"]  # the Reason column is empty when Ready
 
         # The source is immutable: the API server's CEL transition rule says so.
         with pytest.raises(KubeError) as info:

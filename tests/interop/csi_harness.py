@@ -23,7 +23,7 @@ import grpc
 from nbd_agent.csi import mounter
 from nbd_agent.csi._generated import csi_pb2 as pb
 from nbd_agent.csi._generated import csi_pb2_grpc as pb_grpc
-from nbd_agent.csi.errors import NotFound
+from nbd_agent.csi.errors import FailedPrecondition, NotFound
 from nbd_agent.csi.identity import IdentityService
 from nbd_agent.csi.node import NodeService
 from nbd_agent.csi.reconcile import Report, reconcile
@@ -45,6 +45,8 @@ class FileAttacher:
     read_only: dict[str, bool] = field(default_factory=dict)
     dead: set[str] = field(default_factory=set)
     adopted: list[str] = field(default_factory=list)
+    identities: dict[str, str] = field(default_factory=dict)  # uri -> what its server tells
+    refused: dict[str, str] = field(default_factory=dict)  # device -> why
     attach_calls: list[str] = field(default_factory=list)
     # uri -> event the attach waits for (to hold a call in flight for lock tests)
     gates: dict[str, threading.Event] = field(default_factory=dict)
@@ -56,8 +58,10 @@ class FileAttacher:
     def max_devices(self) -> int:
         return 16
 
-    def attach(self, uri: str, read_only: bool, connections: int) -> str:
+    def attach(self, uri: str, read_only: bool, connections: int, identity: str = "") -> str:
         self.attach_calls.append(uri)
+        if identity and self.identities.get(uri, "") != identity:
+            raise FailedPrecondition(f"{uri}: the export's identity changed from {identity}")
         if uri in self.entered:
             self.entered[uri].set()
         if uri in self.gates:
@@ -85,6 +89,12 @@ class FileAttacher:
 
     def adopt(self, device: str, uri: str) -> None:
         self.adopted.append(device)
+
+    def identity(self, device: str) -> str:
+        return self.identities.get(self.attached.get(device, ""), "")
+
+    def refusal(self, device: str) -> str:
+        return self.refused.get(device, "")
 
 
 def _unmount_under(root: Path) -> None:

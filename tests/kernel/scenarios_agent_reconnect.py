@@ -60,6 +60,8 @@ def reconnect(kind: str = "nbdserver") -> None:
     assert a1.stdout is not None
     dev = a1.stdout.readline().decode().strip()
     res["device"] = dev
+    # The identity the agent recorded (and checks on every reconnect below).
+    res["backend"] = (Path("/sys/block") / Path(dev).name / "backend").read_text().strip()
     # Phase 1: a verifying write workload across a server crash.
     fio = _fio(
         dev,

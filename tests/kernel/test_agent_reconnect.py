@@ -44,6 +44,9 @@ def test_fio_with_verify_survives_a_server_crash(rec):
     assert rec["fio1"]["error"] == 0
     assert rec["fio1"]["write_ios"] == rec["fio1"]["read_ios"] > 0  # every block verified
     assert "link dead" in rec["agent1_log"] and "reconnected after" in rec["agent1_log"]
+    # The file export told its identity; the reconnect checked it and found the same data.
+    assert "&id=file-" in rec["backend"]
+    assert "tells no export identity" not in rec["agent1_log"]
     # From the server accepting again to a read completing on the device.
     assert rec["phase1_io_flow_s"] < 5.0
 

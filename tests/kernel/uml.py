@@ -1,8 +1,10 @@
 """Run a scenario inside a real Linux kernel: Debian's user-mode-linux (UML), as a process.
 
-Why it exists: this machine's kernel has no nbd driver, but ``linux.uml`` boots a real 6.1 kernel
-(with nbd.ko) in about two seconds, with this machine's filesystem as its root (hostfs). Kernel
-tests (tier 3) of every engineer use this one harness, so it must be safe to run in parallel.
+Why it exists: this machine's kernel has no nbd driver, but ``linux.uml`` boots a real kernel
+(with nbd.ko) in about two seconds, with this machine's filesystem as its root (hostfs). Which
+kernel (Debian stable's 6.1, or a newer one where this CPU cannot run 6.1) is decided once per
+process by ``tests/kernel/kernels.py``. Kernel tests (tier 3) of every engineer use this one
+harness, so it must be safe to run in parallel.
 
 Contract of :func:`run_in_uml`:
 
@@ -39,28 +41,15 @@ import signal
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.kernel.kernels import selected_kernel
+
 REPO = Path(__file__).resolve().parents[2]
-LINUX_UML = shutil.which("linux.uml") or "/usr/bin/linux.uml"
-UML_MODULES = Path("/usr/lib/uml/modules")
 VENV_PY = REPO / ".venv" / "bin" / "python"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def uml_kernel_version() -> str:
-    """The one kernel version whose modules Debian ships for UML (e.g. 6.1.176)."""
-    versions = sorted(p.name for p in UML_MODULES.iterdir() if p.is_dir())
-    if not versions:
-        raise FileNotFoundError(f"no UML modules under {UML_MODULES}")
-    return versions[-1]
-
-
-def nbd_module_path() -> Path:
-    return UML_MODULES / uml_kernel_version() / "kernel" / "drivers" / "block" / "nbd.ko"
 
 
 @dataclass
@@ -133,12 +122,13 @@ def run_in_uml(
     See the module docstring for the guest environment. ``workdir`` (default: a new temporary
     directory) must be empty or new; it is kept for the caller to inspect.
     """
+    kernel = selected_kernel()  # raises, naming each kernel tried and why, if none boots
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="uml-"))
     work.mkdir(parents=True, exist_ok=True)
     work = work.resolve()
     (work / "scenario.sh").write_text(_scenario_text(scenario))
     load = (
-        f"insmod {nbd_module_path()} nbds_max={nbds_max} || echo 'insmod nbd failed' >&2"
+        f"insmod {kernel.nbd_module} nbds_max={nbds_max} || echo 'insmod nbd failed' >&2"
         if load_nbd
         else ": nbd module deliberately not loaded"
     )
@@ -158,19 +148,7 @@ def run_in_uml(
     )
     init.chmod(0o755)
     uml_dir = Path(tempfile.mkdtemp(prefix="umldir-"))
-    argv = [
-        LINUX_UML,
-        f"mem={mem}",
-        "root=/dev/root",
-        "rootfstype=hostfs",
-        "rootflags=/",
-        "rw",
-        f"init={init}",
-        "con=null",
-        "con0=fd:0,fd:1",
-        f"umid=kn-{uuid.uuid4().hex[:12]}",
-        f"uml_dir={uml_dir}",
-    ]
+    argv = kernel.argv(init, uml_dir=uml_dir, mem=mem)
     start = time.monotonic()
     timed_out = False
     # A new session: UML forks helper processes; on timeout the whole group is killed at once.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from nbd_agent import attach, cli, devices, handshake
 from nbd_agent.devices import Backend
-from nbd_agent.errors import DeviceNotFound, ExportChanged, UsageError
+from nbd_agent.errors import DataChanged, DeviceNotFound, ExportChanged, UsageError
 from nbd_agent.handshake import ExportInfo
 
 from nbdserver.protocol.constants import TransmissionFlag as TF
@@ -58,12 +58,15 @@ def test_kernel_flags_add_read_only_when_asked():
     assert attach.kernel_flags(info, True) & TF.NBD_FLAG_READ_ONLY
 
 
-def test_a_reconnect_refuses_an_export_that_changed():
+def test_a_reconnect_refuses_an_export_that_shrank_or_became_read_only_and_accepts_growth():
     target = handshake.parse_uri("nbd://h/e")
     before = ExportInfo(size=10 << 20, flags=0, block_size=None)
     attach.check_unchanged(before, ExportInfo(10 << 20, TF.NBD_FLAG_SEND_FLUSH, 512), target)
-    with pytest.raises(ExportChanged, match="size changed"):
-        attach.check_unchanged(before, ExportInfo(11 << 20, 0, None), target)
+    grown = ExportInfo(11 << 20, 0, None)
+    attach.check_unchanged(before, grown, target)
+    assert attach.grew(before, grown) and not attach.grew(before, before)
+    with pytest.raises(DataChanged, match="shrank"):
+        attach.check_unchanged(before, ExportInfo(9 << 20, 0, None), target)
     with pytest.raises(ExportChanged, match="read-only"):
         attach.check_unchanged(before, ExportInfo(10 << 20, TF.NBD_FLAG_READ_ONLY, None), target)
 
@@ -79,15 +82,12 @@ def test_adopted_sizes_compare_with_the_kernels_rounding():
     # sysfs shows whole sectors (older kernels: whole blocks); the server tells bytes.
     target = handshake.parse_uri("nbd://h/e")
     adopted = ExportInfo(1 << 20, 0, None, from_sysfs=True)
-    attach.check_unchanged(adopted, ExportInfo((1 << 20) + 1000, 0, None), target)
-    with pytest.raises(ExportChanged):
-        attach.check_unchanged(adopted, ExportInfo((1 << 20) + 8192, 0, None), target)
-    with pytest.raises(ExportChanged):
+    same = ExportInfo((1 << 20) + 1000, 0, None)
+    attach.check_unchanged(adopted, same, target)
+    assert not attach.grew(adopted, same)
+    assert attach.grew(adopted, ExportInfo((1 << 20) + 8192, 0, None))
+    with pytest.raises(DataChanged):
         attach.check_unchanged(adopted, ExportInfo((1 << 20) - 512, 0, None), target)
-    # Two handshakes must agree exactly.
-    fresh = ExportInfo((1 << 20) + 1000, 0, None)
-    with pytest.raises(ExportChanged):
-        attach.check_unchanged(fresh, ExportInfo((1 << 20) + 1001, 0, None), target)
 
 
 @pytest.mark.parametrize("uri", ["http://h/e", "nbd:///e", "nbd+unix:///e", "nbd://h/e?x=1"])

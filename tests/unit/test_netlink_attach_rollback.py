@@ -72,7 +72,10 @@ def server() -> Iterator[str]:
             _, option, length = wire.OPTION_HEADER.unpack(head)
             while length:
                 length -= len(conn.recv(length))
-            assert option == Option.NBD_OPT_GO
+            if option != Option.NBD_OPT_GO:  # the identity probe: a server without any
+                conn.sendall(wire.pack_option_reply(option, OptionReply.NBD_REP_ERR_UNSUP))
+                conn.close()
+                continue
             flags = TF.NBD_FLAG_HAS_FLAGS | TF.NBD_FLAG_SEND_FLUSH | TF.NBD_FLAG_CAN_MULTI_CONN
             conn.sendall(
                 wire.pack_option_reply(

@@ -37,8 +37,18 @@ class Attacher(Protocol):
         """How many devices this node can attach (NodeGetInfo max_volumes_per_node)."""
         ...
 
-    def attach(self, uri: str, read_only: bool, connections: int) -> str:
-        """Attach and return the device path; raise CsiError on failure, leaving nothing."""
+    def attach(self, uri: str, read_only: bool, connections: int, identity: str = "") -> str:
+        """Attach and return the device path; raise CsiError on failure, leaving nothing.
+        With ``identity`` (re-attaching a consumer), a server telling another one is refused."""
+        ...
+
+    def identity(self, device: str) -> str:
+        """The export identity recorded when ``device`` was attached ("" when none was told)."""
+        ...
+
+    def refusal(self, device: str) -> str:
+        """Why ``device`` was not reattached after its server came back with different data
+        ("" when it was not refused)."""
         ...
 
     def detach(self, device: str) -> None:

@@ -81,6 +81,8 @@ def serve(
     """Reconcile, serve until ``stop`` is set, then stop gracefully (in-flight calls finish)."""
     state = NodeState(state_dir).load()
     node = NodeService(node_id, state, attacher, lookup=cluster, leases=cluster)
+    if isinstance(attacher, KernelAttacher):
+        attacher.on_refused = node.volumes.report_refused
     reconcile(node.volumes)
     server = build_server(endpoint, IdentityService(attacher), node, workers=workers)
     server.start()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from nbd_agent import attach, devices, persist
@@ -29,6 +30,7 @@ from nbd_agent.reconnect import LinkState
 
 log = logging.getLogger(__name__)
 _STEP = 0.2  # longest wait of the keeper loop before it looks at its queue again
+_LISTEN_WAIT = 10.0  # how long an attach waits for the keeper thread to listen
 
 
 class KernelAttacher:
@@ -47,8 +49,12 @@ class KernelAttacher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._keeper: persist.Keeper | None = None
+        self._listening = threading.Event()  # the keeper hears LINK_DEAD from now on
         self._states: dict[int, LinkState] = {}  # snapshot published by the keeper thread
+        self._refused: dict[int, str] = {}  # device index -> why it was not reattached
         self._states_lock = threading.Lock()
+        # Told (in the keeper thread) when a device is refused: the node plugin's Event.
+        self.on_refused: Callable[[str, str], None] | None = None
 
     # ---- keeper thread ----
 
@@ -68,10 +74,13 @@ class KernelAttacher:
             try:
                 with NbdNetlink() as nl:
                     keeper = persist.Keeper(nl, attach.AttachOptions())
+                    keeper.on_refused = self._refuse
                     self._keeper = keeper
+                    self._listening.set()
                     try:
                         self._loop(keeper)
                     finally:
+                        self._listening.clear()
                         keeper.close()
                         self._keeper = None
             except AgentError as exc:  # e.g. the nbd module is not loaded yet
@@ -98,6 +107,12 @@ class KernelAttacher:
             with self._states_lock:
                 self._states = {i: w.state for i, w in keeper.reconnector.watches.items()}
 
+    def _refuse(self, index: int, reason: str) -> None:
+        with self._states_lock:
+            self._refused[index] = reason
+        if self.on_refused is not None:
+            self.on_refused(f"/dev/nbd{index}", reason)
+
     # ---- Attacher ----
 
     def ready(self) -> tuple[bool, str]:
@@ -111,8 +126,9 @@ class KernelAttacher:
     def max_devices(self) -> int:
         return sum(1 for _ in Path("/sys/block").glob("nbd*"))
 
-    def attach(self, uri: str, read_only: bool, connections: int) -> str:
+    def attach(self, uri: str, read_only: bool, connections: int, identity: str = "") -> str:
         opts = attach.AttachOptions(
+            expect_identity=identity,
             connections=connections,
             read_only=read_only,
             timeout=self._timeout,
@@ -121,13 +137,26 @@ class KernelAttacher:
             # the attach layer's userspace TLS bridge; the keeper keeps the bridges.
             allow_tls_proxy=True,
         )
+        # Attach only once the keeper listens: a link that dies right after CONNECT must reach
+        # it (bounded: without a keeper the device still attaches, unprotected, as before).
+        self._listening.wait(_LISTEN_WAIT)
         try:
             attachment = attach.attach(uri, opts)
         except AgentError as exc:
             raise as_csi(exc, f"attaching {uri}") from exc
+        with self._states_lock:
+            self._refused.pop(attachment.index, None)  # a new attachment, a new story
         self._requests.put(("keep", attachment))
         log.info("attached %s at %s", uri, attachment.device)
         return attachment.device
+
+    def identity(self, device: str) -> str:
+        backend = devices.describe(devices.device_index(device), True).backend
+        return backend.identity if backend is not None else ""
+
+    def refusal(self, device: str) -> str:
+        with self._states_lock:
+            return self._refused.get(devices.device_index(device), "")
 
     def detach(self, device: str) -> None:
         index = devices.device_index(device)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 from nbd_api import (
     GROUP,
+    KIND,
     PLURAL,
     VERSION,
     ExportStatus,
@@ -176,6 +178,32 @@ class ClusterAccess:
             except KubeApiError as exc2:
                 raise _as_csi(exc2, f"updating Lease {namespace}/{name}") from None
         return f"{namespace}/{name}"
+
+    def record_event(self, namespace: str, export: str, reason: str, message: str) -> None:
+        """A Warning Event on the NBDExport (``kubectl describe nbdx`` shows it)."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{export}.{time.time_ns():x}", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "name": export,
+                "namespace": namespace,
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning",
+            "source": {"component": "nbd-agent", "host": self.node_id},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.api.request("POST", f"/api/v1/namespaces/{namespace}/events", body)
+        except KubeApiError as exc:
+            raise _as_csi(exc, f"recording an Event on NBDExport {namespace}/{export}") from None
 
     def release(self, lease_ref: str) -> None:
         """Delete one of our Leases (attachment or writer); absent already is success, and a

@@ -276,6 +276,24 @@ class NodeService:
 
     # ---- stats ----
 
+    def _condition(self, record: VolumeRecord) -> pb.VolumeCondition:
+        """Abnormal while the link is down (the agent reconnects) and, for good, after the
+        server came back with different data (the device then fails its I/O)."""
+        refused = self.attacher.refusal(record.device) if record.device else ""
+        if refused:
+            return pb.VolumeCondition(
+                abnormal=True, message=f"{record.device} was not reattached: {refused}"
+            )
+        if record.device and self.attacher.is_alive(record.device):
+            return pb.VolumeCondition(
+                abnormal=False, message=f"{record.device} connected to {record.uri}"
+            )
+        return pb.VolumeCondition(
+            abnormal=True,
+            message=f"the NBD link of {record.device or 'the volume'} to {record.uri} is down;"
+            " the agent is reconnecting",
+        )
+
     def NodeGetVolumeStats(
         self, req: pb.NodeGetVolumeStatsRequest
     ) -> pb.NodeGetVolumeStatsResponse:
@@ -288,16 +306,7 @@ class NodeService:
             raise NotFound(f"volume {volume_id} is not staged or published at {path}")
         if not Path(path).exists():
             raise NotFound(f"{path} does not exist")
-        alive = bool(record.device) and self.attacher.is_alive(record.device)
-        condition = pb.VolumeCondition(
-            abnormal=not alive,
-            message=(
-                f"{record.device} connected to {record.uri}"
-                if alive
-                else f"the NBD link of {record.device or 'the volume'} to {record.uri} is down;"
-                " the agent is reconnecting"
-            ),
-        )
+        condition = self._condition(record)
         Unit = pb.VolumeUsage.Unit
         try:
             if record.block:

@@ -57,6 +57,7 @@ class VolumeRecord:
     export: str = ""
     lease: str = ""
     attachment: str = ""
+    identity: str = ""  # the export identity seen at first attach; a restage must find it again
     targets: dict[str, Target] = field(default_factory=dict)
 
     @classmethod

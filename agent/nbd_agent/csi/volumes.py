@@ -40,6 +40,8 @@ class Leases(Protocol):
 
     def release(self, lease_ref: str) -> None: ...
 
+    def record_event(self, namespace: str, export: str, reason: str, message: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class Capability:
@@ -109,6 +111,7 @@ class Volumes:
             export=source.export,
             lease=lease,
             attachment=attachment,
+            identity=self.attacher.identity(device),
         )
         # Recorded before any byte of the device is looked at: a crash from here on leaves a
         # record that reconcile or a retried call can finish or undo.
@@ -198,10 +201,24 @@ class Volumes:
         if not record.device or not self.attacher.is_attached(record.device, record.uri):
             if not record.block:
                 self._unmount(record.staging_path)
-            record.device = self.attacher.attach(record.uri, record.read_only, record.connections)
+            record.device = self.attacher.attach(
+                record.uri, record.read_only, record.connections, record.identity
+            )
             self.state.save()
         if not record.block:
             self.mount_staging(record)
+
+    def report_refused(self, device: str, reason: str) -> None:
+        """The keeper refused to reattach ``device`` (different data behind it): say so as a
+        Warning Event on the volume's NBDExport (the log and the volume condition say it too)."""
+        for record in list(self.state.volumes.values()):
+            if record.device != device or not record.export or self.leases is None:
+                continue
+            namespace, _, name = record.export.partition("/")
+            try:
+                self.leases.record_event(namespace, name, "DataChanged", f"{device}: {reason}")
+            except Exception as exc:  # an Event is best effort; the condition still tells
+                log.warning("cannot record an Event on %s: %s", record.export, exc)
 
     def teardown(self, record: VolumeRecord) -> None:
         """Undo ``setup``: unmount staging, detach, give the Lease back, forget the volume.
