@@ -1,0 +1,88 @@
+"""``nbd-agent csi-controller``: run the CSI Controller service until SIGTERM.
+
+Why it exists: the controller runs in its own Deployment beside the external-provisioner and
+external-resizer sidecars, from the same image as the node plugin. This module owns that
+subcommand: it wires Kubernetes access (in-cluster, or an API URL such as ``kubectl proxy``'s)
+to the Controller and Identity services on a unix socket shared with the sidecars.
+
+What it must not do: hold CSI logic, or run without Kubernetes (every volume is an NBDExport).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from nbd_agent.csi.controller import ControllerService
+from nbd_agent.csi.identity import IdentityService
+from nbd_agent.csi.kube import ExportStore, KubeApi
+from nbd_agent.csi.server import build_server
+
+log = logging.getLogger("nbd_agent.csi.controller")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``csi-controller`` subcommand to an argparse subparsers object; sets ``func``."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "csi-controller",
+        help="run the CSI Controller service (volumes as NBDExports) on a unix socket",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", required=True, help="unix:///path/to/csi.sock")
+    parser.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", ""),
+        help="namespace of the NBDExports it creates ($POD_NAMESPACE)",
+    )
+    parser.add_argument(
+        "--kube-api",
+        default="in-cluster",
+        help="'in-cluster' (the pod's service account) or an API URL such as"
+        " http://127.0.0.1:8001 (kubectl proxy)",
+    )
+    parser.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def serve(
+    endpoint: str, api: KubeApi, namespace: str, stop: threading.Event, workers: int = 8
+) -> None:
+    """Serve until ``stop`` is set, then stop gracefully (in-flight calls finish)."""
+    controller = ControllerService(ExportStore(api), namespace)
+    server = build_server(
+        endpoint, IdentityService(None, controller=True), controller=controller, workers=workers
+    )
+    server.start()
+    log.info("CSI controller nbd.dev serving on %s, volumes in namespace %r", endpoint, namespace)
+    try:
+        stop.wait()
+    finally:
+        server.stop(grace=10).wait()
+        log.info("CSI controller stopped")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(args.log_level.upper())
+    if not args.namespace:
+        log.error("--namespace (or $POD_NAMESPACE) is required")
+        return 2
+    try:
+        api = KubeApi.in_cluster() if args.kube_api == "in-cluster" else KubeApi(args.kube_api)
+    except (RuntimeError, OSError) as exc:
+        log.error("no Kubernetes API: %s (use --kube-api URL outside a cluster)", exc)
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    serve(args.endpoint, api, args.namespace, stop, workers=args.workers)
+    return 0
