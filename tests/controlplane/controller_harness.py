@@ -24,6 +24,7 @@ from nbd_agent.csi.controller import ControllerService
 from nbd_agent.csi.identity import IdentityService
 from nbd_agent.csi.kube import ExportStore, KubeApi
 from nbd_agent.csi.server import build_server
+from nbd_operator.kube import Kube
 
 from tests.controlplane.operator_harness import NS, FakeApiServer, api_server
 
@@ -33,8 +34,9 @@ Mode = pb.VolumeCapability.AccessMode
 class Controller:
     """Stubs for one running controller; ``call`` runs an RPC off the event loop."""
 
-    def __init__(self, channel: grpc.Channel, api: FakeApiServer) -> None:
+    def __init__(self, channel: grpc.Channel, api: FakeApiServer, client: Kube) -> None:
         self.api = api
+        self.client = client
         self.identity = pb_grpc.IdentityStub(channel)
         self.stub = pb_grpc.ControllerStub(channel)
 
@@ -57,7 +59,7 @@ class Controller:
 @contextlib.asynccontextmanager
 async def controller(tmp: Path) -> AsyncIterator[Controller]:
     """The fake API server and a controller serving on ``tmp/controller.sock``."""
-    async with api_server() as (api, _client):
+    async with api_server() as (api, client):
         service = ControllerService(ExportStore(KubeApi(str(api.url))), NS)
         socket = tmp / "controller.sock"
         server = build_server(
@@ -67,7 +69,7 @@ async def controller(tmp: Path) -> AsyncIterator[Controller]:
         channel = grpc.insecure_channel(f"unix://{socket}")
         try:
             await asyncio.to_thread(grpc.channel_ready_future(channel).result, 10)
-            yield Controller(channel, api)
+            yield Controller(channel, api, client)
         finally:
             channel.close()
             server.stop(grace=None).wait()
