@@ -146,6 +146,7 @@ NODE_METHODS = [
     "NodeGetVolumeStats",
     "NodeGetCapabilities",
     "NodeGetInfo",
+    "NodeExpandVolume",
 ]
 CONTROLLER_METHODS = [
     "CreateVolume",
