@@ -9,18 +9,23 @@ finds the name taken), then treat "already there, identical" as success and "alr
 different" as ALREADY_EXISTS. There is no in-process lock: two controller replicas, or two racing
 calls, meet at the API server's create, which lets exactly one through.
 
+Snapshots are VolumeSnapshots of the volumes' data claims, made by the backing storage class
+after the volume's server flushed (``snapshots.py`` says why); restores and clones are volumes
+whose claim has a ``dataSource``. The flush is the one call that reaches an NBD server.
+
 What it must not do: import grpc (the server module maps ``CsiError`` to status codes), build
-manifests (``provision.py`` does), or wait for the operator: an RPC answers from what the API
-holds now, and the sidecars retry.
+manifests (``provision.py``, ``snapshots.py`` do), or wait for the operator or the snapshot
+controller: an RPC answers from what the API holds now, and the sidecars retry.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from nbd_agent.csi import provision
+from nbd_agent import handshake
+from nbd_agent.csi import provision, snapshots
 from nbd_agent.csi._generated import csi_pb2 as pb
 from nbd_agent.csi.errors import (
     Aborted,
@@ -28,12 +33,28 @@ from nbd_agent.csi.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from nbd_agent.csi.kube import Conflict
+from nbd_agent.errors import AgentError
 
 log = logging.getLogger(__name__)
 RPC = pb.ControllerServiceCapability.RPC
-CAPABILITIES = (RPC.CREATE_DELETE_VOLUME, RPC.LIST_VOLUMES, RPC.EXPAND_VOLUME)
+CAPABILITIES = (RPC.CREATE_DELETE_VOLUME, RPC.LIST_VOLUMES, RPC.EXPAND_VOLUME, RPC.CLONE_VOLUME)
+SNAPSHOT_CAPABILITIES = (RPC.CREATE_DELETE_SNAPSHOT,)
+Quiesce = Callable[[Mapping[str, Any]], None]
+
+
+def flush_server(export: Mapping[str, Any]) -> None:
+    """NBD_CMD_FLUSH to a Ready export's server, so its acknowledged writes are on the claim
+    before the claim is snapshotted. An export without a running server has nothing to flush."""
+    status = export.get("status") or {}
+    if status.get("phase") != "Ready" or not status.get("uri"):
+        return
+    try:
+        handshake.flush_export(handshake.parse_uri(str(status["uri"])))
+    except AgentError as exc:
+        raise Unavailable(f"flushing {status['uri']} before the snapshot: {exc}") from exc
 
 
 class Exports(Protocol):
@@ -59,21 +80,45 @@ def _volume(obj: Mapping[str, Any]) -> pb.Volume:
 
 
 class ControllerService:
-    def __init__(self, exports: Exports, namespace: str) -> None:
+    def __init__(
+        self,
+        exports: Exports,
+        namespace: str,
+        snapshots: Exports | None = None,
+        quiesce: Quiesce = flush_server,
+    ) -> None:
         self.exports = exports
         self.namespace = namespace
+        self.snapshots = snapshots  # None: the cluster has no VolumeSnapshot API
+        self.quiesce = quiesce
 
     def ControllerGetCapabilities(
         self, req: pb.ControllerGetCapabilitiesRequest
     ) -> pb.ControllerGetCapabilitiesResponse:
+        kinds = CAPABILITIES + (SNAPSHOT_CAPABILITIES if self.snapshots is not None else ())
         return pb.ControllerGetCapabilitiesResponse(
-            capabilities=[pb.ControllerServiceCapability(rpc=RPC(type=k)) for k in CAPABILITIES]
+            capabilities=[pb.ControllerServiceCapability(rpc=RPC(type=k)) for k in kinds]
         )
 
     # ---- create / delete ----
 
+    def _content(self, req: pb.CreateVolumeRequest) -> provision.Content | None:
+        """The snapshot or volume a new volume starts from (NOT_FOUND when it is gone)."""
+        kind = req.volume_content_source.WhichOneof("type")
+        if kind == "volume":
+            return snapshots.clone_source(
+                self._existing(req.volume_content_source.volume.volume_id)
+            )
+        if kind == "snapshot":
+            snapshot = self._snapshot(req.volume_content_source.snapshot.snapshot_id)
+            if snapshot is None:
+                raise NotFound(f"snapshot {req.volume_content_source.snapshot.snapshot_id!r}")
+            return snapshots.restore_source(snapshot)
+        return None
+
     def CreateVolume(self, req: pb.CreateVolumeRequest) -> pb.CreateVolumeResponse:
-        plan = provision.plan(req, self.namespace)
+        provision.check_request(req)
+        plan = provision.plan(req, self.namespace, self._content(req))
         try:
             obj = self.exports.create(provision.manifest(plan))
         except Conflict:
@@ -88,7 +133,10 @@ class ControllerService:
             obj = existing
         else:
             log.info("created NBDExport %s for volume %r", plan.volume_id, req.name)
-        return pb.CreateVolumeResponse(volume=_volume(obj))
+        volume = _volume(obj)
+        if req.HasField("volume_content_source"):
+            volume.content_source.CopyFrom(req.volume_content_source)
+        return pb.CreateVolumeResponse(volume=volume)
 
     def DeleteVolume(self, req: pb.DeleteVolumeRequest) -> pb.DeleteVolumeResponse:
         if not req.volume_id:
@@ -185,3 +233,52 @@ class ControllerService:
         return pb.ControllerExpandVolumeResponse(
             capacity_bytes=max(size, current), node_expansion_required=True
         )
+
+    # ---- snapshots ----
+
+    def _snapshot(self, snapshot_id: str) -> dict[str, Any] | None:
+        """Our VolumeSnapshot of this id, or None (unknown ids, other namespaces, not ours)."""
+        if not snapshot_id:
+            raise InvalidArgument("snapshot_id is required")
+        where = provision.split_volume_id(snapshot_id)
+        if self.snapshots is None or where is None or where[0] != self.namespace:
+            return None
+        obj = self.snapshots.get(*where)
+        return obj if obj is not None and snapshots.is_provisioned(obj) else None
+
+    def CreateSnapshot(self, req: pb.CreateSnapshotRequest) -> pb.CreateSnapshotResponse:
+        if not req.name:
+            raise InvalidArgument("name is required")
+        if not req.source_volume_id:
+            raise InvalidArgument("source_volume_id is required")
+        snapshots.check_parameters(req.parameters)
+        if self.snapshots is None:
+            raise FailedPrecondition("the cluster serves no snapshot.storage.k8s.io/v1 API")
+        source = self._existing(req.source_volume_id)
+        if not snapshots.is_claim_backed(source):
+            raise FailedPrecondition(
+                f"volume {req.source_volume_id} has no data claim to snapshot (memory backing)"
+            )
+        wanted = snapshots.manifest(req, self.namespace, source)
+        existing = self.snapshots.get(self.namespace, wanted["metadata"]["name"])
+        if existing is None:
+            self.quiesce(source)
+            try:
+                existing = self.snapshots.create(wanted)
+                log.info("snapshot %r of %s requested", req.name, req.source_volume_id)
+            except Conflict:
+                existing = self.snapshots.get(self.namespace, wanted["metadata"]["name"])
+        if existing is None:
+            raise Aborted(f"snapshot {req.name!r} is being deleted; retry")
+        if not snapshots.same_request(existing, wanted):
+            raise AlreadyExists(
+                f"snapshot {req.name!r} exists for another volume or with other parameters"
+            )
+        return pb.CreateSnapshotResponse(snapshot=snapshots.to_csi(existing))
+
+    def DeleteSnapshot(self, req: pb.DeleteSnapshotRequest) -> pb.DeleteSnapshotResponse:
+        obj = self._snapshot(req.snapshot_id)
+        if obj is not None and self.snapshots is not None:
+            self.snapshots.delete(self.namespace, obj["metadata"]["name"])
+            log.info("deleted snapshot %s", req.snapshot_id)
+        return pb.DeleteSnapshotResponse()

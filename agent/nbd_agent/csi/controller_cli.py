@@ -19,7 +19,7 @@ from typing import Any
 
 from nbd_agent.csi.controller import ControllerService
 from nbd_agent.csi.identity import IdentityService
-from nbd_agent.csi.kube import ExportStore, KubeApi
+from nbd_agent.csi.kube import ExportStore, KubeApi, KubeApiError, SnapshotStore
 from nbd_agent.csi.server import build_server
 
 log = logging.getLogger("nbd_agent.csi.controller")
@@ -53,11 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
 
 
+def snapshot_store(api: KubeApi) -> SnapshotStore | None:
+    """VolumeSnapshots, when the cluster serves their API (the snapshot CRDs are installed);
+    looked up once at start: install the CRDs, then restart the controller."""
+    try:
+        api.request("GET", SnapshotStore.prefix)
+    except KubeApiError as exc:
+        log.warning("no snapshot.storage.k8s.io/v1 API (%s): snapshots are not offered", exc)
+        return None
+    return SnapshotStore(api)
+
+
 def serve(
     endpoint: str, api: KubeApi, namespace: str, stop: threading.Event, workers: int = 8
 ) -> None:
     """Serve until ``stop`` is set, then stop gracefully (in-flight calls finish)."""
-    controller = ControllerService(ExportStore(api), namespace)
+    controller = ControllerService(ExportStore(api), namespace, snapshot_store(api))
     server = build_server(
         endpoint, IdentityService(None, controller=True), controller=controller, workers=workers
     )

@@ -8,8 +8,9 @@ given back by delete on unstage. The Lease's names and shape come from ``nbd_api
 which the operator reads to show attachments.
 
 The controller (``controller.py``) creates, lists, patches and deletes NBDExports through
-``ExportStore``: a create is the API server's atomic "first one wins", which is what makes two
-racing CreateVolume calls for one name end with one export.
+``ExportStore`` (VolumeSnapshots through ``SnapshotStore``): a create is the API server's atomic
+"first one wins", which is what makes two racing CreateVolume calls for one name end with one
+export.
 
 It is a small blocking HTTP client (stdlib ``urllib``): the node service runs in gRPC's thread
 pool, the calls are few, and the in-cluster credentials are a token file and a CA file.
@@ -236,26 +237,30 @@ class Conflict(Exception):
     """A create found the name taken (HTTP 409)."""
 
 
-class ExportStore:
-    """NBDExports in one namespace, for the controller: create, get, list, patch, delete."""
+class Objects:
+    """One kind of namespaced object, for the controller: create, get, list, patch, delete."""
+
+    kind = ""
+    prefix = ""
+    plural = ""
 
     def __init__(self, api: KubeApi) -> None:
         self.api = api
 
-    @staticmethod
-    def _path(namespace: str, name: str = "") -> str:
-        base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+    def _path(self, namespace: str, name: str = "") -> str:
+        base = f"{self.prefix}/namespaces/{namespace}/{self.plural}"
         return f"{base}/{name}" if name else base
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Create an export; Conflict when the name is taken (the API decides, atomically)."""
+        """Create an object; Conflict when the name is taken (the API decides, atomically)."""
         meta = body["metadata"]
         try:
             return dict(self.api.request("POST", self._path(meta["namespace"]), body))
         except KubeApiError as exc:
             if exc.status == 409:
                 raise Conflict(meta["name"]) from None
-            raise _as_csi(exc, f"creating NBDExport {meta['namespace']}/{meta['name']}") from None
+            what = f"creating {self.kind} {meta['namespace']}/{meta['name']}"
+            raise _as_csi(exc, what) from None
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -263,15 +268,15 @@ class ExportStore:
         except KubeApiError as exc:
             if exc.status == 404:
                 return None
-            raise _as_csi(exc, f"reading NBDExport {namespace}/{name}") from None
+            raise _as_csi(exc, f"reading {self.kind} {namespace}/{name}") from None
 
     def list(self, namespace: str, label: str) -> list[dict[str, Any]]:
-        """Exports carrying ``label`` (any value), sorted by name."""
+        """Objects carrying ``label`` (any value), sorted by name."""
         path = f"{self._path(namespace)}?labelSelector={label}"
         try:
             items = self.api.request("GET", path).get("items") or []
         except KubeApiError as exc:
-            raise _as_csi(exc, f"listing NBDExports in {namespace}") from None
+            raise _as_csi(exc, f"listing {self.kind}s in {namespace}") from None
         # Filtered again here: a selector the server ignored must not widen the answer.
         mine = [i for i in items if label in ((i.get("metadata") or {}).get("labels") or {})]
         return sorted(mine, key=lambda i: str(i["metadata"]["name"]))
@@ -280,12 +285,28 @@ class ExportStore:
         try:
             return dict(self.api.request("PATCH", self._path(namespace, name), patch, merge=True))
         except KubeApiError as exc:
-            raise _as_csi(exc, f"updating NBDExport {namespace}/{name}") from None
+            raise _as_csi(exc, f"updating {self.kind} {namespace}/{name}") from None
 
     def delete(self, namespace: str, name: str) -> None:
-        """Delete an export; absent already is success."""
+        """Delete an object; absent already is success."""
         try:
             self.api.request("DELETE", self._path(namespace, name))
         except KubeApiError as exc:
             if exc.status != 404:
-                raise _as_csi(exc, f"deleting NBDExport {namespace}/{name}") from None
+                raise _as_csi(exc, f"deleting {self.kind} {namespace}/{name}") from None
+
+
+class ExportStore(Objects):
+    """The volumes: NBDExports."""
+
+    kind = KIND
+    prefix = f"/apis/{GROUP}/{VERSION}"
+    plural = PLURAL
+
+
+class SnapshotStore(Objects):
+    """The snapshots: VolumeSnapshots of the volumes' data claims (the claims' class makes them)."""
+
+    kind = "VolumeSnapshot"
+    prefix = "/apis/snapshot.storage.k8s.io/v1"
+    plural = "volumesnapshots"

@@ -177,14 +177,22 @@ def check_parameters(parameters: Mapping[str, str]) -> None:
         )
 
 
-def export_spec(size: int, mode: str, parameters: Mapping[str, str]) -> dict[str, Any]:
-    """The NBDExport spec for a new volume of ``size`` bytes served as ``mode``."""
+def export_spec(
+    size: int,
+    mode: str,
+    parameters: Mapping[str, str],
+    data_source: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The NBDExport spec for a new volume of ``size`` bytes served as ``mode``; its claim is
+    restored or cloned from ``data_source`` (a VolumeSnapshot or a claim) when one is given."""
     check_parameters(parameters)
     backing = _choice(parameters, P_BACKING, ("claim", "memory"))
     spec: dict[str, Any] = {"size": size, "accessMode": mode}
     if backing == "memory":
         if P_STORAGE_CLASS in parameters or P_VOLUME_MODE in parameters:
             raise InvalidArgument("backing 'memory' takes no storageClass or volumeMode")
+        if data_source:
+            raise InvalidArgument("a memory volume starts empty: no snapshot or clone source")
         spec["source"] = {"memory": {}}
     else:
         template: dict[str, Any] = {
@@ -193,6 +201,8 @@ def export_spec(size: int, mode: str, parameters: Mapping[str, str]) -> dict[str
         }
         if parameters.get(P_STORAGE_CLASS):
             template["storageClassName"] = parameters[P_STORAGE_CLASS]
+        if data_source:
+            template["dataSource"] = dict(data_source)
         spec["source"] = {"volumeClaimTemplate": template}
     if mode == "ReadWriteMany":
         spec["clusterFilesystemAcknowledged"] = True
@@ -231,17 +241,34 @@ class Provision:
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def plan(req: pb.CreateVolumeRequest, namespace: str) -> Provision:
-    """Validate a CreateVolume request (INVALID_ARGUMENT / OUT_OF_RANGE) into a Provision."""
+@dataclass(frozen=True)
+class Content:
+    """What a new volume starts from: the claim's ``dataSource`` and the smallest size it fits."""
+
+    data_source: Mapping[str, str]
+    min_size: int
+
+
+def check_request(req: pb.CreateVolumeRequest) -> None:
     if not req.name:
         raise InvalidArgument("name is required")
     if not req.volume_capabilities:
         raise InvalidArgument("volume_capabilities is required")
-    if req.HasField("volume_content_source"):
-        raise InvalidArgument("volume content sources (snapshots, clones) are not supported yet")
+
+
+def plan(req: pb.CreateVolumeRequest, namespace: str, content: Content | None = None) -> Provision:
+    """Validate a CreateVolume request (INVALID_ARGUMENT / OUT_OF_RANGE) into a Provision; a
+    snapshot or clone source has been resolved into ``content`` by the caller."""
+    check_request(req)
     params = dict(req.parameters)
     mode = access_mode(req.volume_capabilities, params)
-    size = round_size(req.capacity_range.required_bytes, req.capacity_range.limit_bytes)
+    wanted = req.capacity_range
+    if content and not wanted.required_bytes and not wanted.limit_bytes:
+        size = round_size(content.min_size, 0)  # unasked: the size of what it restores
+    else:
+        size = round_size(wanted.required_bytes, wanted.limit_bytes)
+    if content and size < content.min_size:
+        raise OutOfRange(f"{size} bytes cannot hold the {content.min_size} bytes of the source")
     claim = ""
     if params.get(PVC_NAME) and params.get(PVC_NAMESPACE):
         claim = f"{params[PVC_NAMESPACE]}/{params[PVC_NAME]}"
@@ -250,7 +277,7 @@ def plan(req: pb.CreateVolumeRequest, namespace: str) -> Provision:
         namespace=namespace,
         name=export_name(req.name),
         size=size,
-        spec=export_spec(size, mode, params),
+        spec=export_spec(size, mode, params, content.data_source if content else None),
         claim=claim,
     )
 

@@ -155,6 +155,8 @@ CONTROLLER_METHODS = [
     "ListVolumes",
     "ControllerGetCapabilities",
     "ControllerExpandVolume",
+    "CreateSnapshot",
+    "DeleteSnapshot",
 ]
 
 
