@@ -20,9 +20,9 @@ from typing import Any
 import grpc
 from nbd_agent.csi._generated import csi_pb2 as pb
 from nbd_agent.csi._generated import csi_pb2_grpc as pb_grpc
-from nbd_agent.csi.controller import ControllerService
+from nbd_agent.csi.controller import ControllerService, Quiesce
 from nbd_agent.csi.identity import IdentityService
-from nbd_agent.csi.kube import ExportStore, KubeApi
+from nbd_agent.csi.kube import ExportStore, KubeApi, SnapshotStore
 from nbd_agent.csi.server import build_server
 from nbd_operator.kube import Kube
 
@@ -55,12 +55,20 @@ class Controller:
     def exports(self) -> list[dict[str, Any]]:
         return self.api.all("nbdexports", NS)
 
+    def snapshots(self) -> list[dict[str, Any]]:
+        return self.api.all("volumesnapshots", NS)
+
+
+def no_server(export: Any) -> None:
+    """The quiesce of exports that have no server here (the API substitute runs no pods)."""
+
 
 @contextlib.asynccontextmanager
-async def controller(tmp: Path) -> AsyncIterator[Controller]:
+async def controller(tmp: Path, quiesce: Quiesce = no_server) -> AsyncIterator[Controller]:
     """The fake API server and a controller serving on ``tmp/controller.sock``."""
     async with api_server() as (api, client):
-        service = ControllerService(ExportStore(KubeApi(str(api.url))), NS)
+        kube = KubeApi(str(api.url))
+        service = ControllerService(ExportStore(kube), NS, SnapshotStore(kube), quiesce=quiesce)
         socket = tmp / "controller.sock"
         server = build_server(
             f"unix://{socket}", IdentityService(None, controller=True), controller=service

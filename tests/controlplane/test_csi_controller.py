@@ -62,13 +62,17 @@ async def test_identity_advertises_the_controller_service_and_online_expansion(
     assert probe.ready.value is True
 
 
-async def test_controller_capabilities_are_create_delete_list_and_expand(ctl: Controller) -> None:
+async def test_controller_capabilities_are_volumes_expansion_clones_and_snapshots(
+    ctl: Controller,
+) -> None:
     resp = await ctl.call("ControllerGetCapabilities", pb.ControllerGetCapabilitiesRequest())
     rpc = pb.ControllerServiceCapability.RPC
     assert {c.rpc.type for c in resp.capabilities} == {
         rpc.CREATE_DELETE_VOLUME,
         rpc.LIST_VOLUMES,
         rpc.EXPAND_VOLUME,
+        rpc.CLONE_VOLUME,
+        rpc.CREATE_DELETE_SNAPSHOT,
     }
 
 
@@ -277,12 +281,6 @@ async def test_access_modes_map_to_the_exports_access_mode(
 ) -> None:
     await ctl.call("CreateVolume", create_request("pvc-m", caps=caps, **parameters))
     assert ctl.exports()[0]["spec"]["accessMode"] == mode
-
-
-async def test_volume_content_sources_are_refused_until_supported(ctl: Controller) -> None:
-    request = create_request("pvc-s")
-    request.volume_content_source.snapshot.snapshot_id = f"{NS}/snap"
-    assert await ctl.code("CreateVolume", request) == Code.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize(
