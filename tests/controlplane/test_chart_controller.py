@@ -88,3 +88,44 @@ def test_the_storage_class_provisions_through_the_controller_and_lets_claims_gro
     assert find(render(static), "StorageClass")["allowVolumeExpansion"] is False
     everything = find(render(EVERYTHING_ON), "StorageClass")
     assert everything["provisioner"] == "nbd.dev"
+
+
+SNAPSHOTTER_CLUSTER = {
+    ("snapshot.storage.k8s.io", "volumesnapshotclasses", ("get", "list", "watch")),
+    (
+        "snapshot.storage.k8s.io",
+        "volumesnapshotcontents",
+        ("get", "list", "patch", "update", "watch"),
+    ),
+    ("snapshot.storage.k8s.io", "volumesnapshotcontents/status", ("patch", "update")),
+}
+# nbd_agent.csi.kube.SnapshotStore: a volume's snapshot is a VolumeSnapshot of its data claim.
+SNAPSHOT_NAMESPACED = {
+    ("snapshot.storage.k8s.io", "volumesnapshots", ("create", "delete", "get", "patch")),
+}
+
+
+def test_snapshots_are_opt_in_with_their_sidecar_rbac_and_class() -> None:
+    values: dict[str, Any] = {
+        "controller": {"snapshotter": {"enabled": True}},
+        "volumeSnapshotClass": {"create": True, "parameters": {"snapshotClass": "backing"}},
+    }
+    objects = render(values)
+    assert _rules(find(objects, "ClusterRole", "-controller")) == (
+        CONTROLLER_CLUSTER | SNAPSHOTTER_CLUSTER
+    )
+    assert _rules(find(objects, "Role", "-controller")) == (
+        CONTROLLER_NAMESPACED | SNAPSHOT_NAMESPACED
+    )
+    names = [c["name"] for c in containers(find(objects, "Deployment", "-controller"))]
+    assert names == ["controller", "csi-provisioner", "csi-resizer", "csi-snapshotter"]
+    klass = find(objects, "VolumeSnapshotClass")
+    assert klass["driver"] == "nbd.dev" and klass["deletionPolicy"] == "Delete"
+    assert klass["parameters"] == {"snapshotClass": "backing"}
+    defaults = render()
+    assert "csi-snapshotter" not in [
+        c["name"] for c in containers(find(defaults, "Deployment", "-controller"))
+    ]
+    assert not [o for o in defaults if o["kind"] == "VolumeSnapshotClass"]
+    with pytest.raises(helm.HelmRenderError, match="snapshotter"):
+        render({"volumeSnapshotClass": {"create": True}})

@@ -61,6 +61,8 @@ EVERYTHING_ON: dict[str, Any] = {
         "podLabels": {"x": "y"},
     },
     "storageClass": {"create": True, "default": True, "mountOptions": ["noatime"]},
+    "controller": {"snapshotter": {"enabled": True}},
+    "volumeSnapshotClass": {"create": True, "parameters": {"snapshotClass": "csi-hostpath"}},
     "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}},
 }
 
@@ -88,7 +90,7 @@ VALUE_SETS: dict[str, Any] = {
     "k3d": lambda: _values_file("values-k3d.yaml"),
 }
 # Objects from CRDs the API server does not know without their operators.
-NOT_BUILTIN = {"PodMonitor"}
+NOT_BUILTIN = {"PodMonitor", "VolumeSnapshotClass"}
 
 
 @pytest.fixture(params=sorted(VALUE_SETS), ids=sorted(VALUE_SETS))
