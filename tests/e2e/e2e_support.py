@@ -38,8 +38,16 @@ EXTRA_RESOURCES: dict[str, tuple[str, str]] = {
     "CSIDriver": ("apis/storage.k8s.io/v1", "csidrivers"),
     "CSINode": ("apis/storage.k8s.io/v1", "csinodes"),
     "StorageClass": ("apis/storage.k8s.io/v1", "storageclasses"),
+    "VolumeSnapshot": ("apis/snapshot.storage.k8s.io/v1", "volumesnapshots"),
+    "VolumeSnapshotClass": ("apis/snapshot.storage.k8s.io/v1", "volumesnapshotclasses"),
 }
-EXTRA_CLUSTER_SCOPED = {"PersistentVolume", "CSIDriver", "CSINode", "StorageClass"}
+EXTRA_CLUSTER_SCOPED = {
+    "PersistentVolume",
+    "CSIDriver",
+    "CSINode",
+    "StorageClass",
+    "VolumeSnapshotClass",
+}
 
 
 def kubeconfig_present() -> bool:
@@ -235,3 +243,20 @@ async def running_pod(kube: E2EKube, made: Made, pod: dict[str, Any]) -> dict[st
 
     result: dict[str, Any] = await eventually(running, f"pod {name} to be Running")
     return result
+
+
+async def run_to_completion(kube: E2EKube, made: Made, pod: dict[str, Any]) -> str:
+    """Create the pod, wait until it has exited, require exit 0; returns its log."""
+    namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+    await made.create(pod)
+
+    async def finished() -> Any:
+        obj = await kube.get("Pod", namespace, name)
+        phase = (obj or {}).get("status", {}).get("phase")
+        return obj if phase in ("Succeeded", "Failed") else None
+
+    obj = await eventually(finished, f"pod {name} to exit")
+    log = await kube.pod_log(namespace, name)
+    if obj["status"]["phase"] != "Succeeded":
+        pytest.fail(f"pod {name} failed; {await diagnosis(kube, namespace, name)}")
+    return log

@@ -24,12 +24,12 @@ from tests.e2e.e2e_support import (
     NO_CLUSTER_REASON,
     E2EKube,
     Made,
-    diagnosis,
     eventually,
     export_manifest,
     inline_volume,
     kubeconfig_present,
     pod_manifest,
+    run_to_completion,
     running_pod,
     static_pv_and_claim,
 )
@@ -55,23 +55,6 @@ async def _ready_export(kube: E2EKube, made: Made, namespace: str, spec: dict[st
         return obj if (obj or {}).get("status", {}).get("phase") == "Ready" else None
 
     return await eventually(ready, f"NBDExport {name} to be Ready")
-
-
-async def _run_to_completion(kube: E2EKube, made: Made, pod: dict[str, Any]) -> str:
-    """Create the pod, wait until it has exited, require exit 0; returns its log."""
-    namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
-    await made.create(pod)
-
-    async def finished() -> Any:
-        obj = await kube.get("Pod", namespace, name)
-        phase = (obj or {}).get("status", {}).get("phase")
-        return obj if phase in ("Succeeded", "Failed") else None
-
-    obj = await eventually(finished, f"pod {name} to exit")
-    log = await kube.pod_log(namespace, name)
-    if obj["status"]["phase"] != "Succeeded":
-        pytest.fail(f"pod {name} failed; {await diagnosis(kube, namespace, name)}")
-    return log
 
 
 async def _attachment_leases(kube: E2EKube, namespace: str, export: str) -> list[dict[str, Any]]:
@@ -114,7 +97,7 @@ async def test_an_inline_volume_keeps_its_data_from_one_pod_to_the_next(
         f"echo {token} > /data/proof && sync && cat /data/proof",
         inline_volume(name),
     )
-    assert token in await _run_to_completion(kube, made, writer)
+    assert token in await run_to_completion(kube, made, writer)
     await made.delete_and_wait("Pod", namespace, writer["metadata"]["name"])
 
     # Unpublish of an ephemeral volume detaches it: no node may still record an attachment, so
@@ -124,7 +107,7 @@ async def test_an_inline_volume_keeps_its_data_from_one_pod_to_the_next(
 
     await eventually(detached, f"the writer's node to detach {name}")
     reader = pod_manifest(_name("reader"), namespace, "cat /data/proof", inline_volume(name))
-    assert (await _run_to_completion(kube, made, reader)).strip() == token
+    assert (await run_to_completion(kube, made, reader)).strip() == token
 
 
 async def test_a_block_volume_is_a_device_of_the_exports_size(
@@ -141,7 +124,7 @@ async def test_a_block_volume_is_a_device_of_the_exports_size(
     volume = {"persistentVolumeClaim": {"claimName": name}}
     script = "test -b /dev/xvda && blockdev --getsize64 /dev/xvda"
     pod = pod_manifest(_name("block"), namespace, script, volume, block_path="/dev/xvda")
-    assert (await _run_to_completion(kube, made, pod)).strip() == str(size)
+    assert (await run_to_completion(kube, made, pod)).strip() == str(size)
 
 
 async def test_a_second_node_is_refused_a_readwriteonce_export_naming_the_holder(

@@ -1,7 +1,8 @@
-"""Dynamic provisioning and online expansion against a real cluster: a claim of an ``nbd.dev``
-StorageClass is provisioned by the CSI controller (an NBDExport the operator serves), a pod
-writes to it, the claim is grown while the pod runs, and the pod sees the larger filesystem
-with its data intact.
+"""Dynamic provisioning, online expansion, snapshot and restore against a real cluster: a claim
+of an ``nbd.dev`` StorageClass is provisioned by the CSI controller (an NBDExport the operator
+serves), a pod writes to it, the claim is grown while the pod runs and the pod sees the larger
+filesystem with its data intact; a VolumeSnapshot of the claim becomes ready, and a claim
+restored from it holds the same data.
 
 What this proves that no other tier can: external-provisioner and external-resizer call the
 controller over the chart's socket with the chart's RBAC, kubelet calls NodeExpandVolume, and
@@ -25,6 +26,7 @@ from tests.e2e.e2e_support import (
     eventually,
     kubeconfig_present,
     pod_manifest,
+    run_to_completion,
     running_pod,
 )
 
@@ -33,8 +35,10 @@ pytestmark = pytest.mark.e2e
 if not kubeconfig_present():
     pytest.skip(NO_CLUSTER_REASON, allow_module_level=True)
 
-# The backing claims' class must allow expansion (kind: patch "standard", see the README).
-BACKING_CLASS = os.environ.get("NBD_E2E_BACKING_CLASS", "")
+# The backing claims' class must allow expansion and snapshots (the README uses
+# csi-driver-host-path); its VolumeSnapshotClass makes the backing snapshots.
+BACKING_CLASS = os.environ.get("NBD_E2E_BACKING_CLASS", "csi-hostpath-sc")
+BACKING_SNAPSHOT_CLASS = os.environ.get("NBD_E2E_BACKING_SNAPSHOT_CLASS", "csi-hostpath-snapclass")
 SCRIPT = (
     "dd if=/dev/urandom of=/data/payload bs=1M count=4 && md5sum /data/payload > /data/sum && "
     "while true; do md5sum -c /data/sum >/dev/null && echo SUM-OK; "
@@ -55,8 +59,10 @@ def _storage_class(name: str) -> dict[str, Any]:
     }
 
 
-def _claim(name: str, namespace: str, size: str, storage_class: str) -> dict[str, Any]:
-    return {
+def _claim(
+    name: str, namespace: str, size: str, storage_class: str, snapshot: str = ""
+) -> dict[str, Any]:
+    claim: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": {"name": name, "namespace": namespace},
@@ -64,6 +70,36 @@ def _claim(name: str, namespace: str, size: str, storage_class: str) -> dict[str
             "accessModes": ["ReadWriteOnce"],
             "storageClassName": storage_class,
             "resources": {"requests": {"storage": size}},
+        },
+    }
+    if snapshot:
+        claim["spec"]["dataSource"] = {
+            "apiGroup": "snapshot.storage.k8s.io",
+            "kind": "VolumeSnapshot",
+            "name": snapshot,
+        }
+    return claim
+
+
+def _snapshot_class(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshotClass",
+        "metadata": {"name": name},
+        "driver": "nbd.dev",
+        "deletionPolicy": "Delete",
+        "parameters": {"snapshotClass": BACKING_SNAPSHOT_CLASS},
+    }
+
+
+def _snapshot(name: str, namespace: str, claim: str, snapshot_class: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshot",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "volumeSnapshotClassName": snapshot_class,
+            "source": {"persistentVolumeClaimName": claim},
         },
     }
 
@@ -77,7 +113,7 @@ def _df_totals(log: str) -> list[int]:
     return [int(m.group(1)) for m in re.finditer(r"^\S+\s+(\d+)\s+\d+\s+\d+", log, re.M)]
 
 
-async def test_a_claim_is_provisioned_written_and_grown_online(
+async def test_a_claim_is_provisioned_grown_online_snapshotted_and_restored(
     kube: E2EKube, made: Made, namespace: str
 ) -> None:
     suffix = uuid.uuid4().hex[:6]
@@ -123,4 +159,27 @@ async def test_a_claim_is_provisioned_written_and_grown_online(
         return capacity == "256Mi"
 
     await eventually(resized, f"claim {claim} to report 256Mi")
-    # Deleting the claim (made.cleanup, pod first) deletes the PV and, reclaim Delete, the export.
+
+    # Snapshot the grown claim while the pod still uses it, then restore it into a new claim.
+    snap_class, snap = f"e2e-nbd-snap-{suffix}", f"e2e-snap-{suffix}"
+    await made.create(_snapshot_class(snap_class))
+    await made.create(_snapshot(snap, namespace, claim, snap_class))
+
+    async def snapshot_ready() -> Any:
+        obj = await kube.get("VolumeSnapshot", namespace, snap)
+        return (obj or {}).get("status", {}).get("readyToUse") is True
+
+    await eventually(snapshot_ready, f"VolumeSnapshot {snap} to be ready")
+    restored = f"e2e-restored-{suffix}"
+    await made.create(_claim(restored, namespace, "256Mi", sc, snapshot=snap))
+    check = pod_manifest(
+        f"e2e-check-{suffix}",
+        namespace,
+        "md5sum -c /data/sum && df -k /data | tail -1",
+        {"persistentVolumeClaim": {"claimName": restored}},
+    )
+    log = await run_to_completion(kube, made, check)
+    assert "/data/payload: OK" in log, log
+    assert _df_totals(log)[-1] > before + 100 * 1024, log
+    # made.cleanup deletes pods first, then claims (reclaim Delete: the exports go with them),
+    # the snapshot and the classes.
