@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import threading
 from typing import Any
 
 from nbd_agent.csi.controller import ControllerService
 from nbd_agent.csi.identity import IdentityService
 from nbd_agent.csi.kube import ExportStore, KubeApi, KubeApiError, SnapshotStore
-from nbd_agent.csi.server import build_server
+from nbd_agent.csi.server import build_server, log_at, run_until, stop_on_signals
 
 log = logging.getLogger("nbd_agent.csi.controller")
 
@@ -72,18 +71,12 @@ def serve(
     server = build_server(
         endpoint, IdentityService(None, controller=True), controller=controller, workers=workers
     )
-    server.start()
-    log.info("CSI controller nbd.dev serving on %s, volumes in namespace %r", endpoint, namespace)
-    try:
-        stop.wait()
-    finally:
-        server.stop(grace=10).wait()
-        log.info("CSI controller stopped")
+    started = f"CSI controller nbd.dev serving on {endpoint}, volumes in namespace {namespace!r}"
+    run_until(server, stop, started, "CSI controller stopped")
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(args.log_level.upper())
+    log_at(args.log_level)
     if not args.namespace:
         log.error("--namespace (or $POD_NAMESPACE) is required")
         return 2
@@ -92,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
     except (RuntimeError, OSError) as exc:
         log.error("no Kubernetes API: %s (use --kube-api URL outside a cluster)", exc)
         return 2
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     serve(args.endpoint, api, args.namespace, stop, workers=args.workers)
     return 0

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -201,3 +203,30 @@ def build_server(
         pb_grpc.add_ControllerServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix://{path}")
     return server
+
+
+def log_at(level: str) -> None:
+    """Log lines with time and logger at ``level``. The agent's CLI may have configured logging
+    already (WARNING): the interceptor's line per call must still show at INFO."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level.upper())
+
+
+def stop_on_signals() -> threading.Event:
+    """An event SIGTERM (kubelet, the Deployment) and SIGINT set."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def run_until(server: grpc.Server, stop: threading.Event, started: str, stopped: str) -> None:
+    """Start ``server``, serve until ``stop`` is set, then stop gracefully (in-flight calls
+    finish, for up to 10 s)."""
+    server.start()
+    log.info("%s", started)
+    try:
+        stop.wait()
+    finally:
+        server.stop(grace=10).wait()
+        log.info("%s", stopped)
