@@ -10,29 +10,18 @@ import pytest
 from nbd_agent.csi._generated import csi_pb2 as pb
 
 from tests.kernel import scenarios_expand
-from tests.kernel.guest import load_results
+from tests.kernel.uml import assert_steps_ok as ok
+from tests.kernel.uml import scenario_results
 
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from tests.kernel.uml import run_in_uml
-
     work = tmp_path_factory.mktemp("expand")
-    result = run_in_uml(
-        scenarios_expand.expansion, timeout=240, mem="768M", scratch_size="700M", workdir=work
+    return scenario_results(
+        scenarios_expand.expansion, work, timeout=240, mem="768M", scratch_size="700M"
     )
-    res = load_results(work)
-    res["_output"] = result.output[-4000:]
-    res["_rc"] = result.returncode
-    return res
-
-
-def ok(res: dict[str, Any], *steps: str) -> None:
-    for name in steps:
-        assert name in res, f"step {name} never ran:\n{res['_output']}"
-        assert res[name]["ok"], f"step {name}: {res[name]}\n--- guest ---\n{res['_output']}"
 
 
 def test_the_node_advertises_expansion_and_the_scenario_ran_to_the_end(
