@@ -56,8 +56,8 @@ LABEL org.opencontainers.image.title="kube-nbd" \
       org.opencontainers.image.source="https://github.com/kube-nbd/kube-nbd" \
       org.opencontainers.image.documentation="https://github.com/kube-nbd/kube-nbd/blob/main/docs/quickstart.md"
 
-# Node tools the agent runs on the host's block devices: mkfs.ext4 (e2fsprogs), mkfs.xfs
-# (xfsprogs), modprobe for the nbd module (kmod). blkid, blockdev, mount and umount come from
+# Node tools the agent runs on the host's block devices: mkfs.ext4 and resize2fs (e2fsprogs),
+# mkfs.xfs and xfs_growfs (xfsprogs), modprobe for the nbd module (kmod). blkid, blockdev, mount and umount come from
 # util-linux and mount, which are Essential/required in every Debian image and are deliberately
 # not pinned here: pinning an Essential package breaks the build as soon as a point release
 # updates it in the base image. The smoke test at the end proves every tool is present.
@@ -85,7 +85,8 @@ RUN groupadd --system --gid 65532 kube-nbd \
 RUN nbdserver --help >/dev/null \
     && nbd-agent --help >/dev/null \
     && nbd-operator --help >/dev/null \
-    && command -v mkfs.ext4 mkfs.xfs blkid blockdev mount umount modprobe >/dev/null
+    && command -v mkfs.ext4 mkfs.xfs resize2fs xfs_growfs blkid blockdev mount umount modprobe \
+        >/dev/null
 
 USER 65532:65532
 WORKDIR /

@@ -27,6 +27,8 @@ HADOLINT = Path(ROOT / ".venv" / "bin" / "hadolint")
 NODE_TOOLS = {
     "mkfs.ext4": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
+    "resize2fs": "e2fsprogs",
+    "xfs_growfs": "xfsprogs",
     "blkid": "util-linux",
     "blockdev": "util-linux",
     "mount": "mount",
