@@ -73,6 +73,7 @@ async def test_controller_capabilities_are_volumes_expansion_clones_and_snapshot
         rpc.EXPAND_VOLUME,
         rpc.CLONE_VOLUME,
         rpc.CREATE_DELETE_SNAPSHOT,
+        rpc.MODIFY_VOLUME,
     }
 
 
@@ -415,3 +416,42 @@ async def test_expand_errors_carry_the_spec_codes(ctl: Controller) -> None:
     memory = expand(mem.volume.volume_id, 2 * GIB)
     assert await ctl.code("ControllerExpandVolume", memory) == Code.FAILED_PRECONDITION
     assert ctl.exports()[0]["spec"]["size"] == GIB
+
+
+# ---- ControllerModifyVolume (VolumeAttributesClass) ----
+
+
+def modify(volume: str, **mutable: str) -> pb.ControllerModifyVolumeRequest:
+    return pb.ControllerModifyVolumeRequest(volume_id=volume, mutable_parameters=mutable)
+
+
+async def test_a_volume_attributes_class_sets_the_exports_qos(ctl: Controller) -> None:
+    request = create_request("pvc-q", writeIOPS="50")
+    vol = (await ctl.call("CreateVolume", request)).volume.volume_id
+    await ctl.call("ControllerModifyVolume", modify(vol, readIOPS="100", writeIOPS="70"))
+    assert ctl.exports()[0]["spec"]["qos"] == {"readIOPS": 100, "writeIOPS": 70}
+    generation = ctl.exports()[0]["metadata"]["generation"]
+    await ctl.call("ControllerModifyVolume", modify(vol, readIOPS="100"))  # already so
+    assert ctl.exports()[0]["metadata"]["generation"] == generation
+    # At creation, the class's values override the StorageClass's.
+    created = create_request("pvc-v", readIOPS="5")
+    created.mutable_parameters["readIOPS"] = "9"
+    await ctl.call("CreateVolume", created)
+    qos = next(o for o in ctl.exports() if o["metadata"]["name"] == "pvc-v")["spec"]["qos"]
+    assert qos == {"readIOPS": 9}
+
+
+async def test_modify_errors_carry_the_spec_codes(ctl: Controller) -> None:
+    vol = (await ctl.call("CreateVolume", create_request("pvc-q"))).volume.volume_id
+    mem = (await ctl.call("CreateVolume", create_request("pvc-m", backing="memory"))).volume
+    bad = [modify(vol, connections="4"), modify(vol, readIOPS="0"), modify(vol, readIOPS="x")]
+    for request in bad:
+        assert await ctl.code("ControllerModifyVolume", request) == Code.INVALID_ARGUMENT
+    missing = modify(f"{NS}/nope", readIOPS="1")
+    assert await ctl.code("ControllerModifyVolume", missing) == Code.NOT_FOUND
+    memory = modify(mem.volume_id, readIOPS="1")
+    assert await ctl.code("ControllerModifyVolume", memory) == Code.FAILED_PRECONDITION
+    created = create_request("pvc-bad")
+    created.mutable_parameters["storageClass"] = "other"
+    assert await ctl.code("CreateVolume", created) == Code.INVALID_ARGUMENT
+    assert "qos" not in ctl.exports()[0]["spec"]

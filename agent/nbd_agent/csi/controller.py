@@ -40,7 +40,13 @@ from nbd_agent.errors import AgentError
 
 log = logging.getLogger(__name__)
 RPC = pb.ControllerServiceCapability.RPC
-CAPABILITIES = (RPC.CREATE_DELETE_VOLUME, RPC.LIST_VOLUMES, RPC.EXPAND_VOLUME, RPC.CLONE_VOLUME)
+CAPABILITIES = (
+    RPC.CREATE_DELETE_VOLUME,
+    RPC.LIST_VOLUMES,
+    RPC.EXPAND_VOLUME,
+    RPC.CLONE_VOLUME,
+    RPC.MODIFY_VOLUME,
+)
 SNAPSHOT_CAPABILITIES = (RPC.CREATE_DELETE_SNAPSHOT,)
 Quiesce = Callable[[Mapping[str, Any]], None]
 
@@ -233,6 +239,25 @@ class ControllerService:
         return pb.ControllerExpandVolumeResponse(
             capacity_bytes=max(size, current), node_expansion_required=True
         )
+
+    # ---- VolumeAttributesClass ----
+
+    def ControllerModifyVolume(
+        self, req: pb.ControllerModifyVolumeRequest
+    ) -> pb.ControllerModifyVolumeResponse:
+        """New QoS limits from a VolumeAttributesClass: the export's ``spec.qos`` (the operator
+        restarts its server with them; attached nodes reconnect, I/O pauses, nothing fails)."""
+        qos = provision.qos_patch(req.mutable_parameters)
+        obj = self._existing(req.volume_id)
+        if "memory" in ((obj.get("spec") or {}).get("source") or {}):
+            raise FailedPrecondition(
+                "a memory volume's server cannot restart with new limits: memory starts empty"
+            )
+        if qos and any((obj["spec"].get("qos") or {}).get(k) != v for k, v in qos.items()):
+            meta = obj["metadata"]
+            self.exports.patch(meta["namespace"], meta["name"], {"spec": {"qos": qos}})
+            log.info("volume %s: QoS now %s", req.volume_id, qos)
+        return pb.ControllerModifyVolumeResponse()
 
     # ---- snapshots ----
 

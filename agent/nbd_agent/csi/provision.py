@@ -167,6 +167,17 @@ def _choice(parameters: Mapping[str, str], key: str, allowed: tuple[str, ...]) -
     return value
 
 
+def qos_patch(mutable: Mapping[str, str]) -> dict[str, int]:
+    """The ``spec.qos`` a VolumeAttributesClass asks for: QoS keys only, positive integers."""
+    unknown = sorted(k for k in mutable if k not in QOS_PARAMETERS)
+    if unknown:
+        raise InvalidArgument(
+            f"unknown mutable parameters {unknown}; a VolumeAttributesClass may set"
+            f" {list(QOS_PARAMETERS)}"
+        )
+    return {k: v for k in QOS_PARAMETERS if (v := _positive(mutable, k)) is not None}
+
+
 def check_parameters(parameters: Mapping[str, str]) -> None:
     unknown = sorted(
         k for k in parameters if k not in KNOWN_PARAMETERS and not k.startswith(RESERVED_PREFIX)
@@ -261,6 +272,8 @@ def plan(req: pb.CreateVolumeRequest, namespace: str, content: Content | None = 
     snapshot or clone source has been resolved into ``content`` by the caller."""
     check_request(req)
     params = dict(req.parameters)
+    qos_patch(req.mutable_parameters)  # checked here; they override the class's QoS below
+    params.update(req.mutable_parameters)
     mode = access_mode(req.volume_capabilities, params)
     wanted = req.capacity_range
     if content and not wanted.required_bytes and not wanted.limit_bytes:
