@@ -129,3 +129,15 @@ def test_snapshots_are_opt_in_with_their_sidecar_rbac_and_class() -> None:
     assert not [o for o in defaults if o["kind"] == "VolumeSnapshotClass"]
     with pytest.raises(helm.HelmRenderError, match="snapshotter"):
         render({"volumeSnapshotClass": {"create": True}})
+
+
+def test_volume_attributes_classes_are_opt_in_with_their_feature_gate_and_rbac() -> None:
+    objects = render({"controller": {"volumeAttributesClass": {"enabled": True}}})
+    deployment = find(objects, "Deployment", "-controller")
+    for c in containers(deployment):
+        if c["name"] in ("csi-provisioner", "csi-resizer"):
+            assert "--feature-gates=VolumeAttributesClass=true" in c["args"], c["name"]
+    vac = ("storage.k8s.io", "volumeattributesclasses", ("get", "list", "watch"))
+    assert _rules(find(objects, "ClusterRole", "-controller")) == CONTROLLER_CLUSTER | {vac}
+    for c in containers(find(render(), "Deployment", "-controller")):
+        assert not any(a.startswith("--feature-gates") for a in c.get("args", [])), c["name"]

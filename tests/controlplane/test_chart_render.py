@@ -61,7 +61,7 @@ EVERYTHING_ON: dict[str, Any] = {
         "podLabels": {"x": "y"},
     },
     "storageClass": {"create": True, "default": True, "mountOptions": ["noatime"]},
-    "controller": {"snapshotter": {"enabled": True}},
+    "controller": {"snapshotter": {"enabled": True}, "volumeAttributesClass": {"enabled": True}},
     "volumeSnapshotClass": {"create": True, "parameters": {"snapshotClass": "csi-hostpath"}},
     "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}},
 }
