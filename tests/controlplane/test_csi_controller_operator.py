@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nbd_agent.csi._generated import csi_pb2 as pb
+from nbd_api import parse_quantity
 
 from tests.controlplane.controller_harness import controller, create_request, mount
 from tests.controlplane.operator_harness import (
@@ -70,3 +71,29 @@ async def test_a_provisioned_volume_is_served_grown_and_deleted_by_the_operator(
         await api.wait_for(lambda: api.current("nbdexports", NS, "pvc-1") is None)
         assert api.current("deployments", NS, "pvc-1-nbd") is None
         assert claim_request(api, "pvc-1") is None
+
+
+async def test_a_restored_volumes_data_claim_is_restored_from_the_backing_snapshot(
+    tmp_path: Path,
+) -> None:
+    async with controller(tmp_path) as ctl, running_operator(ctl.api):
+        api = ctl.api
+        source = (await ctl.call("CreateVolume", create_request("pvc-1", required=GIB))).volume
+        snapshot = pb.CreateSnapshotRequest(name="snap-1", source_volume_id=source.volume_id)
+        snap = (await ctl.call("CreateSnapshot", snapshot)).snapshot
+        restore = create_request("pvc-2", required=2 * GIB)
+        restore.volume_content_source.snapshot.snapshot_id = snap.snapshot_id
+        await ctl.call("CreateVolume", restore)
+        claim = await api.wait_for(
+            lambda: api.current("persistentvolumeclaims", NS, "pvc-2-nbd-data")
+        )
+        assert claim["spec"]["dataSource"] == {
+            "apiGroup": "snapshot.storage.k8s.io",
+            "kind": "VolumeSnapshot",
+            "name": "snap-1",
+        }
+        source_claim = api.current("persistentvolumeclaims", NS, "pvc-1-nbd-data") or {}
+        wanted = claim["spec"]["resources"]["requests"]["storage"]
+        had = source_claim["spec"]["resources"]["requests"]["storage"]
+        # A restored claim may not be smaller than the snapshot's source claim.
+        assert parse_quantity(wanted) >= parse_quantity(had)
