@@ -23,8 +23,15 @@ from nbd_agent.csi.errors import Unavailable
 from nbd_agent.csi.kube import KubeApi, SnapshotStore
 
 from nbdserver import client
-from tests.controlplane.controller_harness import Controller, controller, create_request
+from tests.controlplane.controller_harness import (
+    Controller,
+    Mode,
+    controller,
+    create_request,
+    mount,
+)
 from tests.controlplane.operator_harness import NS
+from tests.controlplane.test_crd_schema import admit
 from tests.interop.security_helpers import free_port, serve, wait_for
 
 GIB = 2**30
@@ -196,8 +203,6 @@ async def test_a_clone_is_a_claim_cloned_from_the_source_volumes_claim(
 
 
 def test_every_restored_or_cloned_export_is_admitted_by_the_crd() -> None:
-    from tests.controlplane.test_crd_schema import admit
-
     for content in (
         provision.Content({"kind": "VolumeSnapshot", "name": "s"}, GIB),
         provision.Content({"kind": "PersistentVolumeClaim", "name": "v-nbd-data"}, GIB),
@@ -265,3 +270,25 @@ async def test_write_a_snapshot_write_b_and_the_restored_volume_reads_a(tmp_path
     ):
         assert conn.pread(0, 4096) == b"A" * 4096
         conn.disconnect()
+
+
+async def test_a_volume_from_a_snapshot_may_be_read_only_many(
+    flushes_and_ctl: tuple[Flushes, Controller],
+) -> None:
+    _, ctl = flushes_and_ctl
+    vol = await _volume(ctl, "pvc-src")
+    snap = (await ctl.call("CreateSnapshot", snap_request("s", vol))).snapshot.snapshot_id
+    rox = mount(Mode.MULTI_NODE_READER_ONLY)
+    request = _from_snapshot("pvc-readers", snap)
+    del request.volume_capabilities[:]
+    request.volume_capabilities.append(rox)
+    volume = (await ctl.call("CreateVolume", request)).volume
+    spec = next(o for o in ctl.exports() if o["metadata"]["name"] == "pvc-readers")["spec"]
+    assert (spec["accessMode"], spec["readOnly"]) == ("ReadOnlyMany", True)
+    body = {"apiVersion": "nbd.dev/v1alpha1", "kind": "NBDExport", "spec": spec,
+            "metadata": {"name": "pvc-readers", "namespace": NS}}  # fmt: skip
+    assert admit(body) == []
+    check = pb.ValidateVolumeCapabilitiesRequest(
+        volume_id=volume.volume_id, volume_capabilities=[rox]
+    )
+    assert (await ctl.call("ValidateVolumeCapabilities", check)).HasField("confirmed")

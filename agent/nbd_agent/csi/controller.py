@@ -181,9 +181,11 @@ class ControllerService:
         if not req.volume_capabilities:
             raise InvalidArgument("volume_capabilities is required")
         obj = self._existing(req.volume_id)
-        have = (obj.get("spec") or {}).get("accessMode", "ReadWriteOnce")
+        spec = obj.get("spec") or {}
+        have = spec.get("accessMode", "ReadWriteOnce")
         try:
-            wanted = provision.access_mode(req.volume_capabilities, dict(req.parameters))
+            params, read_only = dict(req.parameters), bool(spec.get("readOnly"))
+            wanted = provision.access_mode(req.volume_capabilities, params, has_data=read_only)
         except InvalidArgument as exc:
             return pb.ValidateVolumeCapabilitiesResponse(message=str(exc))
         if wanted != have:

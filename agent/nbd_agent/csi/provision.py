@@ -115,8 +115,11 @@ def round_size(required: int, limit: int) -> int:
     return size
 
 
-def access_mode(caps: Iterable[pb.VolumeCapability], parameters: Mapping[str, str]) -> str:
-    """The export's ``accessMode`` that serves every requested capability, or INVALID_ARGUMENT."""
+def access_mode(
+    caps: Iterable[pb.VolumeCapability], parameters: Mapping[str, str], has_data: bool = False
+) -> str:
+    """The export's ``accessMode`` that serves every requested capability, or INVALID_ARGUMENT.
+    ``has_data``: the volume starts from a snapshot or clone, so read-only-many makes sense."""
     wanted: set[str] = set()
     for cap in caps:
         kind = cap.WhichOneof("access_type")
@@ -124,7 +127,7 @@ def access_mode(caps: Iterable[pb.VolumeCapability], parameters: Mapping[str, st
             raise InvalidArgument("every volume capability needs block or mount access_type")
         if kind == "mount" and cap.mount.fs_type not in ("", *SUPPORTED_FS):
             raise InvalidArgument(f"fs_type {cap.mount.fs_type!r} is not one of {SUPPORTED_FS}")
-        wanted.add(_mode_for(cap, kind, parameters))
+        wanted.add(_mode_for(cap, kind, parameters, has_data))
     if not wanted:
         raise InvalidArgument("volume_capabilities is required")
     if len(wanted) > 1:
@@ -132,7 +135,9 @@ def access_mode(caps: Iterable[pb.VolumeCapability], parameters: Mapping[str, st
     return wanted.pop()
 
 
-def _mode_for(cap: pb.VolumeCapability, kind: str, parameters: Mapping[str, str]) -> str:
+def _mode_for(
+    cap: pb.VolumeCapability, kind: str, parameters: Mapping[str, str], has_data: bool
+) -> str:
     mode = cap.access_mode.mode
     if mode in _SINGLE_NODE:
         return "ReadWriteOnce"
@@ -144,7 +149,9 @@ def _mode_for(cap: pb.VolumeCapability, kind: str, parameters: Mapping[str, str]
             )
         return "ReadWriteMany"
     if mode == Mode.MULTI_NODE_READER_ONLY:
-        raise InvalidArgument("MULTI_NODE_READER_ONLY is not offered: a new volume starts empty")
+        if not has_data:
+            raise InvalidArgument("MULTI_NODE_READER_ONLY needs a snapshot or volume to start from")
+        return "ReadOnlyMany"
     raise InvalidArgument(
         f"access mode {pb.VolumeCapability.AccessMode.Mode.Name(mode)} is not supported by nbd.dev"
     )
@@ -217,6 +224,8 @@ def export_spec(
         spec["source"] = {"volumeClaimTemplate": template}
     if mode == "ReadWriteMany":
         spec["clusterFilesystemAcknowledged"] = True
+    if mode == "ReadOnlyMany":
+        spec["readOnly"] = True  # many readers of restored data, never a writer
     connections = _positive(parameters, P_CONNECTIONS, most=64)
     if connections is not None:
         spec["connections"] = connections
@@ -274,7 +283,7 @@ def plan(req: pb.CreateVolumeRequest, namespace: str, content: Content | None = 
     params = dict(req.parameters)
     qos_patch(req.mutable_parameters)  # checked here; they override the class's QoS below
     params.update(req.mutable_parameters)
-    mode = access_mode(req.volume_capabilities, params)
+    mode = access_mode(req.volume_capabilities, params, has_data=content is not None)
     wanted = req.capacity_range
     if content and not wanted.required_bytes and not wanted.limit_bytes:
         size = round_size(content.min_size, 0)  # unasked: the size of what it restores
