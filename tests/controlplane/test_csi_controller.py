@@ -73,6 +73,7 @@ async def test_controller_capabilities_are_volumes_expansion_clones_and_snapshot
         rpc.EXPAND_VOLUME,
         rpc.CLONE_VOLUME,
         rpc.CREATE_DELETE_SNAPSHOT,
+        rpc.LIST_SNAPSHOTS,
         rpc.MODIFY_VOLUME,
     }
 

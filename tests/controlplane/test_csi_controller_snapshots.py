@@ -292,3 +292,27 @@ async def test_a_volume_from_a_snapshot_may_be_read_only_many(
         volume_id=volume.volume_id, volume_capabilities=[rox]
     )
     assert (await ctl.call("ValidateVolumeCapabilities", check)).HasField("confirmed")
+
+
+async def test_list_snapshots_filters_by_id_and_source_and_pages(
+    flushes_and_ctl: tuple[Flushes, Controller],
+) -> None:
+    _, ctl = flushes_and_ctl
+    a, b = await _volume(ctl, "pvc-a"), await _volume(ctl, "pvc-b")
+    for name, source in (("s1", a), ("s2", a), ("s3", b)):
+        await ctl.call("CreateSnapshot", snap_request(name, source))
+
+    async def listed(**fields: Any) -> list[str]:
+        resp = await ctl.call("ListSnapshots", pb.ListSnapshotsRequest(**fields))
+        return [e.snapshot.snapshot_id for e in resp.entries]
+
+    assert await listed() == [f"{NS}/s1", f"{NS}/s2", f"{NS}/s3"]
+    assert await listed(source_volume_id=a) == [f"{NS}/s1", f"{NS}/s2"]
+    assert await listed(snapshot_id=f"{NS}/s3") == [f"{NS}/s3"]
+    assert await listed(snapshot_id=f"{NS}/nope") == []
+    first = await ctl.call("ListSnapshots", pb.ListSnapshotsRequest(max_entries=2))
+    assert first.next_token == "2"
+    rest = await listed(max_entries=2, starting_token=first.next_token)
+    assert rest == [f"{NS}/s3"]
+    stale = pb.ListSnapshotsRequest(starting_token="9")
+    assert await ctl.code("ListSnapshots", stale) == Code.ABORTED

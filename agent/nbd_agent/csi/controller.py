@@ -47,7 +47,7 @@ CAPABILITIES = (
     RPC.CLONE_VOLUME,
     RPC.MODIFY_VOLUME,
 )
-SNAPSHOT_CAPABILITIES = (RPC.CREATE_DELETE_SNAPSHOT,)
+SNAPSHOT_CAPABILITIES = (RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS)
 Quiesce = Callable[[Mapping[str, Any]], None]
 
 
@@ -83,6 +83,22 @@ def _volume(obj: Mapping[str, Any]) -> pb.Volume:
         volume_id=provision.volume_id(meta["namespace"], meta["name"]),
         capacity_bytes=provision.capacity(obj),
     )
+
+
+def _page(
+    items: list[dict[str, Any]], max_entries: int, token: str
+) -> tuple[list[dict[str, Any]], str]:
+    """One page of a listing and the token of the next (the offset; "" after the last page).
+    A token that no longer fits the listing is ABORTED, as the spec asks."""
+    if max_entries < 0:
+        raise InvalidArgument("max_entries must not be negative")
+    start = 0
+    if token:
+        if not token.isdigit() or int(token) > len(items):
+            raise Aborted(f"starting_token {token!r} is not valid (any more)")
+        start = int(token)
+    end = len(items) if not max_entries else min(len(items), start + max_entries)
+    return items[start:end], str(end) if end < len(items) else ""
 
 
 class ControllerService:
@@ -200,19 +216,10 @@ class ControllerService:
         return pb.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
     def ListVolumes(self, req: pb.ListVolumesRequest) -> pb.ListVolumesResponse:
-        if req.max_entries < 0:
-            raise InvalidArgument("max_entries must not be negative")
         items = self.exports.list(self.namespace, provision.LABEL_VOLUME)
-        start = 0
-        if req.starting_token:
-            if not req.starting_token.isdigit() or int(req.starting_token) > len(items):
-                raise Aborted(f"starting_token {req.starting_token!r} is not valid (any more)")
-            start = int(req.starting_token)
-        end = len(items) if not req.max_entries else min(len(items), start + req.max_entries)
-        entries = [pb.ListVolumesResponse.Entry(volume=_volume(o)) for o in items[start:end]]
-        return pb.ListVolumesResponse(
-            entries=entries, next_token=str(end) if end < len(items) else ""
-        )
+        page, next_token = _page(items, req.max_entries, req.starting_token)
+        entries = [pb.ListVolumesResponse.Entry(volume=_volume(o)) for o in page]
+        return pb.ListVolumesResponse(entries=entries, next_token=next_token)
 
     # ---- expansion ----
 
@@ -302,6 +309,21 @@ class ControllerService:
                 f"snapshot {req.name!r} exists for another volume or with other parameters"
             )
         return pb.CreateSnapshotResponse(snapshot=snapshots.to_csi(existing))
+
+    def ListSnapshots(self, req: pb.ListSnapshotsRequest) -> pb.ListSnapshotsResponse:
+        """Our snapshots, or the one ``snapshot_id`` names, or those of ``source_volume_id``;
+        an id that matches nothing is an empty answer, not an error."""
+        if self.snapshots is None:
+            return pb.ListSnapshotsResponse()
+        items = self.snapshots.list(self.namespace, snapshots.LABEL_SNAPSHOT)
+        if req.snapshot_id:
+            items = [o for o in items if snapshots.to_csi(o).snapshot_id == req.snapshot_id]
+        if req.source_volume_id:
+            wanted = req.source_volume_id
+            items = [o for o in items if snapshots.to_csi(o).source_volume_id == wanted]
+        page, next_token = _page(items, req.max_entries, req.starting_token)
+        entries = [pb.ListSnapshotsResponse.Entry(snapshot=snapshots.to_csi(o)) for o in page]
+        return pb.ListSnapshotsResponse(entries=entries, next_token=next_token)
 
     def DeleteSnapshot(self, req: pb.DeleteSnapshotRequest) -> pb.DeleteSnapshotResponse:
         obj = self._snapshot(req.snapshot_id)

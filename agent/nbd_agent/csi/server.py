@@ -159,6 +159,7 @@ CONTROLLER_METHODS = [
     "ControllerExpandVolume",
     "CreateSnapshot",
     "DeleteSnapshot",
+    "ListSnapshots",
     "ControllerModifyVolume",
 ]
 
