@@ -101,7 +101,7 @@ SNAPSHOTTER_CLUSTER = {
 }
 # nbd_agent.csi.kube.SnapshotStore: a volume's snapshot is a VolumeSnapshot of its data claim.
 SNAPSHOT_NAMESPACED = {
-    ("snapshot.storage.k8s.io", "volumesnapshots", ("create", "delete", "get", "patch")),
+    ("snapshot.storage.k8s.io", "volumesnapshots", ("create", "delete", "get", "list")),
 }
 
 
