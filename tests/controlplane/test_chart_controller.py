@@ -12,7 +12,7 @@ import pytest
 from nbd_agent.csi import provision
 from test_chart_render import EVERYTHING_ON
 from test_chart_security import _rules
-from test_chart_support import containers, find, pod_spec, render
+from test_chart_support import containers, find, pod_spec, render, render_manifests
 
 from tests.controlplane.controller_harness import create_request
 
@@ -141,3 +141,12 @@ def test_volume_attributes_classes_are_opt_in_with_their_feature_gate_and_rbac()
     assert _rules(find(objects, "ClusterRole", "-controller")) == CONTROLLER_CLUSTER | {vac}
     for c in containers(find(render(), "Deployment", "-controller")):
         assert not any(a.startswith("--feature-gates") for a in c.get("args", [])), c["name"]
+
+
+def test_the_notes_warn_when_the_operator_would_not_see_the_controllers_exports() -> None:
+    notes = "kube-nbd/templates/NOTES.txt"
+    elsewhere = render_manifests({"operator": {"watchNamespaces": ["apps"]}})[notes]
+    assert 'creates its NBDExports in "kube-nbd"' in elsewhere
+    included = render_manifests({"operator": {"watchNamespaces": ["apps", "kube-nbd"]}})[notes]
+    assert "WARNING" not in included
+    assert "WARNING" not in render_manifests()[notes]
