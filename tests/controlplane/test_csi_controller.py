@@ -416,6 +416,9 @@ async def test_expand_errors_carry_the_spec_codes(ctl: Controller) -> None:
     assert await ctl.code("ControllerExpandVolume", inside) == Code.OUT_OF_RANGE
     memory = expand(mem.volume.volume_id, 2 * GIB)
     assert await ctl.code("ControllerExpandVolume", memory) == Code.FAILED_PRECONDITION
+    raw = await ctl.call("CreateVolume", create_request("pvc-b", volumeMode="Block"))
+    block = expand(raw.volume.volume_id, 2 * GIB)
+    assert await ctl.code("ControllerExpandVolume", block) == Code.FAILED_PRECONDITION
     assert ctl.exports()[0]["spec"]["size"] == GIB
 
 

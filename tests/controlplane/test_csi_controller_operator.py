@@ -27,6 +27,12 @@ def claim_request(api: FakeApiServer, name: str) -> str | None:
     return pvc["spec"]["resources"]["requests"]["storage"] if pvc else None
 
 
+def server_args(api: FakeApiServer, name: str) -> list[str]:
+    dep = api.current("deployments", NS, f"{name}-nbd") or {}
+    containers = dep.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [{}])
+    return list(containers[0].get("args", []))
+
+
 def served(api: FakeApiServer, name: str, size: int) -> Any:
     obj = api.current("nbdexports", NS, name) or {}
     status = obj.get("status") or {}
@@ -43,9 +49,10 @@ async def test_a_provisioned_volume_is_served_grown_and_deleted_by_the_operator(
 ) -> None:
     async with controller(tmp_path) as ctl, running_operator(ctl.api):
         api = ctl.api
-        request = create_request("pvc-1", required=GIB, volumeMode="Block")
+        request = create_request("pvc-1", required=GIB)  # an image file in a Filesystem claim
         vol = (await ctl.call("CreateVolume", request)).volume.volume_id
-        await api.wait_for(lambda: claim_request(api, "pvc-1") == "1Gi")
+        # The claim holds the image and a filesystem around it: size + max(64 MiB, size/32).
+        await api.wait_for(lambda: claim_request(api, "pvc-1") == "1088Mi")
         await api.wait_for(lambda: api.current("deployments", NS, "pvc-1-nbd"))
         client = ctl.client
         await bind_claim(client, "pvc-1-nbd-data")
@@ -59,7 +66,9 @@ async def test_a_provisioned_volume_is_served_grown_and_deleted_by_the_operator(
         )
         resp = await ctl.call("ControllerExpandVolume", grow)
         assert resp.capacity_bytes == 2 * GIB
-        await api.wait_for(lambda: claim_request(api, "pvc-1") == "2Gi")
+        await api.wait_for(lambda: claim_request(api, "pvc-1") == "2112Mi")
+        # The image's size is on the server's command line: the operator rolls the server.
+        await api.wait_for(lambda: str(2 * GIB) in server_args(api, "pvc-1"))
         await mark_available(client, "pvc-1-nbd")
         await api.wait_for(lambda: served(api, "pvc-1", 2 * GIB))
         listed = await ctl.call("ListVolumes", pb.ListVolumesRequest())

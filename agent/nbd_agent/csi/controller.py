@@ -230,9 +230,15 @@ class ControllerService:
             raise InvalidArgument("capacity_range is required")
         obj = self._existing(req.volume_id)
         spec = obj.get("spec") or {}
-        if "memory" in (spec.get("source") or {}):
+        source = spec.get("source") or {}
+        if "memory" in source:
             raise FailedPrecondition(
                 "a memory volume cannot grow: its server restarts to grow and memory starts empty"
+            )
+        if (source.get("volumeClaimTemplate") or {}).get("volumeMode") == "Block":
+            raise FailedPrecondition(
+                "a volume on a Block backing claim cannot grow: its server serves the device as"
+                " it was opened (use volumeMode Filesystem, the default, for volumes that grow)"
             )
         wanted = req.capacity_range
         size = provision.round_size(wanted.required_bytes, wanted.limit_bytes)
