@@ -1,13 +1,14 @@
 """The CSI Controller service: volumes are NBDExports that this service creates and deletes.
 
-Why it exists: external-provisioner and external-resizer call these RPCs for dynamically
-provisioned claims. Each volume is one NBDExport in the controller's namespace (the operator then
-makes its claim, server and Service); the volume id is ``<namespace>/<export>``, which the node
-plugin already resolves. The rules follow the CSI spec's order: validate the request
-(INVALID_ARGUMENT, OUT_OF_RANGE), then let the API server arbitrate (a create either wins or
-finds the name taken), then treat "already there, identical" as success and "already there,
-different" as ALREADY_EXISTS. There is no in-process lock: two controller replicas, or two racing
-calls, meet at the API server's create, which lets exactly one through.
+Why it exists: external-provisioner, external-resizer and external-snapshotter call these RPCs
+for dynamically provisioned claims, their growth, QoS changes and snapshots. Each volume is one
+NBDExport in the controller's namespace (the operator then makes its claim, server and Service);
+the volume id is ``<namespace>/<export>``, which the node plugin already resolves. The rules
+follow the CSI spec's order: validate the request (INVALID_ARGUMENT, OUT_OF_RANGE), then let the
+API server arbitrate (a create either wins or finds the name taken), then treat "already there,
+identical" as success and "already there, different" as ALREADY_EXISTS. There is no in-process
+lock: two controller replicas, or two racing calls, meet at the API server's create, which lets
+exactly one through.
 
 Snapshots are VolumeSnapshots of the volumes' data claims, made by the backing storage class
 after the volume's server flushed (``snapshots.py`` says why); restores and clones are volumes
@@ -64,7 +65,8 @@ def flush_server(export: Mapping[str, Any]) -> None:
 
 
 class Exports(Protocol):
-    """What the controller needs of the Kubernetes API (``kube.ExportStore``)."""
+    """What the controller needs of the Kubernetes API (``kube.ExportStore``, and
+    ``kube.SnapshotStore`` for VolumeSnapshots)."""
 
     def create(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
