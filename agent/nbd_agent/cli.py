@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "list": "nbd_agent.cli:add_list",
     "watch": "nbd_agent.cli:add_watch",
     "csi": "nbd_agent.csi.cli:add_parser",
+    "csi-controller": "nbd_agent.csi.controller_cli:add_parser",
 }
 
 
@@ -135,7 +136,7 @@ def _run_watch(args: argparse.Namespace) -> int:
 
 
 # Subcommands whose module needs an optional extra: the extra that brings what they import.
-EXTRAS: dict[str, str] = {"csi": "agent"}
+EXTRAS: dict[str, str] = {"csi": "agent", "csi-controller": "agent"}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

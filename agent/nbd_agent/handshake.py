@@ -118,3 +118,11 @@ def export_identity(
     with _agent_errors(target):
         found = client.export_identity(target.parsed, tls_context=tls_context, timeout=timeout)
     return found or ""
+
+
+def flush_export(target: Target, *, timeout: float = 10.0) -> None:
+    """Connect, send NBD_CMD_FLUSH, disconnect: every write the server acknowledged before the
+    flush is then on its stable storage (the quiesce before a snapshot of that storage)."""
+    with _agent_errors(target), client.connect(target.parsed, timeout=timeout) as conn:
+        conn.flush()
+        conn.disconnect()

@@ -145,11 +145,11 @@ class Keeper:
         grown = attach.grew(kept.expected, info)
         ksocks, proxies = attach.kernel_sockets(kept.target, socks)
         try:
+            # Sockets first, the new size in a second RECONFIGURE: the kernel resizes with the
+            # queue frozen, which waits for the I/O held since the link died, and that I/O only
+            # completes over the new socket (one message would hang until dead_conn_timeout).
             self.nl.reconfigure(
-                index,
-                [s.fileno() for s in ksocks],
-                backend_identifier=kept.backend.identifier(),
-                size_bytes=info.size if grown else None,
+                index, [s.fileno() for s in ksocks], backend_identifier=kept.backend.identifier()
             )
         except NetlinkError as exc:
             attach.close_proxies(proxies)
@@ -161,8 +161,8 @@ class Keeper:
             return
         finally:
             attach.close_all(ksocks)
-        if grown:
-            log.warning("/dev/nbd%d: the export grew to %d bytes; device resized", index, info.size)
+        if grown and not self._resize(index, kept, info.size):
+            info = dataclasses.replace(info, size=kept.expected.size)  # retried next reconnect
         # From now on compare with what the server said (its identity too, if it told one only
         # now; the backend identifier keeps the one seen at attach, the kernel insists on it).
         kept.expected = dataclasses.replace(info, identity=info.identity or kept.expected.identity)
@@ -171,6 +171,17 @@ class Keeper:
         outage = self.reconnector.succeeded(index, self.clock())
         self.outages.append((index, outage))
         log.warning("/dev/nbd%d: reconnected after %.3fs", index, outage)
+
+    def _resize(self, index: int, kept: Kept, size: int) -> bool:
+        try:
+            self.nl.reconfigure(
+                index, [], backend_identifier=kept.backend.identifier(), size_bytes=size
+            )
+        except NetlinkError as exc:
+            log.error("/dev/nbd%d: grew to %d bytes; resize failed: %s", index, size, exc)
+            return False
+        log.warning("/dev/nbd%d: the export grew to %d bytes; device resized", index, size)
+        return True
 
     def _refuse(self, index: int, reason: str) -> None:
         """Different data answers under the export's name: give the kernel no socket and end

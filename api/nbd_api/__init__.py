@@ -51,6 +51,7 @@ from nbd_api.names import (
     VERSION,
     AccessMode,
     Phase,
+    data_claim_name,
 )
 from nbd_api.status import ExportStatus, export_uri, parse_quantity
 
@@ -87,6 +88,7 @@ __all__ = [
     "attachment_from_lease",
     "attachment_lease",
     "attachment_lease_name",
+    "data_claim_name",
     "export_uri",
     "parse_quantity",
     "writer_lease",

@@ -35,6 +35,13 @@ PHASES: Final[tuple[Phase, ...]] = ("Pending", "Provisioning", "Ready", "Failed"
 AccessMode = Literal["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany"]
 ACCESS_MODES: Final[tuple[AccessMode, ...]] = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany")
 
+
+def data_claim_name(export: str) -> str:
+    """The PersistentVolumeClaim the operator creates for a volumeClaimTemplate source (the
+    CSI controller snapshots and clones it)."""
+    return f"{export}-nbd-data"
+
+
 # Condition types in status.conditions (metav1.Condition shape).
 COND_READY: Final = "Ready"
 COND_SOURCE_BOUND: Final = "SourceBound"

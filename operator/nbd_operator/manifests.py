@@ -86,6 +86,12 @@ def persistent_volume_claim(spec: ExportSpec) -> dict[str, Any]:
     }
     if template.get("storageClassName"):
         claim_spec["storageClassName"] = template["storageClassName"]
+    source = template.get("dataSource")
+    if source:
+        # Restored or cloned by the claim's storage class (a snapshot or clone of a volume).
+        claim_spec["dataSource"] = {"kind": source["kind"], "name": source["name"]}
+        if source["kind"] == "VolumeSnapshot":
+            claim_spec["dataSource"]["apiGroup"] = "snapshot.storage.k8s.io"
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from nbd_api import LABEL_EXPORT, parse_quantity
+from nbd_api import LABEL_EXPORT, data_claim_name, parse_quantity
 
 SourceKind = Literal[
     "volumeClaimTemplate", "persistentVolumeClaim", "hostDevice", "memory", "export"
@@ -187,7 +187,7 @@ def server_name(export: str) -> str:
 
 def claim_name(export: str) -> str:
     """The PersistentVolumeClaim the operator creates for a volumeClaimTemplate source."""
-    return f"{export}-nbd-data"
+    return data_claim_name(export)
 
 
 def overlay_claim_name(export: str) -> str:

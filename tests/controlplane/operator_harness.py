@@ -54,6 +54,8 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/events": {"kind": "Event", "namespaced": True},
     "networking.k8s.io/v1/networkpolicies": {"kind": "NetworkPolicy", "namespaced": True},
     "coordination.k8s.io/v1/leases": {"kind": "Lease", "namespaced": True},
+    # What the CSI controller makes for a snapshot (no snapshot controller plays it here).
+    "snapshot.storage.k8s.io/v1/volumesnapshots": {"kind": "VolumeSnapshot", "namespaced": True},
 }
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 

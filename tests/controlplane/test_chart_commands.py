@@ -39,7 +39,9 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
 
 
 def _container(values: dict[str, Any], kind: str, name: str) -> dict[str, Any]:
-    return next(c for c in containers(find(render(values), kind)) if c["name"] == name)
+    """The container ``name`` of the one ``kind`` whose object name ends in its component."""
+    suffix = {"operator": "-operator", "controller": "-controller"}.get(name, "")
+    return next(c for c in containers(find(render(values), kind, suffix)) if c["name"] == name)
 
 
 def test_every_command_is_a_console_script_of_the_image() -> None:
@@ -98,7 +100,9 @@ def test_the_operator_reads_the_server_image_and_pull_policy_the_chart_sets() ->
 
 def test_the_pod_monitor_finds_the_metrics_port_of_the_servers_the_operator_builds() -> None:
     objects = render({"metrics": {"podMonitor": {"enabled": True}, "serverPort": 9300}})
-    operator = next(c for c in containers(find(objects, "Deployment")) if c["name"] == "operator")
+    operator = next(
+        c for c in containers(find(objects, "Deployment", "-operator")) if c["name"] == "operator"
+    )
     config = OperatorConfig.from_env(_env(operator))
     assert config.server_metrics_port == 9300
     body = {"metadata": {"name": "disk", "namespace": "ns", "uid": "u"}}
@@ -216,3 +220,22 @@ def test_without_a_trusted_ca_the_agent_keeps_the_system_bundle() -> None:
     agent = _container({}, "DaemonSet", "agent")
     assert not [e for e in agent["env"] if e["name"].startswith("SSL_CERT")]
     assert not [m for m in agent["volumeMounts"] if m["name"] == "trusted-ca"]
+
+
+def test_the_controller_accepts_its_rendered_arguments_and_shares_its_socket() -> None:
+    container = _container({}, "Deployment", "controller")
+    assert container["command"] == ["nbd-agent"]
+    env = {"POD_NAMESPACE": "kube-nbd"}
+    args = agent_parser().parse_args(_kubelet_expand(container["args"], env))
+    assert args.command == "csi-controller"
+    assert args.namespace == "kube-nbd"
+    assert args.log_level == "INFO"
+    socket_path = args.endpoint.removeprefix("unix://")
+    deployment = find(render(), "Deployment", "-controller")
+    sidecars = [c for c in containers(deployment) if c["name"] != "controller"]
+    assert [c["name"] for c in sidecars] == ["csi-provisioner", "csi-resizer"]
+    for sidecar in sidecars:
+        assert f"--csi-address={socket_path}" in sidecar["args"]
+        mounts = {m["mountPath"] for m in sidecar["volumeMounts"]}
+        assert str(Path(socket_path).parent) in mounts
+        assert "--leader-election=true" in sidecar["args"]

@@ -61,11 +61,14 @@ EVERYTHING_ON: dict[str, Any] = {
         "podLabels": {"x": "y"},
     },
     "storageClass": {"create": True, "default": True, "mountOptions": ["noatime"]},
+    "controller": {"snapshotter": {"enabled": True}, "volumeAttributesClass": {"enabled": True}},
+    "volumeSnapshotClass": {"create": True, "parameters": {"snapshotClass": "csi-hostpath"}},
     "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}},
 }
 
 MINIMAL: dict[str, Any] = {
     "crds": {"enabled": False},
+    "controller": {"enabled": False},
     "csiDriver": {"enabled": False},
     "agent": {"enabled": False},
     "operator": {
@@ -87,7 +90,7 @@ VALUE_SETS: dict[str, Any] = {
     "k3d": lambda: _values_file("values-k3d.yaml"),
 }
 # Objects from CRDs the API server does not know without their operators.
-NOT_BUILTIN = {"PodMonitor"}
+NOT_BUILTIN = {"PodMonitor", "VolumeSnapshotClass"}
 
 
 @pytest.fixture(params=sorted(VALUE_SETS), ids=sorted(VALUE_SETS))
@@ -153,13 +156,19 @@ def test_default_install_renders_the_whole_product() -> None:
             "CSIDriver",
             "ServiceAccount",
             "ServiceAccount",
+            "ServiceAccount",  # the CSI controller's
             "ClusterRole",
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
             "ClusterRoleBinding",
             "ClusterRoleBinding",
             "Role",  # the operator's leader election Lease
             "RoleBinding",
-            "Deployment",
+            "Role",  # the CSI controller's NBDExports and its sidecars' Leases
+            "RoleBinding",
+            "Deployment",  # the operator
+            "Deployment",  # the CSI controller
             "DaemonSet",
         ]
     )
@@ -196,9 +205,11 @@ def test_csidriver_matches_what_the_agent_implements() -> None:
 
 def test_image_reference_prefers_digest_and_defaults_to_app_version() -> None:
     app_version = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())["appVersion"]
-    image = find(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    image = find(render(), "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0][
+        "image"
+    ]
     assert image == f"ghcr.io/kube-nbd/kube-nbd:{app_version}"
-    pinned = find(render(EVERYTHING_ON), "Deployment")
+    pinned = find(render(EVERYTHING_ON), "Deployment", "-operator")
     assert pinned["spec"]["template"]["spec"]["containers"][0]["image"].endswith(
         "@sha256:" + "a" * 64
     )

@@ -99,7 +99,7 @@ def test_sidecars_drop_every_capability_and_cannot_escalate() -> None:
 
 
 def test_the_operator_runs_unprivileged_as_the_images_non_root_user() -> None:
-    spec = pod_spec(find(render(), "Deployment"))
+    spec = pod_spec(find(render(), "Deployment", "-operator"))
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] == 65532
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -212,19 +212,25 @@ def test_watching_namespaces_narrows_the_operator_to_roles_in_them() -> None:
     ]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["apps", "db"]
     assert all(b["subjects"][0]["namespace"] == "kube-nbd" for b in bindings)
-    args = pod_spec(find(objects, "Deployment"))["containers"][0]["args"]
+    args = pod_spec(find(objects, "Deployment", "-operator"))["containers"][0]["args"]
     assert "--namespace=apps" in args and "--namespace=db" in args
 
 
 def test_several_operators_only_with_leader_election() -> None:
-    deployment = find(render(), "Deployment")
+    deployment = find(render(), "Deployment", "-operator")
     assert deployment["spec"]["replicas"] == 1
     # The new pod starts beside the old one and waits for the Lease.
     assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
-    assert find(render({"operator": {"replicas": 3}}), "Deployment")["spec"]["replicas"] == 3
-    assert find(render({"operator": {"replicas": 0}}), "Deployment")["spec"]["replicas"] == 0
+    assert (
+        find(render({"operator": {"replicas": 3}}), "Deployment", "-operator")["spec"]["replicas"]
+        == 3
+    )
+    assert (
+        find(render({"operator": {"replicas": 0}}), "Deployment", "-operator")["spec"]["replicas"]
+        == 0
+    )
     single = {"operator": {"leaderElection": {"enabled": False}}}
-    deployment = find(render(single), "Deployment")
+    deployment = find(render(single), "Deployment", "-operator")
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert "--leader-elect" not in pod_spec(deployment)["containers"][0]["args"]
     assert not [o for o in render(single) if o["metadata"]["name"].endswith("-leader")]
@@ -261,4 +267,7 @@ def test_without_rbac_creation_no_role_or_binding_is_rendered() -> None:
         "ClusterRoleBinding",
         "ServiceAccount",
     }
-    assert pod_spec(find(render(MINIMAL), "Deployment"))["serviceAccountName"] == "byo-operator"
+    assert (
+        pod_spec(find(render(MINIMAL), "Deployment", "-operator"))["serviceAccountName"]
+        == "byo-operator"
+    )

@@ -48,6 +48,7 @@ CLUSTER_SCOPED = {
     "ClusterRoleBinding",
     "CSIDriver",
     "StorageClass",
+    "VolumeSnapshotClass",
     "CustomResourceDefinition",
     "PersistentVolume",
     "Namespace",

@@ -34,6 +34,18 @@ SOURCES: dict[str, dict[str, Any]] = {
     "pvc-block": {"source": {"persistentVolumeClaim": {"claimName": "raw", "volumeMode": "Block"}}},
     "host": {"source": {"hostDevice": {"nodeName": "node-a", "path": "/dev/sdb"}}},
     "memory": {"source": {"memory": {}}, "size": "512Mi"},
+    "vct-restored": {
+        "source": {"volumeClaimTemplate": {"dataSource": {"kind": "VolumeSnapshot", "name": "s"}}},
+        "size": "1Gi",
+    },
+    "vct-cloned": {
+        "source": {
+            "volumeClaimTemplate": {
+                "dataSource": {"kind": "PersistentVolumeClaim", "name": "vol-nbd-data"}
+            }
+        },
+        "size": "1Gi",
+    },
 }
 FULL = {
     "source": {"volumeClaimTemplate": {}},
@@ -236,6 +248,19 @@ def test_a_filesystem_claim_asks_for_room_around_the_image() -> None:
     assert claim["spec"]["storageClassName"] == "fast"
     # 10 GiB image + 10 GiB/32 for the filesystem around it.
     assert claim["spec"]["resources"]["requests"]["storage"] == "10560Mi"
+
+
+def test_a_claim_with_a_data_source_is_restored_or_cloned_by_its_storage_class() -> None:
+    restored = manifests.persistent_volume_claim(parse_spec(body(SOURCES["vct-restored"])))
+    assert restored["spec"]["dataSource"] == {
+        "apiGroup": "snapshot.storage.k8s.io",
+        "kind": "VolumeSnapshot",
+        "name": "s",
+    }
+    cloned = manifests.persistent_volume_claim(parse_spec(body(SOURCES["vct-cloned"])))
+    assert cloned["spec"]["dataSource"] == {"kind": "PersistentVolumeClaim", "name": "vol-nbd-data"}
+    plain = manifests.persistent_volume_claim(parse_spec(body(SOURCES["vct-fs"])))
+    assert "dataSource" not in plain["spec"]
 
 
 def test_every_spec_option_reaches_the_server_command_line() -> None:

@@ -12,6 +12,7 @@ change ``nbd_operator.kube``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pathlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,7 +20,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any, ClassVar
 
 import pytest
-from nbd_operator.kube import CLUSTER_SCOPED, RESOURCES, Kube
+from nbd_operator.kube import CLUSTER_SCOPED, RESOURCES, Kube, KubeError
 
 TIMEOUT = float(os.environ.get("NBD_E2E_TIMEOUT", "180"))
 # A busybox-like image with sh, dd, cmp, cat, blockdev and sleep; any the nodes can pull.
@@ -36,8 +37,17 @@ EXTRA_RESOURCES: dict[str, tuple[str, str]] = {
     "Event": ("api/v1", "events"),
     "CSIDriver": ("apis/storage.k8s.io/v1", "csidrivers"),
     "CSINode": ("apis/storage.k8s.io/v1", "csinodes"),
+    "StorageClass": ("apis/storage.k8s.io/v1", "storageclasses"),
+    "VolumeSnapshot": ("apis/snapshot.storage.k8s.io/v1", "volumesnapshots"),
+    "VolumeSnapshotClass": ("apis/snapshot.storage.k8s.io/v1", "volumesnapshotclasses"),
 }
-EXTRA_CLUSTER_SCOPED = {"PersistentVolume", "CSIDriver", "CSINode"}
+EXTRA_CLUSTER_SCOPED = {
+    "PersistentVolume",
+    "CSIDriver",
+    "CSINode",
+    "StorageClass",
+    "VolumeSnapshotClass",
+}
 
 
 def kubeconfig_present() -> bool:
@@ -171,3 +181,82 @@ def static_pv_and_claim(
         },
     }
     return pv, claim
+
+
+class Made:
+    """What a test created, deleted in reverse order at the end (each waited until gone)."""
+
+    def __init__(self, kube: E2EKube) -> None:
+        self.kube = kube
+        self.objects: list[tuple[str, str | None, str]] = []
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        created = await self.kube.create(obj)
+        meta = obj["metadata"]
+        self.objects.append((obj["kind"], meta.get("namespace"), meta["name"]))
+        return created
+
+    async def delete_and_wait(self, kind: str, namespace: str | None, name: str) -> None:
+        await self.kube.delete(kind, namespace, name)
+
+        async def gone() -> bool:
+            return await self.kube.get(kind, namespace, name) is None
+
+        await eventually(gone, f"{kind} {name} to be gone")
+
+    async def cleanup(self) -> None:
+        # Ask for every deletion first, then wait: one stuck object must not leave the others
+        # behind. The order still holds where it matters, because the API server and the
+        # operator enforce it (a claim and an export stay until the pods using them are gone).
+        remaining = list(reversed(self.objects))
+        for kind, namespace, name in remaining:
+            try:
+                await self.kube.delete(kind, namespace, name)
+            except KubeError as exc:
+                logging.getLogger("e2e").warning("deleting %s %s: %s", kind, name, exc)
+
+        async def all_gone() -> bool:
+            for kind, namespace, name in remaining:
+                if await self.kube.get(kind, namespace, name) is not None:
+                    return False
+            return True
+
+        await eventually(all_gone, f"{', '.join(n for _, _, n in remaining)} to be gone")
+
+
+async def diagnosis(kube: E2EKube, namespace: str, pod: str) -> str:
+    events = await kube.events_about(namespace, pod)
+    lines = [f"{e.get('reason')}: {e.get('message')}" for e in events]
+    return "log:\n" + await kube.pod_log(namespace, pod) + "\nevents:\n" + "\n".join(lines)
+
+
+async def running_pod(kube: E2EKube, made: Made, pod: dict[str, Any]) -> dict[str, Any]:
+    namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+    await made.create(pod)
+
+    async def running() -> Any:
+        obj = await kube.get("Pod", namespace, name)
+        phase = (obj or {}).get("status", {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            pytest.fail(f"pod {name} exited early; {await diagnosis(kube, namespace, name)}")
+        return obj if phase == "Running" else None
+
+    result: dict[str, Any] = await eventually(running, f"pod {name} to be Running")
+    return result
+
+
+async def run_to_completion(kube: E2EKube, made: Made, pod: dict[str, Any]) -> str:
+    """Create the pod, wait until it has exited, require exit 0; returns its log."""
+    namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+    await made.create(pod)
+
+    async def finished() -> Any:
+        obj = await kube.get("Pod", namespace, name)
+        phase = (obj or {}).get("status", {}).get("phase")
+        return obj if phase in ("Succeeded", "Failed") else None
+
+    obj = await eventually(finished, f"pod {name} to exit")
+    log = await kube.pod_log(namespace, name)
+    if obj["status"]["phase"] != "Succeeded":
+        pytest.fail(f"pod {name} failed; {await diagnosis(kube, namespace, name)}")
+    return log

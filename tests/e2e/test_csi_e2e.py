@@ -14,25 +14,23 @@ first (that detaches the devices), exports last.
 
 from __future__ import annotations
 
-import logging
-import os
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import kopf
 import nbd_api
 import pytest
-from nbd_operator.kube import KubeError
 
 from tests.e2e.e2e_support import (
     NO_CLUSTER_REASON,
     E2EKube,
+    Made,
     eventually,
     export_manifest,
     inline_volume,
     kubeconfig_present,
     pod_manifest,
+    run_to_completion,
+    running_pod,
     static_pv_and_claim,
 )
 
@@ -42,84 +40,6 @@ if not kubeconfig_present():
     pytest.skip(NO_CLUSTER_REASON, allow_module_level=True)
 
 EXPORT_SIZE = "64Mi"
-
-
-@pytest.fixture
-def namespace() -> str:
-    return os.environ.get("NBD_E2E_NAMESPACE", "default")
-
-
-@pytest.fixture
-async def kube(namespace: str) -> AsyncIterator[E2EKube]:
-    settings = kopf.OperatorSettings()
-    info = await kopf.login_via_async_client(logger=logging.getLogger("e2e"), settings=settings)
-    if info is None:
-        pytest.skip("kubeconfig present but unusable (kubernetes_asyncio could not load it)")
-    client = E2EKube(info)
-    try:
-        try:
-            await client.list("NBDExport", namespace)  # 404 when the CRD is not installed
-            driver = await client.get("CSIDriver", None, nbd_api.CSI_DRIVER)
-        except (KubeError, OSError) as exc:
-            pytest.skip(f"cluster not reachable or the NBDExport CRD is not installed: {exc}")
-        if driver is None:
-            pytest.skip(
-                f"CSIDriver {nbd_api.CSI_DRIVER} not installed: install the chart "
-                "(tests/e2e/README.md) for the node-side tests"
-            )
-        yield client
-    finally:
-        await client.close()
-
-
-class Made:
-    """What a test created, deleted in reverse order at the end (each waited until gone)."""
-
-    def __init__(self, kube: E2EKube) -> None:
-        self.kube = kube
-        self.objects: list[tuple[str, str | None, str]] = []
-
-    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
-        created = await self.kube.create(obj)
-        meta = obj["metadata"]
-        self.objects.append((obj["kind"], meta.get("namespace"), meta["name"]))
-        return created
-
-    async def delete_and_wait(self, kind: str, namespace: str | None, name: str) -> None:
-        await self.kube.delete(kind, namespace, name)
-
-        async def gone() -> bool:
-            return await self.kube.get(kind, namespace, name) is None
-
-        await eventually(gone, f"{kind} {name} to be gone")
-
-    async def cleanup(self) -> None:
-        # Ask for every deletion first, then wait: one stuck object must not leave the others
-        # behind. The order still holds where it matters, because the API server and the
-        # operator enforce it (a claim and an export stay until the pods using them are gone).
-        remaining = list(reversed(self.objects))
-        for kind, namespace, name in remaining:
-            try:
-                await self.kube.delete(kind, namespace, name)
-            except KubeError as exc:
-                logging.getLogger("e2e").warning("deleting %s %s: %s", kind, name, exc)
-
-        async def all_gone() -> bool:
-            for kind, namespace, name in remaining:
-                if await self.kube.get(kind, namespace, name) is not None:
-                    return False
-            return True
-
-        await eventually(all_gone, f"{', '.join(n for _, _, n in remaining)} to be gone")
-
-
-@pytest.fixture
-async def made(kube: E2EKube) -> AsyncIterator[Made]:
-    tracker = Made(kube)
-    try:
-        yield tracker
-    finally:
-        await tracker.cleanup()
 
 
 def _name(prefix: str) -> str:
@@ -135,44 +55,6 @@ async def _ready_export(kube: E2EKube, made: Made, namespace: str, spec: dict[st
         return obj if (obj or {}).get("status", {}).get("phase") == "Ready" else None
 
     return await eventually(ready, f"NBDExport {name} to be Ready")
-
-
-async def _diagnosis(kube: E2EKube, namespace: str, pod: str) -> str:
-    events = await kube.events_about(namespace, pod)
-    lines = [f"{e.get('reason')}: {e.get('message')}" for e in events]
-    return "log:\n" + await kube.pod_log(namespace, pod) + "\nevents:\n" + "\n".join(lines)
-
-
-async def _run_to_completion(kube: E2EKube, made: Made, pod: dict[str, Any]) -> str:
-    """Create the pod, wait until it has exited, require exit 0; returns its log."""
-    namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
-    await made.create(pod)
-
-    async def finished() -> Any:
-        obj = await kube.get("Pod", namespace, name)
-        phase = (obj or {}).get("status", {}).get("phase")
-        return obj if phase in ("Succeeded", "Failed") else None
-
-    obj = await eventually(finished, f"pod {name} to exit")
-    log = await kube.pod_log(namespace, name)
-    if obj["status"]["phase"] != "Succeeded":
-        pytest.fail(f"pod {name} failed; {await _diagnosis(kube, namespace, name)}")
-    return log
-
-
-async def _running(kube: E2EKube, made: Made, pod: dict[str, Any]) -> dict[str, Any]:
-    namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
-    await made.create(pod)
-
-    async def running() -> Any:
-        obj = await kube.get("Pod", namespace, name)
-        phase = (obj or {}).get("status", {}).get("phase")
-        if phase in ("Succeeded", "Failed"):
-            pytest.fail(f"pod {name} exited early; {await _diagnosis(kube, namespace, name)}")
-        return obj if phase == "Running" else None
-
-    result: dict[str, Any] = await eventually(running, f"pod {name} to be Running")
-    return result
 
 
 async def _attachment_leases(kube: E2EKube, namespace: str, export: str) -> list[dict[str, Any]]:
@@ -215,7 +97,7 @@ async def test_an_inline_volume_keeps_its_data_from_one_pod_to_the_next(
         f"echo {token} > /data/proof && sync && cat /data/proof",
         inline_volume(name),
     )
-    assert token in await _run_to_completion(kube, made, writer)
+    assert token in await run_to_completion(kube, made, writer)
     await made.delete_and_wait("Pod", namespace, writer["metadata"]["name"])
 
     # Unpublish of an ephemeral volume detaches it: no node may still record an attachment, so
@@ -225,7 +107,7 @@ async def test_an_inline_volume_keeps_its_data_from_one_pod_to_the_next(
 
     await eventually(detached, f"the writer's node to detach {name}")
     reader = pod_manifest(_name("reader"), namespace, "cat /data/proof", inline_volume(name))
-    assert (await _run_to_completion(kube, made, reader)).strip() == token
+    assert (await run_to_completion(kube, made, reader)).strip() == token
 
 
 async def test_a_block_volume_is_a_device_of_the_exports_size(
@@ -242,7 +124,7 @@ async def test_a_block_volume_is_a_device_of_the_exports_size(
     volume = {"persistentVolumeClaim": {"claimName": name}}
     script = "test -b /dev/xvda && blockdev --getsize64 /dev/xvda"
     pod = pod_manifest(_name("block"), namespace, script, volume, block_path="/dev/xvda")
-    assert (await _run_to_completion(kube, made, pod)).strip() == str(size)
+    assert (await run_to_completion(kube, made, pod)).strip() == str(size)
 
 
 async def test_a_second_node_is_refused_a_readwriteonce_export_naming_the_holder(
@@ -260,7 +142,7 @@ async def test_a_second_node_is_refused_a_readwriteonce_export_naming_the_holder
     await made.create(claim)
     volume = {"persistentVolumeClaim": {"claimName": name}}
     holder_pod = pod_manifest(_name("holder"), namespace, "exec sleep 3600", volume, node=node_a)
-    await _running(kube, made, holder_pod)
+    await running_pod(kube, made, holder_pod)
     lease = await kube.get("Lease", namespace, nbd_api.writer_lease_name(name))
     assert lease is not None and lease["spec"]["holderIdentity"] == node_a
 
@@ -293,7 +175,7 @@ async def test_deleting_an_export_in_use_waits_for_the_pod(
     )
     name = export["metadata"]["name"]
     pod = pod_manifest(_name("user"), namespace, "exec sleep 3600", inline_volume(name))
-    running = await _running(kube, made, pod)
+    running = await running_pod(kube, made, pod)
     node = running["spec"]["nodeName"]
 
     async def attached() -> Any:

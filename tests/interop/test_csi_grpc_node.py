@@ -100,13 +100,14 @@ def test_node_info_gives_node_id_and_device_count(csi: CsiHarness) -> None:
     assert (info.node_id, info.max_volumes_per_node) == ("node-a", 16)
 
 
-def test_node_capabilities_are_stage_stats_and_condition(csi: CsiHarness) -> None:
+def test_node_capabilities_are_stage_stats_condition_and_expansion(csi: CsiHarness) -> None:
     caps = csi.node_stub.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
     rpc = pb.NodeServiceCapability.RPC
     assert {c.rpc.type for c in caps.capabilities} == {
         rpc.STAGE_UNSTAGE_VOLUME,
         rpc.GET_VOLUME_STATS,
         rpc.VOLUME_CONDITION,
+        rpc.EXPAND_VOLUME,
     }
 
 
@@ -188,6 +189,36 @@ def test_publish_without_staging_path_or_stage_is_failed_precondition(csi: CsiHa
 def test_stats_of_unknown_volume_is_not_found(csi: CsiHarness) -> None:
     request = pb.NodeGetVolumeStatsRequest(volume_id="v", volume_path=csi.path("t"))
     assert code_of(csi.node_stub.NodeGetVolumeStats, request) == grpc.StatusCode.NOT_FOUND
+
+
+def expand_request(vol: str, path: str, required: int) -> pb.NodeExpandVolumeRequest:
+    return pb.NodeExpandVolumeRequest(
+        volume_id=vol, volume_path=path, capacity_range=pb.CapacityRange(required_bytes=required)
+    )
+
+
+def test_expand_of_unknown_volume_or_path_is_not_found_and_no_path_invalid(
+    csi: CsiHarness,
+) -> None:
+    expand = csi.node_stub.NodeExpandVolume
+    assert code_of(expand, expand_request("v", csi.path("t"), 1)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(expand, expand_request("v", "", 1)) == grpc.StatusCode.INVALID_ARGUMENT
+    stage(csi, "b", csi.image("raw", size=4 * 2**20), cap=block_cap())
+    elsewhere = expand_request("b", csi.path("elsewhere"), 1)
+    assert code_of(expand, elsewhere) == grpc.StatusCode.NOT_FOUND
+    unstage(csi, "b")
+
+
+def test_expand_is_unavailable_until_the_device_has_grown(csi: CsiHarness) -> None:
+    stage(csi, "b", csi.image("raw", size=4 * 2**20), cap=block_cap())
+    target = csi.path("pods", "p", "dev")
+    publish(csi, "b", target, cap=block_cap())
+    request = expand_request("b", target, 8 * 2**20)
+    assert code_of(csi.node_stub.NodeExpandVolume, request) == grpc.StatusCode.UNAVAILABLE
+    os.truncate(csi.path("devices", "raw.img"), 8 * 2**20)  # the reattached, larger export
+    assert csi.node_stub.NodeExpandVolume(request).capacity_bytes == 8 * 2**20
+    unpublish(csi, "b", target)
+    unstage(csi, "b")
 
 
 # ---- filesystem lifecycle and idempotency ----

@@ -8,28 +8,16 @@ from typing import Any
 import pytest
 
 from tests.kernel import csi_scenarios
-from tests.kernel.guest import load_results
+from tests.kernel.uml import assert_steps_ok as ok
+from tests.kernel.uml import scenario_results
 
 
 @pytest.fixture(scope="module")
 def csi_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from tests.kernel.uml import run_in_uml
-
     work = tmp_path_factory.mktemp("csi-uml")
-    result = run_in_uml(
-        csi_scenarios.lifecycle, timeout=150, mem="512M", scratch_size="200M", workdir=work
+    return scenario_results(
+        csi_scenarios.lifecycle, work, timeout=150, mem="512M", scratch_size="200M"
     )
-    res = load_results(work)
-    res["_output"] = result.output[-4000:]
-    res["_console"] = result.console
-    res["_rc"] = result.returncode
-    return res
-
-
-def ok(res: dict[str, Any], *steps: str) -> None:
-    for name in steps:
-        assert name in res, f"step {name} never ran:\n{res['_output']}"
-        assert res[name]["ok"], f"step {name}: {res[name]}\n--- guest ---\n{res['_output']}"
 
 
 def test_scenario_ran_to_the_end(csi_run: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.kernel.kernels import selected_kernel
 
@@ -200,3 +201,25 @@ def _reap_group(pgid: int, deadline_s: float = 5.0) -> None:
             return
         _kill_group(pgid)
         time.sleep(0.05)  # polling a process group has no blocking wait; a bounded poll
+
+
+def scenario_results(
+    scenario: Callable[[], object], workdir: Path, **kwargs: Any
+) -> dict[str, Any]:
+    """Run a scenario that records its steps with ``guest.Results``; return what it recorded,
+    plus ``_output`` (its tail), ``_console`` and ``_rc`` for the assertions' messages."""
+    from tests.kernel.guest import load_results
+
+    result = run_in_uml(scenario, workdir=workdir, **kwargs)
+    res = load_results(workdir)
+    res["_output"] = result.output[-4000:]
+    res["_console"] = result.console
+    res["_rc"] = result.returncode
+    return res
+
+
+def assert_steps_ok(res: dict[str, Any], *steps: str) -> None:
+    """Each named step (``csi_scenarios.step``) ran and succeeded; else say what happened."""
+    for name in steps:
+        assert name in res, f"step {name} never ran:\n{res['_output']}"
+        assert res[name]["ok"], f"step {name}: {res[name]}\n--- guest ---\n{res['_output']}"

@@ -31,6 +31,16 @@ def test_package_and_services_are_the_spec_ones() -> None:
         s.name: [m.name for m in s.methods] for s in pb.DESCRIPTOR.services_by_name.values()
     }
     assert services["Identity"] == ["GetPluginInfo", "GetPluginCapabilities", "Probe"]
+    assert set(services["Controller"]) >= {
+        "CreateVolume",
+        "DeleteVolume",
+        "ValidateVolumeCapabilities",
+        "ListVolumes",
+        "ControllerGetCapabilities",
+        "CreateSnapshot",
+        "DeleteSnapshot",
+        "ControllerExpandVolume",
+    }
     assert set(services["Node"]) >= {
         "NodeStageVolume",
         "NodeUnstageVolume",
@@ -62,6 +72,26 @@ SPEC_FIELDS = {
     "VolumeCapability": {"block": 1, "mount": 2, "access_mode": 3},
     "GetPluginInfoResponse": {"name": 1, "vendor_version": 2, "manifest": 3},
     "ProbeResponse": {"ready": 1},
+    "CreateVolumeRequest": {
+        "name": 1, "capacity_range": 2, "volume_capabilities": 3, "parameters": 4,
+        "secrets": 5, "volume_content_source": 6, "accessibility_requirements": 7,
+        "mutable_parameters": 8,
+    },
+    "Volume": {
+        "capacity_bytes": 1, "volume_id": 2, "volume_context": 3, "content_source": 4,
+        "accessible_topology": 5,
+    },
+    "DeleteVolumeRequest": {"volume_id": 1, "secrets": 2},
+    "ControllerExpandVolumeRequest": {
+        "volume_id": 1, "capacity_range": 2, "secrets": 3, "volume_capability": 4,
+    },
+    "ControllerExpandVolumeResponse": {"capacity_bytes": 1, "node_expansion_required": 2},
+    "CreateSnapshotRequest": {"source_volume_id": 1, "name": 2, "secrets": 3, "parameters": 4},
+    "Snapshot": {
+        "size_bytes": 1, "snapshot_id": 2, "source_volume_id": 3, "creation_time": 4,
+        "ready_to_use": 5, "group_snapshot_id": 6,
+    },
+    "ListVolumesRequest": {"max_entries": 1, "starting_token": 2},
 }  # fmt: skip
 
 
@@ -72,6 +102,13 @@ def test_field_numbers_are_the_spec_ones() -> None:
 
 
 def test_secret_fields_carry_the_csi_secret_option() -> None:
-    for message in ("NodeStageVolumeRequest", "NodePublishVolumeRequest"):
+    for message in (
+        "NodeStageVolumeRequest",
+        "NodePublishVolumeRequest",
+        "CreateVolumeRequest",
+        "DeleteVolumeRequest",
+        "CreateSnapshotRequest",
+        "ControllerExpandVolumeRequest",
+    ):
         field = pb.DESCRIPTOR.message_types_by_name[message].fields_by_name["secrets"]
         assert field.GetOptions().Extensions[pb.csi_secret] is True

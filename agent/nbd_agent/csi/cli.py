@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import threading
 from typing import Any
 
@@ -24,7 +23,7 @@ from nbd_agent.csi.kernel import KernelAttacher
 from nbd_agent.csi.kube import ClusterAccess, KubeApi
 from nbd_agent.csi.node import NodeService
 from nbd_agent.csi.reconcile import reconcile
-from nbd_agent.csi.server import build_server
+from nbd_agent.csi.server import build_server, log_at, run_until, stop_on_signals
 from nbd_agent.csi.state import NodeState
 
 log = logging.getLogger("nbd_agent.csi")
@@ -85,25 +84,16 @@ def serve(
         attacher.on_refused = node.volumes.report_refused
     reconcile(node.volumes)
     server = build_server(endpoint, IdentityService(attacher), node, workers=workers)
-    server.start()
-    log.info("CSI node plugin nbd.dev serving on %s as node %r", endpoint, node_id)
-    try:
-        stop.wait()
-    finally:
-        server.stop(grace=10).wait()
-        log.info("CSI node plugin stopped")
+    started = f"CSI node plugin nbd.dev serving on {endpoint} as node {node_id!r}"
+    run_until(server, stop, started, "CSI node plugin stopped")
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The agent's CLI may have configured logging already (WARNING): the plugin logs every call.
-    logging.getLogger().setLevel(args.log_level.upper())
+    log_at(args.log_level)
     if not args.node_id:
         log.error("--node-id (or $NODE_NAME) is required")
         return 2
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     attacher = KernelAttacher()
     attacher.start()
     try:

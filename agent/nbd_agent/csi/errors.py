@@ -64,3 +64,9 @@ class ResourceExhausted(CsiError):
     """No free NBD device is left on this node."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class OutOfRange(CsiError):
+    """The capacity asked for cannot be provided (no size inside the range)."""
+
+    code = "OUT_OF_RANGE"

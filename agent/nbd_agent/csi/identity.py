@@ -1,8 +1,10 @@
 """The CSI Identity service: who the plugin is and whether it can work right now.
 
-Why it exists: kubelet's registrar and the liveness probe ask these three questions. Probe is the
-honest one: the plugin is not ready while the kernel's ``nbd`` generic netlink family is missing
-(module not loaded), because every stage would then fail.
+Why it exists: kubelet's registrar, the controller's sidecars and the liveness probe ask these
+three questions. Probe is the honest one on a node: the plugin is not ready while the kernel's
+``nbd`` generic netlink family is missing (module not loaded), because every stage would then
+fail. The controller (no attacher) is ready when it serves; it advertises CONTROLLER_SERVICE and
+online expansion, the node plugin advertises neither.
 
 What it must not do: import grpc, or block (Probe runs every few seconds).
 """
@@ -27,8 +29,9 @@ def _version() -> str:
 
 
 class IdentityService:
-    def __init__(self, attacher: Attacher) -> None:
+    def __init__(self, attacher: Attacher | None, controller: bool = False) -> None:
         self.attacher = attacher
+        self.controller = controller
         self.last_probe_reason = ""
 
     def GetPluginInfo(self, req: pb.GetPluginInfoRequest) -> pb.GetPluginInfoResponse:
@@ -37,10 +40,17 @@ class IdentityService:
     def GetPluginCapabilities(
         self, req: pb.GetPluginCapabilitiesRequest
     ) -> pb.GetPluginCapabilitiesResponse:
-        # A node-only plugin: no controller service, and volumes are reachable from every node.
-        return pb.GetPluginCapabilitiesResponse(capabilities=[])
+        # Volumes are reachable from every node: no VOLUME_ACCESSIBILITY_CONSTRAINTS.
+        if not self.controller:
+            return pb.GetPluginCapabilitiesResponse(capabilities=[])
+        cap = pb.PluginCapability
+        service = cap(service=cap.Service(type=cap.Service.CONTROLLER_SERVICE))
+        online = cap(volume_expansion=cap.VolumeExpansion(type=cap.VolumeExpansion.ONLINE))
+        return pb.GetPluginCapabilitiesResponse(capabilities=[service, online])
 
     def Probe(self, req: pb.ProbeRequest) -> pb.ProbeResponse:
+        if self.attacher is None:
+            return pb.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))
         ready, reason = self.attacher.ready()
         self.last_probe_reason = reason
         return pb.ProbeResponse(ready=wrappers_pb2.BoolValue(value=ready))

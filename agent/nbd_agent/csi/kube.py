@@ -1,4 +1,4 @@
-"""The node plugin's only conversation with the Kubernetes API: read NBDExports, hold writer Leases.
+"""The CSI plugin's only conversation with the Kubernetes API: NBDExports and writer Leases.
 
 Why it exists: two things on the node need the cluster. Resolving a volume needs the NBDExport's
 status (``sources.ExportLookup``). Attaching a ReadWriteOnce export read-write needs a race-free
@@ -6,6 +6,11 @@ status (``sources.ExportLookup``). Attaching a ReadWriteOnce export read-write n
 (the API server lets exactly one create of a name succeed; everyone else gets 409 Conflict) and
 given back by delete on unstage. The Lease's names and shape come from ``nbd_api.attachments``,
 which the operator reads to show attachments.
+
+The controller (``controller.py``) creates, lists, patches and deletes NBDExports through
+``ExportStore`` (VolumeSnapshots through ``SnapshotStore``): a create is the API server's atomic
+"first one wins", which is what makes two racing CreateVolume calls for one name end with one
+export.
 
 It is a small blocking HTTP client (stdlib ``urllib``): the node service runs in gRPC's thread
 pool, the calls are few, and the in-cluster credentials are a token file and a CA file.
@@ -226,3 +231,82 @@ class ClusterAccess:
         except KubeApiError as exc:
             if exc.status not in (404, 409):
                 raise _as_csi(exc, f"deleting Lease {lease_ref}") from None
+
+
+class Conflict(Exception):
+    """A create found the name taken (HTTP 409)."""
+
+
+class Objects:
+    """One kind of namespaced object, for the controller: create, get, list, patch, delete."""
+
+    kind = ""
+    prefix = ""
+    plural = ""
+
+    def __init__(self, api: KubeApi) -> None:
+        self.api = api
+
+    def _path(self, namespace: str, name: str = "") -> str:
+        base = f"{self.prefix}/namespaces/{namespace}/{self.plural}"
+        return f"{base}/{name}" if name else base
+
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create an object; Conflict when the name is taken (the API decides, atomically)."""
+        meta = body["metadata"]
+        try:
+            return dict(self.api.request("POST", self._path(meta["namespace"]), body))
+        except KubeApiError as exc:
+            if exc.status == 409:
+                raise Conflict(meta["name"]) from None
+            what = f"creating {self.kind} {meta['namespace']}/{meta['name']}"
+            raise _as_csi(exc, what) from None
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.api.request("GET", self._path(namespace, name)))
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return None
+            raise _as_csi(exc, f"reading {self.kind} {namespace}/{name}") from None
+
+    def list(self, namespace: str, label: str) -> list[dict[str, Any]]:
+        """Objects carrying ``label`` (any value), sorted by name."""
+        path = f"{self._path(namespace)}?labelSelector={label}"
+        try:
+            items = self.api.request("GET", path).get("items") or []
+        except KubeApiError as exc:
+            raise _as_csi(exc, f"listing {self.kind}s in {namespace}") from None
+        # Filtered again here: a selector the server ignored must not widen the answer.
+        mine = [i for i in items if label in ((i.get("metadata") or {}).get("labels") or {})]
+        return sorted(mine, key=lambda i: str(i["metadata"]["name"]))
+
+    def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return dict(self.api.request("PATCH", self._path(namespace, name), patch, merge=True))
+        except KubeApiError as exc:
+            raise _as_csi(exc, f"updating {self.kind} {namespace}/{name}") from None
+
+    def delete(self, namespace: str, name: str) -> None:
+        """Delete an object; absent already is success."""
+        try:
+            self.api.request("DELETE", self._path(namespace, name))
+        except KubeApiError as exc:
+            if exc.status != 404:
+                raise _as_csi(exc, f"deleting {self.kind} {namespace}/{name}") from None
+
+
+class ExportStore(Objects):
+    """The volumes: NBDExports."""
+
+    kind = KIND
+    prefix = f"/apis/{GROUP}/{VERSION}"
+    plural = PLURAL
+
+
+class SnapshotStore(Objects):
+    """The snapshots: VolumeSnapshots of the volumes' data claims (the claims' class makes them)."""
+
+    kind = "VolumeSnapshot"
+    prefix = "/apis/snapshot.storage.k8s.io/v1"
+    plural = "volumesnapshots"

@@ -176,6 +176,17 @@ def set_block_read_only(device: str, read_only: bool) -> None:
     _run(["blockdev", "--setro" if read_only else "--setrw", device])
 
 
+def grow_filesystem(device: str, mount_point: str, fs_type: str) -> None:
+    """Grow a mounted filesystem to its device's size, online (both tools accept a mounted one;
+    xfs_growfs takes the mount point, resize2fs the device)."""
+    if fs_type == "ext4":
+        _run(["resize2fs", device])
+    elif fs_type == "xfs":
+        _run(["xfs_growfs", mount_point])
+    else:
+        raise MountError(f"cannot grow a {fs_type!r} filesystem")
+
+
 def device_size(device: str) -> int:
     """Size in bytes. For a block device from sysfs: opening a device whose NBD link is down
     could wait for the reconnect, and stats must answer at once."""

@@ -19,7 +19,14 @@ from pathlib import Path
 from nbd_agent.csi import mounter
 from nbd_agent.csi._generated import csi_pb2 as pb
 from nbd_agent.csi.attacher import Attacher
-from nbd_agent.csi.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from nbd_agent.csi.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from nbd_agent.csi.locks import VolumeLocks
 from nbd_agent.csi.sources import ATTR_URI, ExportLookup, check_access, is_ephemeral, resolve
 from nbd_agent.csi.state import NodeState, Target, VolumeRecord
@@ -102,7 +109,12 @@ class NodeService:
         self, req: pb.NodeGetCapabilitiesRequest
     ) -> pb.NodeGetCapabilitiesResponse:
         rpc = pb.NodeServiceCapability.RPC
-        kinds = [rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS, rpc.VOLUME_CONDITION]
+        kinds = [
+            rpc.STAGE_UNSTAGE_VOLUME,
+            rpc.GET_VOLUME_STATS,
+            rpc.VOLUME_CONDITION,
+            rpc.EXPAND_VOLUME,
+        ]
         return pb.NodeGetCapabilitiesResponse(
             capabilities=[pb.NodeServiceCapability(rpc=rpc(type=k)) for k in kinds]
         )
@@ -331,3 +343,37 @@ class NodeService:
         except OSError as exc:
             raise to_csi(exc, f"stats of {path}") from exc
         return pb.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+
+    # ---- expansion ----
+
+    def NodeExpandVolume(self, req: pb.NodeExpandVolumeRequest) -> pb.NodeExpandVolumeResponse:
+        """Finish a grown volume on the node: wait (UNAVAILABLE, kubelet retries) until the
+        device has the new size, then grow a mounted filesystem online. The device itself grows
+        when the agent reattaches the restarted, larger server (RECONFIGURE with its size)."""
+        volume_id = _required(req.volume_id, "volume_id")
+        path = _absolute(req.volume_path, "volume_path")
+        required = req.capacity_range.required_bytes
+        if required < 0 or req.capacity_range.limit_bytes < 0:
+            raise InvalidArgument("capacity_range bytes must not be negative")
+        with self.locks.hold(volume_id):
+            record = self.state.get(volume_id)
+            if record is None:
+                raise NotFound(f"volume {volume_id} is not on this node")
+            if path not in record.targets and path != record.staging_path:
+                raise NotFound(f"volume {volume_id} is not staged or published at {path}")
+            try:
+                size = mounter.device_size(record.device)
+            except OSError as exc:
+                raise to_csi(exc, f"size of {record.device}") from exc
+            if size < required:
+                raise Unavailable(
+                    f"{record.device} has {size} bytes, {required} asked: the device grows when"
+                    " the agent reattaches the restarted server; retry"
+                )
+            if not record.block and not record.read_only:
+                try:
+                    mounter.grow_filesystem(record.device, record.staging_path, record.fs_type)
+                except mounter.MountError as exc:
+                    raise Internal(str(exc)) from exc
+                log.info("volume %s: %s grown to %d bytes", volume_id, record.fs_type, size)
+        return pb.NodeExpandVolumeResponse(capacity_bytes=size)

@@ -3,8 +3,9 @@
 Why it exists: everything gRPC-specific is kept here so the CSI logic (``node.py``,
 ``identity.py``) stays plain Python over protobuf messages. This module
 
-- binds the Identity and Node servicers on ``unix:///path`` (removing a stale socket file first:
-  after a crash the old file would make bind fail and kubelet would never reconnect),
+- binds the Identity servicer and the Node or Controller servicer on ``unix:///path``
+  (removing a stale socket file first: after a crash the old file would make bind fail and
+  kubelet would never reconnect),
 - maps ``CsiError`` to gRPC status codes in exactly one place (anything else is INTERNAL, with
   the traceback logged, never sent), and
 - logs every call once through one interceptor, with every field the CSI proto marks
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -29,6 +32,7 @@ from google.protobuf.message import Message
 
 from nbd_agent.csi._generated import csi_pb2 as pb
 from nbd_agent.csi._generated import csi_pb2_grpc as pb_grpc
+from nbd_agent.csi.controller import ControllerService
 from nbd_agent.csi.errors import CsiError
 from nbd_agent.csi.identity import IdentityService
 from nbd_agent.csi.node import NodeService
@@ -144,6 +148,19 @@ NODE_METHODS = [
     "NodeGetVolumeStats",
     "NodeGetCapabilities",
     "NodeGetInfo",
+    "NodeExpandVolume",
+]
+CONTROLLER_METHODS = [
+    "CreateVolume",
+    "DeleteVolume",
+    "ValidateVolumeCapabilities",
+    "ListVolumes",
+    "ControllerGetCapabilities",
+    "ControllerExpandVolume",
+    "CreateSnapshot",
+    "DeleteSnapshot",
+    "ListSnapshots",
+    "ControllerModifyVolume",
 ]
 
 
@@ -161,9 +178,14 @@ def socket_path(endpoint: str) -> str:
 
 
 def build_server(
-    endpoint: str, identity: IdentityService, node: NodeService, workers: int = 8
+    endpoint: str,
+    identity: IdentityService,
+    node: NodeService | None = None,
+    workers: int = 8,
+    controller: ControllerService | None = None,
 ) -> grpc.Server:
-    """A started-ready (not yet started) gRPC server bound to the endpoint's unix socket."""
+    """A ready (not yet started) gRPC server bound to the endpoint's unix socket. RPCs of a
+    service it is not given (or methods not listed above) answer UNIMPLEMENTED."""
     path = socket_path(endpoint)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if os.path.exists(path):
@@ -175,6 +197,38 @@ def build_server(
     pb_grpc.add_IdentityServicer_to_server(
         _servicer(pb_grpc.IdentityServicer, identity, IDENTITY_METHODS), server
     )
-    pb_grpc.add_NodeServicer_to_server(_servicer(pb_grpc.NodeServicer, node, NODE_METHODS), server)
+    if node is not None:
+        servicer = _servicer(pb_grpc.NodeServicer, node, NODE_METHODS)
+        pb_grpc.add_NodeServicer_to_server(servicer, server)
+    if controller is not None:
+        servicer = _servicer(pb_grpc.ControllerServicer, controller, CONTROLLER_METHODS)
+        pb_grpc.add_ControllerServicer_to_server(servicer, server)
     server.add_insecure_port(f"unix://{path}")
     return server
+
+
+def log_at(level: str) -> None:
+    """Log lines with time and logger at ``level``. The agent's CLI may have configured logging
+    already (WARNING): the interceptor's line per call must still show at INFO."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level.upper())
+
+
+def stop_on_signals() -> threading.Event:
+    """An event SIGTERM (kubelet, the Deployment) and SIGINT set."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def run_until(server: grpc.Server, stop: threading.Event, started: str, stopped: str) -> None:
+    """Start ``server``, serve until ``stop`` is set, then stop gracefully (in-flight calls
+    finish, for up to 10 s)."""
+    server.start()
+    log.info("%s", started)
+    try:
+        stop.wait()
+    finally:
+        server.stop(grace=10).wait()
+        log.info("%s", stopped)

@@ -116,3 +116,11 @@ the kubelet dials, so it is the host path, not the path inside the agent contain
 {{- define "kube-nbd.agent.registrationDir" -}}
 {{- printf "%s/plugins_registry" (trimSuffix "/" .Values.agent.kubeletDir) -}}
 {{- end -}}
+
+{{- define "kube-nbd.controller.serviceAccountName" -}}
+{{- if .Values.controller.serviceAccount.create -}}
+{{- default (printf "%s-controller" (include "kube-nbd.fullname" .)) .Values.controller.serviceAccount.name -}}
+{{- else -}}
+{{- required "controller.serviceAccount.name is required when controller.serviceAccount.create is false" .Values.controller.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}

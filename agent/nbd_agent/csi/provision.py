@@ -1,0 +1,346 @@
+"""What a CreateVolume request asks for, as an NBDExport: pure functions, no I/O.
+
+Why it exists: the controller has to turn a CSI request (a name, a capacity range, capabilities,
+StorageClass parameters) into one NBDExport manifest, and to decide whether an export that
+already carries the name is "the same volume" (idempotent success) or another one
+(ALREADY_EXISTS). Keeping that here, as data in and data out, lets unit tests inspect every
+manifest and every refusal without a gRPC server or an API server.
+
+Decisions, each in one place:
+
+- the export's name is the request name when that is a DNS-1035 label of at most 50 characters
+  (external-provisioner's ``pvc-<uid>`` is), otherwise ``csi-`` plus a hash of it; the full
+  request name is kept in an annotation and compared on every repeat;
+- the volume id is ``<namespace>/<export>``, the handle the node plugin already resolves;
+- sizes are rounded up to whole MiB (a block size every filesystem and claim accepts);
+- a request is remembered by a digest of the spec it produced: a repeat with another capacity or
+  other parameters produces another digest and is ALREADY_EXISTS.
+
+What it must not do: talk to Kubernetes, import grpc, or accept a parameter it does not know
+(a typo in a StorageClass must fail loudly, not provision something else).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from nbd_api import API_VERSION, KIND
+
+from nbd_agent.csi._generated import csi_pb2 as pb
+from nbd_agent.csi.errors import InvalidArgument, OutOfRange
+from nbd_agent.csi.mounter import SUPPORTED_FS
+
+Mode = pb.VolumeCapability.AccessMode
+
+MIB = 2**20
+DEFAULT_SIZE = 2**30
+
+LABEL_VOLUME = "nbd.dev/csi-volume"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "nbd-csi-controller"
+ANNOTATION_NAME = "nbd.dev/csi-name"
+ANNOTATION_DIGEST = "nbd.dev/csi-request-digest"
+ANNOTATION_CLAIM = "nbd.dev/csi-claim"
+
+# StorageClass parameters kube-nbd reads (docs/csi.md lists them).
+P_BACKING = "backing"
+P_STORAGE_CLASS = "storageClass"
+P_VOLUME_MODE = "volumeMode"
+P_CONNECTIONS = "connections"
+P_TLS_SECRET = "tlsSecretName"
+P_TLS_MODE = "tlsMode"
+P_CLUSTER_FS = "clusterFilesystemAcknowledged"
+QOS_PARAMETERS = ("readBytesPerSecond", "writeBytesPerSecond", "readIOPS", "writeIOPS")
+KNOWN_PARAMETERS = frozenset(
+    {P_BACKING, P_STORAGE_CLASS, P_VOLUME_MODE, P_CONNECTIONS, P_TLS_SECRET, P_TLS_MODE}
+    | {P_CLUSTER_FS, *QOS_PARAMETERS}
+)
+# Keys the sidecars add or reserve (--extra-create-metadata adds the claim's name/namespace).
+RESERVED_PREFIX = "csi.storage.k8s.io/"
+PVC_NAME = "csi.storage.k8s.io/pvc/name"
+PVC_NAMESPACE = "csi.storage.k8s.io/pvc/namespace"
+
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_MAX_EXPORT_NAME = 50
+_SINGLE_NODE = {
+    Mode.SINGLE_NODE_WRITER,
+    Mode.SINGLE_NODE_READER_ONLY,
+    Mode.SINGLE_NODE_SINGLE_WRITER,
+    Mode.SINGLE_NODE_MULTI_WRITER,
+}
+
+
+def export_name(request_name: str) -> str:
+    """The NBDExport name for a CSI volume name (stable: the same request, the same export)."""
+    if len(request_name) <= _MAX_EXPORT_NAME and _DNS_1035.match(request_name):
+        return request_name
+    return "csi-" + hashlib.sha256(request_name.encode()).hexdigest()[:32]
+
+
+def volume_id(namespace: str, export: str) -> str:
+    return f"{namespace}/{export}"
+
+
+def split_volume_id(value: str) -> tuple[str, str] | None:
+    """``(namespace, export)`` of a volume id, or None when it cannot name an export."""
+    namespace, sep, name = value.partition("/")
+    if not sep or not namespace or not _DNS_1035.match(name) or "/" in name:
+        return None
+    return namespace, name
+
+
+def round_size(required: int, limit: int) -> int:
+    """Bytes to provision for a capacity range: ``required`` rounded up to MiB, within ``limit``.
+
+    0 means unset for both (CSI); no range at all gives 1 GiB (capped by the limit)."""
+    if required < 0 or limit < 0:
+        raise InvalidArgument("capacity_range bytes must not be negative")
+    if limit and required > limit:
+        raise InvalidArgument(f"required_bytes {required} exceeds limit_bytes {limit}")
+    if required:
+        size = -(-required // MIB) * MIB
+    elif limit:
+        size = min(DEFAULT_SIZE, limit // MIB * MIB)
+    else:
+        size = DEFAULT_SIZE
+    if size == 0 or (limit and size > limit):
+        raise OutOfRange(
+            f"no whole number of MiB lies in [{required}, {limit or 'unbounded'}] bytes"
+        )
+    return size
+
+
+def access_mode(
+    caps: Iterable[pb.VolumeCapability], parameters: Mapping[str, str], has_data: bool = False
+) -> str:
+    """The export's ``accessMode`` that serves every requested capability, or INVALID_ARGUMENT.
+    ``has_data``: the volume starts from a snapshot or clone, so read-only-many makes sense."""
+    wanted: set[str] = set()
+    for cap in caps:
+        kind = cap.WhichOneof("access_type")
+        if kind is None:
+            raise InvalidArgument("every volume capability needs block or mount access_type")
+        if kind == "mount" and cap.mount.fs_type not in ("", *SUPPORTED_FS):
+            raise InvalidArgument(f"fs_type {cap.mount.fs_type!r} is not one of {SUPPORTED_FS}")
+        wanted.add(_mode_for(cap, kind, parameters, has_data))
+    if not wanted:
+        raise InvalidArgument("volume_capabilities is required")
+    if len(wanted) > 1:
+        raise InvalidArgument(f"no one export serves all of {sorted(wanted)}; ask for one kind")
+    return wanted.pop()
+
+
+def _mode_for(
+    cap: pb.VolumeCapability, kind: str, parameters: Mapping[str, str], has_data: bool
+) -> str:
+    mode = cap.access_mode.mode
+    if mode in _SINGLE_NODE:
+        return "ReadWriteOnce"
+    if mode == Mode.MULTI_NODE_MULTI_WRITER:
+        if kind != "block" or parameters.get(P_CLUSTER_FS) != "true":
+            raise InvalidArgument(
+                "MULTI_NODE_MULTI_WRITER needs volumeMode Block and the StorageClass parameter"
+                f" {P_CLUSTER_FS}: 'true' (several writers corrupt any non-cluster filesystem)"
+            )
+        return "ReadWriteMany"
+    if mode == Mode.MULTI_NODE_READER_ONLY:
+        if not has_data:
+            raise InvalidArgument("MULTI_NODE_READER_ONLY needs a snapshot or volume to start from")
+        return "ReadOnlyMany"
+    raise InvalidArgument(
+        f"access mode {pb.VolumeCapability.AccessMode.Mode.Name(mode)} is not supported by nbd.dev"
+    )
+
+
+def _positive(parameters: Mapping[str, str], key: str, most: int | None = None) -> int | None:
+    raw = parameters.get(key)
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1 or (most is not None and int(raw) > most):
+        bound = f"1..{most}" if most else "a positive integer"
+        raise InvalidArgument(f"StorageClass parameter {key} must be {bound}, not {raw!r}")
+    return int(raw)
+
+
+def _choice(parameters: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str:
+    value = parameters.get(key, allowed[0])
+    if value not in allowed:
+        raise InvalidArgument(f"StorageClass parameter {key} must be one of {allowed}")
+    return value
+
+
+def qos_patch(mutable: Mapping[str, str]) -> dict[str, int]:
+    """The ``spec.qos`` a VolumeAttributesClass asks for: QoS keys only, positive integers."""
+    unknown = sorted(k for k in mutable if k not in QOS_PARAMETERS)
+    if unknown:
+        raise InvalidArgument(
+            f"unknown mutable parameters {unknown}; a VolumeAttributesClass may set"
+            f" {list(QOS_PARAMETERS)}"
+        )
+    return {k: v for k in QOS_PARAMETERS if (v := _positive(mutable, k)) is not None}
+
+
+def check_parameters(parameters: Mapping[str, str]) -> None:
+    unknown = sorted(
+        k for k in parameters if k not in KNOWN_PARAMETERS and not k.startswith(RESERVED_PREFIX)
+    )
+    if unknown:
+        raise InvalidArgument(
+            f"unknown StorageClass parameters {unknown}; known: {sorted(KNOWN_PARAMETERS)}"
+        )
+
+
+def export_spec(
+    size: int,
+    mode: str,
+    parameters: Mapping[str, str],
+    data_source: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The NBDExport spec for a new volume of ``size`` bytes served as ``mode``; its claim is
+    restored or cloned from ``data_source`` (a VolumeSnapshot or a claim) when one is given."""
+    check_parameters(parameters)
+    backing = _choice(parameters, P_BACKING, ("claim", "memory"))
+    spec: dict[str, Any] = {"size": size, "accessMode": mode}
+    if backing == "memory":
+        if P_STORAGE_CLASS in parameters or P_VOLUME_MODE in parameters:
+            raise InvalidArgument("backing 'memory' takes no storageClass or volumeMode")
+        if data_source:
+            raise InvalidArgument("a memory volume starts empty: no snapshot or clone source")
+        spec["source"] = {"memory": {}}
+    else:
+        template: dict[str, Any] = {
+            "volumeMode": _choice(parameters, P_VOLUME_MODE, ("Filesystem", "Block")),
+            "reclaimPolicy": "Delete",
+        }
+        if parameters.get(P_STORAGE_CLASS):
+            template["storageClassName"] = parameters[P_STORAGE_CLASS]
+        if data_source:
+            template["dataSource"] = dict(data_source)
+        spec["source"] = {"volumeClaimTemplate": template}
+    if mode == "ReadWriteMany":
+        spec["clusterFilesystemAcknowledged"] = True
+    if mode == "ReadOnlyMany":
+        spec["readOnly"] = True  # many readers of restored data, never a writer
+    connections = _positive(parameters, P_CONNECTIONS, most=64)
+    if connections is not None:
+        spec["connections"] = connections
+    if parameters.get(P_TLS_SECRET):
+        tls_mode = _choice(parameters, P_TLS_MODE, ("Required", "Optional"))
+        spec["tls"] = {"secretName": parameters[P_TLS_SECRET], "mode": tls_mode}
+    elif P_TLS_MODE in parameters:
+        raise InvalidArgument(f"{P_TLS_MODE} needs {P_TLS_SECRET}")
+    qos = {k: v for k in QOS_PARAMETERS if (v := _positive(parameters, k)) is not None}
+    if qos:
+        spec["qos"] = qos
+    return spec
+
+
+@dataclass(frozen=True)
+class Provision:
+    """One CreateVolume request, checked: where its export goes and what it holds."""
+
+    request_name: str
+    namespace: str
+    name: str
+    size: int
+    spec: dict[str, Any]
+    claim: str = ""
+
+    @property
+    def volume_id(self) -> str:
+        return volume_id(self.namespace, self.name)
+
+    @property
+    def digest(self) -> str:
+        canonical = json.dumps(self.spec, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Content:
+    """What a new volume starts from: the claim's ``dataSource`` and the smallest size it fits."""
+
+    data_source: Mapping[str, str]
+    min_size: int
+
+
+def check_request(req: pb.CreateVolumeRequest) -> None:
+    if not req.name:
+        raise InvalidArgument("name is required")
+    if not req.volume_capabilities:
+        raise InvalidArgument("volume_capabilities is required")
+
+
+def plan(req: pb.CreateVolumeRequest, namespace: str, content: Content | None = None) -> Provision:
+    """Validate a CreateVolume request (INVALID_ARGUMENT / OUT_OF_RANGE) into a Provision; a
+    snapshot or clone source has been resolved into ``content`` by the caller."""
+    check_request(req)
+    params = dict(req.parameters)
+    qos_patch(req.mutable_parameters)  # checked here; they override the class's QoS below
+    params.update(req.mutable_parameters)
+    mode = access_mode(req.volume_capabilities, params, has_data=content is not None)
+    wanted = req.capacity_range
+    if content and not wanted.required_bytes and not wanted.limit_bytes:
+        size = round_size(content.min_size, 0)  # unasked: the size of what it restores
+    else:
+        size = round_size(wanted.required_bytes, wanted.limit_bytes)
+    if content and size < content.min_size:
+        raise OutOfRange(f"{size} bytes cannot hold the {content.min_size} bytes of the source")
+    claim = ""
+    if params.get(PVC_NAME) and params.get(PVC_NAMESPACE):
+        claim = f"{params[PVC_NAMESPACE]}/{params[PVC_NAME]}"
+    return Provision(
+        request_name=req.name,
+        namespace=namespace,
+        name=export_name(req.name),
+        size=size,
+        spec=export_spec(size, mode, params, content.data_source if content else None),
+        claim=claim,
+    )
+
+
+def manifest(p: Provision) -> dict[str, Any]:
+    """The NBDExport object to create for a Provision."""
+    annotations = {ANNOTATION_NAME: p.request_name, ANNOTATION_DIGEST: p.digest}
+    if p.claim:
+        annotations[ANNOTATION_CLAIM] = p.claim
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": p.name,
+            "namespace": p.namespace,
+            "labels": {LABEL_VOLUME: p.name, LABEL_MANAGED_BY: MANAGED_BY},
+            "annotations": annotations,
+        },
+        "spec": p.spec,
+    }
+
+
+def same_request(existing: Mapping[str, Any], p: Provision) -> bool:
+    """True when ``existing`` was created by an identical request."""
+    annotations = (existing.get("metadata") or {}).get("annotations") or {}
+    return bool(
+        annotations.get(ANNOTATION_NAME) == p.request_name
+        and annotations.get(ANNOTATION_DIGEST) == p.digest
+    )
+
+
+def is_provisioned(obj: Mapping[str, Any]) -> bool:
+    """True for exports this controller made (a hand-written export is never deleted by CSI)."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return labels.get(LABEL_MANAGED_BY) == MANAGED_BY and LABEL_VOLUME in labels
+
+
+def capacity(obj: Mapping[str, Any]) -> int:
+    """An export's size: what the server serves, else what the spec asks for."""
+    served = (obj.get("status") or {}).get("sizeBytes")
+    if isinstance(served, int) and served > 0:
+        return served
+    size = (obj.get("spec") or {}).get("size")
+    return size if isinstance(size, int) else 0
