@@ -202,6 +202,55 @@ async def test_a_clone_is_a_claim_cloned_from_the_source_volumes_claim(
     assert await ctl.code("CreateVolume", in_memory) == Code.INVALID_ARGUMENT
 
 
+async def test_a_copy_on_write_clone_is_an_overlay_over_a_read_only_source_volume(
+    flushes_and_ctl: tuple[Flushes, Controller],
+) -> None:
+    _, ctl = flushes_and_ctl
+    src = await _volume(ctl, "pvc-src")
+    # The golden image: a read-only-many copy of the source, which never changes again.
+    golden_request = _from_volume("pvc-golden", src)
+    golden_request.volume_capabilities[0].CopyFrom(mount(Mode.MULTI_NODE_READER_ONLY))
+    golden = (await ctl.call("CreateVolume", golden_request)).volume.volume_id
+    cow = _from_volume("pvc-cow", golden, cloneMode="copyOnWrite", storageClass="fast")
+    resp = await ctl.call("CreateVolume", cow)
+    assert resp.volume.capacity_bytes == GIB  # the base's size
+    clone = next(o for o in ctl.exports() if o["metadata"]["name"] == "pvc-cow")
+    assert clone["spec"]["source"] == {
+        "export": {"name": "pvc-golden", "storageClassName": "fast"}
+    }
+    assert clone["spec"]["accessMode"] == "ReadWriteOnce" and "size" not in clone["spec"]
+    assert admit(clone) == []
+    # Repeating the request is the same volume; the overlay's class is part of the request.
+    assert (await ctl.call("CreateVolume", cow)).volume.volume_id == resp.volume.volume_id
+    other_class = _from_volume("pvc-cow", golden, cloneMode="copyOnWrite", storageClass="slow")
+    assert await ctl.code("CreateVolume", other_class) == Code.ALREADY_EXISTS
+
+
+async def test_a_copy_on_write_clone_is_refused_where_its_base_could_change(
+    flushes_and_ctl: tuple[Flushes, Controller],
+) -> None:
+    _, ctl = flushes_and_ctl
+    writable = await _volume(ctl, "pvc-src")
+    over_writable = _from_volume("c1", writable, cloneMode="copyOnWrite")
+    assert await ctl.code("CreateVolume", over_writable) == Code.INVALID_ARGUMENT
+    fresh = create_request("c2", required=GIB, cloneMode="copyOnWrite")
+    assert await ctl.code("CreateVolume", fresh) == Code.INVALID_ARGUMENT
+    typo = _from_volume("c3", writable, cloneMode="thin")
+    assert await ctl.code("CreateVolume", typo) == Code.INVALID_ARGUMENT
+    assert not [o for o in ctl.exports() if o["metadata"]["name"] in ("c1", "c2", "c3")]
+
+
+def test_a_copy_on_write_clone_keeps_its_bases_size() -> None:
+    base = provision.Content(
+        {"kind": "PersistentVolumeClaim", "name": "g-nbd-data"}, GIB, "g", base_read_only=True
+    )
+    bigger = create_request("pvc-1", required=2 * GIB, cloneMode="copyOnWrite")
+    with pytest.raises(provision.OutOfRange, match="source's size"):
+        provision.plan(bigger, NS, base)
+    same = provision.plan(create_request("pvc-1", cloneMode="copyOnWrite"), NS, base)
+    assert same.spec["source"] == {"export": {"name": "g"}}
+
+
 def test_every_restored_or_cloned_export_is_admitted_by_the_crd() -> None:
     for content in (
         provision.Content({"kind": "VolumeSnapshot", "name": "s"}, GIB),

@@ -46,6 +46,8 @@ MANAGED_BY = "nbd-csi-controller"
 ANNOTATION_NAME = "nbd.dev/csi-name"
 ANNOTATION_DIGEST = "nbd.dev/csi-request-digest"
 ANNOTATION_CLAIM = "nbd.dev/csi-claim"
+# The size a spec without ``size`` (a copy-on-write clone: its base's) was provisioned at.
+ANNOTATION_SIZE = "nbd.dev/csi-size"
 
 # StorageClass parameters kube-nbd reads (docs/csi.md lists them).
 P_BACKING = "backing"
@@ -55,10 +57,15 @@ P_CONNECTIONS = "connections"
 P_TLS_SECRET = "tlsSecretName"
 P_TLS_MODE = "tlsMode"
 P_CLUSTER_FS = "clusterFilesystemAcknowledged"
+# How a volume cloned from another volume gets its data: "copy" (the backing storage class clones
+# the claim; the clone is independent) or "copyOnWrite" (an overlay over the source, which must
+# be read-only: instant and thin, the golden-image pattern; its overlay lives on its own claim).
+P_CLONE_MODE = "cloneMode"
+CLONE_MODES = ("copy", "copyOnWrite")
 QOS_PARAMETERS = ("readBytesPerSecond", "writeBytesPerSecond", "readIOPS", "writeIOPS")
 KNOWN_PARAMETERS = frozenset(
     {P_BACKING, P_STORAGE_CLASS, P_VOLUME_MODE, P_CONNECTIONS, P_TLS_SECRET, P_TLS_MODE}
-    | {P_CLUSTER_FS, *QOS_PARAMETERS}
+    | {P_CLUSTER_FS, P_CLONE_MODE, *QOS_PARAMETERS}
 )
 # Keys the sidecars add or reserve (--extra-create-metadata adds the claim's name/namespace).
 RESERVED_PREFIX = "csi.storage.k8s.io/"
@@ -226,6 +233,12 @@ def export_spec(
         spec["clusterFilesystemAcknowledged"] = True
     if mode == "ReadOnlyMany":
         spec["readOnly"] = True  # many readers of restored data, never a writer
+    return {**spec, **_serving(parameters)}
+
+
+def _serving(parameters: Mapping[str, str]) -> dict[str, Any]:
+    """The spec fields on how the volume is served: connections, TLS, QoS."""
+    spec: dict[str, Any] = {}
     connections = _positive(parameters, P_CONNECTIONS, most=64)
     if connections is not None:
         spec["connections"] = connections
@@ -263,10 +276,14 @@ class Provision:
 
 @dataclass(frozen=True)
 class Content:
-    """What a new volume starts from: the claim's ``dataSource`` and the smallest size it fits."""
+    """What a new volume starts from: the claim's ``dataSource`` and the smallest size it fits;
+    for a volume source also the source's export and whether it is read-only (what a
+    copy-on-write clone needs)."""
 
     data_source: Mapping[str, str]
     min_size: int
+    base_export: str = ""
+    base_read_only: bool = False
 
 
 def check_request(req: pb.CreateVolumeRequest) -> None:
@@ -294,14 +311,50 @@ def plan(req: pb.CreateVolumeRequest, namespace: str, content: Content | None = 
     claim = ""
     if params.get(PVC_NAME) and params.get(PVC_NAMESPACE):
         claim = f"{params[PVC_NAMESPACE]}/{params[PVC_NAME]}"
+    if _choice(params, P_CLONE_MODE, CLONE_MODES) == "copyOnWrite":
+        spec = cow_clone_spec(size, mode, params, content)
+    else:
+        spec = export_spec(size, mode, params, content.data_source if content else None)
     return Provision(
         request_name=req.name,
         namespace=namespace,
         name=export_name(req.name),
         size=size,
-        spec=export_spec(size, mode, params, content.data_source if content else None),
+        spec=spec,
         claim=claim,
     )
+
+
+def cow_clone_spec(
+    size: int, mode: str, parameters: Mapping[str, str], content: Content | None
+) -> dict[str, Any]:
+    """A copy-on-write clone over a read-only source volume's export (``source.export``): the
+    operator serves the base read-only under a persistent overlay on a claim of its own."""
+    check_parameters(parameters)
+    if content is None or not content.base_export:
+        raise InvalidArgument(
+            f"{P_CLONE_MODE} copyOnWrite needs a volume to clone (a PVC dataSource); a new or "
+            "restored volume is always a copy"
+        )
+    if not content.base_read_only:
+        raise InvalidArgument(
+            f"{P_CLONE_MODE} copyOnWrite needs a read-only source volume (its data must not "
+            "change under the overlay); clone a ReadOnlyMany volume, or use cloneMode copy"
+        )
+    if size != content.min_size:
+        raise OutOfRange(
+            f"a copy-on-write clone has its source's size ({content.min_size} bytes), "
+            f"not {size}; grow it after it is created"
+        )
+    if mode in ("ReadOnlyMany", "ReadWriteMany"):
+        raise InvalidArgument("a copy-on-write clone is a single writer's volume (ReadWriteOnce)")
+    for key in (P_BACKING, P_VOLUME_MODE):
+        if key in parameters:
+            raise InvalidArgument(f"{key} is the source's for a copy-on-write clone; omit it")
+    base: dict[str, Any] = {"name": content.base_export}
+    if parameters.get(P_STORAGE_CLASS):
+        base["storageClassName"] = parameters[P_STORAGE_CLASS]  # the overlay's claim's class
+    return {"accessMode": mode, "source": {"export": base}, **_serving(parameters)}
 
 
 def manifest(p: Provision) -> dict[str, Any]:
@@ -309,6 +362,8 @@ def manifest(p: Provision) -> dict[str, Any]:
     annotations = {ANNOTATION_NAME: p.request_name, ANNOTATION_DIGEST: p.digest}
     if p.claim:
         annotations[ANNOTATION_CLAIM] = p.claim
+    if "size" not in p.spec:
+        annotations[ANNOTATION_SIZE] = str(p.size)
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -343,4 +398,7 @@ def capacity(obj: Mapping[str, Any]) -> int:
     if isinstance(served, int) and served > 0:
         return served
     size = (obj.get("spec") or {}).get("size")
-    return size if isinstance(size, int) else 0
+    if isinstance(size, int):
+        return size
+    provisioned = ((obj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SIZE, "")
+    return int(provisioned) if provisioned.isdigit() else 0

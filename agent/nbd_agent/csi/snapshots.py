@@ -137,4 +137,6 @@ def clone_source(volume: Mapping[str, Any]) -> provision.Content:
             "name": data_claim_name(volume["metadata"]["name"]),
         },
         min_size=provision.capacity(volume),
+        base_export=volume["metadata"]["name"],
+        base_read_only=bool((volume.get("spec") or {}).get("readOnly")),
     )
