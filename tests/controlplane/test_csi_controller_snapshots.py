@@ -215,9 +215,7 @@ async def test_a_copy_on_write_clone_is_an_overlay_over_a_read_only_source_volum
     resp = await ctl.call("CreateVolume", cow)
     assert resp.volume.capacity_bytes == GIB  # the base's size
     clone = next(o for o in ctl.exports() if o["metadata"]["name"] == "pvc-cow")
-    assert clone["spec"]["source"] == {
-        "export": {"name": "pvc-golden", "storageClassName": "fast"}
-    }
+    assert clone["spec"]["source"] == {"export": {"name": "pvc-golden", "storageClassName": "fast"}}
     assert clone["spec"]["accessMode"] == "ReadWriteOnce" and "size" not in clone["spec"]
     assert admit(clone) == []
     # Repeating the request is the same volume; the overlay's class is part of the request.
