@@ -20,6 +20,7 @@ from tests.controlplane.operator_harness import (
 )
 
 GIB = 2**30
+pb_mode = pb.VolumeCapability.AccessMode
 
 
 def claim_request(api: FakeApiServer, name: str) -> str | None:
@@ -106,3 +107,30 @@ async def test_a_restored_volumes_data_claim_is_restored_from_the_backing_snapsh
         had = source_claim["spec"]["resources"]["requests"]["storage"]
         # A restored claim may not be smaller than the snapshot's source claim.
         assert parse_quantity(wanted) >= parse_quantity(had)
+
+
+async def test_a_copy_on_write_clone_is_served_over_its_read_only_base_with_its_own_overlay(
+    tmp_path: Path,
+) -> None:
+    async with controller(tmp_path) as ctl, running_operator(ctl.api):
+        api = ctl.api
+        source = (await ctl.call("CreateVolume", create_request("pvc-1", required=GIB))).volume
+        golden = create_request("pvc-golden", caps=[mount(pb_mode.MULTI_NODE_READER_ONLY)])
+        golden.volume_content_source.volume.volume_id = source.volume_id
+        base = (await ctl.call("CreateVolume", golden)).volume
+        clone = create_request("pvc-clone", cloneMode="copyOnWrite")
+        clone.volume_content_source.volume.volume_id = base.volume_id
+        await ctl.call("CreateVolume", clone)
+        # The operator serves the clone over the golden export's claim, read-only, with a
+        # persistent overlay on a claim of the clone's own.
+        await api.wait_for(lambda: "persistent" in server_args(api, "pvc-clone"))
+        args = server_args(api, "pvc-clone")
+        assert args[args.index("--copy-on-write") + 1] == "persistent"
+        await api.wait_for(
+            lambda: api.current("persistentvolumeclaims", NS, "pvc-clone-nbd-overlay")
+        )
+        dep = api.current("deployments", NS, "pvc-clone-nbd") or {}
+        volumes = dep["spec"]["template"]["spec"]["volumes"]
+        assert {"claimName": "pvc-golden-nbd-data", "readOnly": True} in [
+            v.get("persistentVolumeClaim") for v in volumes
+        ]
