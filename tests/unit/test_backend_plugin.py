@@ -49,6 +49,7 @@ def test_a_plugin_of_open_size_and_pread_is_a_read_only_export_without_extras() 
     b = PluginBackend(minimal(), "min", read_only=False, size=None)
     assert b.size() == 1 << 20
     assert read(b, 10, 5) == b"ppppp"
+    assert b.extents(0, 4096) == [Extent(4096, 0)]  # all data, asked or not
     caps = (b.can_write, b.can_flush, b.can_fua, b.can_trim, b.can_zero, b.can_extents)
     assert caps == (False, False, False, False, False, False)
     assert not b.can_multi_conn
