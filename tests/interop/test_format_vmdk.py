@@ -263,3 +263,23 @@ def test_fuzzed_headers_and_tables_raise_only_image_format_errors(
                 pass
     finally:
         b.close()
+
+
+def test_a_zeroed_grain_entry_reads_as_zeroes_and_is_a_hole(tmp_path: Path) -> None:
+    raw = tmp_path / "src.raw"
+    source = make_source(raw, 2 * MiB, seed=9)
+    image = tmp_path / "disk.vmdk"
+    convert(raw, image, "subformat=monolithicSparse,zeroed_grain=on")
+    data = bytearray(image.read_bytes())
+    gd_offset = struct.unpack_from("<Q", data, 56)[0] * 512
+    gt = struct.unpack_from("<I", data, gd_offset)[0] * 512
+    assert struct.unpack_from("<I", data, gt)[0] > 1  # grain 0 holds data
+    struct.pack_into("<I", data, gt, 1)  # now it is a zeroed grain
+    image.write_bytes(bytes(data))
+    b = VmdkBackend(str(image))
+    try:
+        assert read(b, 0, 65536) == bytes(65536)
+        assert read(b, 65536, 4096) == source[65536 : 65536 + 4096]
+        assert b.extents(0, 65536) == [Extent(65536, HOLE)]
+    finally:
+        b.close()

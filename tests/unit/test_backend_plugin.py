@@ -143,19 +143,30 @@ def test_extents_from_a_plugin_are_cut_to_the_request_and_nonsense_is_eio() -> N
 def test_calls_are_serialised_unless_the_plugin_is_parallel() -> None:
     inside, most = [0], [0]
     lock = threading.Lock()
+    first_in, crowded = threading.Event(), threading.Event()
 
     def pread(h: object, buf: memoryview, offset: int) -> None:
         with lock:
             inside[0] += 1
             most[0] = max(most[0], inside[0])
-        for _ in range(2000):
-            pass
+            if inside[0] > 1:
+                crowded.set()
+        if offset == 0:
+            first_in.set()
+            crowded.wait(0.5)  # the window in which an unserialised second call would arrive
         with lock:
             inside[0] -= 1
 
     b = PluginBackend(minimal(pread=pread), "p", False, None)
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: read(b, i, 1), range(400)))
+
+    def second() -> None:
+        assert first_in.wait(30)
+        read(b, 1, 1)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(read, b, 0, 1)
+        pool.submit(second).result()
+        first.result()
     assert most[0] == 1
 
     both = threading.Barrier(2, timeout=30)
