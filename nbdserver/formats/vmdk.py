@@ -52,6 +52,8 @@ _MAX_GRAIN_SECTORS = 1 << 16  # 32 MiB grains
 _MAX_GTES = 1 << 16
 _MAX_GD_BYTES = 64 << 20
 _MAX_DESCRIPTOR_BYTES = 1 << 20
+# One block status reply looks at most this many grains (the client asks again from its end).
+_STATUS_GRAINS = 1 << 16
 _GT_CACHE = 256
 _GRAIN_CACHE = 16
 
@@ -250,7 +252,7 @@ class VmdkBackend(Backend):
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
-        end = offset + length
+        end = min(offset + length, offset + _STATUS_GRAINS * self._grain)
         while offset < end and len(out) < 1024:
             grain, within = divmod(offset, self._grain)
             n = min(end - offset, self._grain - within)

@@ -283,3 +283,16 @@ def test_a_zeroed_grain_entry_reads_as_zeroes_and_is_a_hole(tmp_path: Path) -> N
         assert b.extents(0, 65536) == [Extent(65536, HOLE)]
     finally:
         b.close()
+
+
+def test_one_block_status_answer_looks_at_a_bounded_number_of_grains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "empty.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(image), "8M"], check=True)
+    monkeypatch.setattr("nbdserver.formats.vmdk._STATUS_GRAINS", 4)
+    b = VmdkBackend(str(image))
+    try:
+        assert b.extents(1000, 8 * MiB - 1000) == [Extent(4 * 65536, HOLE)]
+    finally:
+        b.close()
