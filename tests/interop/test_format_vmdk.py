@@ -199,16 +199,25 @@ def test_a_file_that_is_not_vmdk_is_refused(tmp_path: Path) -> None:
         VmdkBackend(str(image))
 
 
-def test_a_grain_table_pointing_past_the_file_fails_that_read_only(tmp_path: Path) -> None:
+def with_grain_entry(tmp_path: Path, options: str, grain: int, value: int) -> tuple[Path, bytes]:
+    """A 4 MiB image made with ``options`` whose first grain table says ``value`` for ``grain``;
+    returns the image and its raw source."""
     raw = tmp_path / "src.raw"
-    source = make_source(raw, 4 * MiB, seed=5)
+    source = random.Random(5).randbytes(2 * 65536) + make_source(raw, 4 * MiB, seed=5)[131072:]
+    raw.write_bytes(source)  # the first two grains hold data
     image = tmp_path / "disk.vmdk"
-    convert(raw, image, "subformat=monolithicSparse")
+    convert(raw, image, options)
     data = bytearray(image.read_bytes())
     gd_offset = struct.unpack_from("<Q", data, 56)[0] * 512
     gt = struct.unpack_from("<I", data, gd_offset)[0] * 512
-    struct.pack_into("<I", data, gt + 4, 0x7FFFFFF0)  # grain 1 points far past the end
+    assert struct.unpack_from("<I", data, gt + 4 * grain)[0] > 1  # the grain held data
+    struct.pack_into("<I", data, gt + 4 * grain, value)
     image.write_bytes(bytes(data))
+    return image, source
+
+
+def test_a_grain_table_pointing_past_the_file_fails_that_read_only(tmp_path: Path) -> None:
+    image, source = with_grain_entry(tmp_path, "subformat=monolithicSparse", 1, 0x7FFFFFF0)
     b = VmdkBackend(str(image))
     try:
         with pytest.raises(ImageFormatError) as caught:
@@ -266,16 +275,8 @@ def test_fuzzed_headers_and_tables_raise_only_image_format_errors(
 
 
 def test_a_zeroed_grain_entry_reads_as_zeroes_and_is_a_hole(tmp_path: Path) -> None:
-    raw = tmp_path / "src.raw"
-    source = make_source(raw, 2 * MiB, seed=9)
-    image = tmp_path / "disk.vmdk"
-    convert(raw, image, "subformat=monolithicSparse,zeroed_grain=on")
-    data = bytearray(image.read_bytes())
-    gd_offset = struct.unpack_from("<Q", data, 56)[0] * 512
-    gt = struct.unpack_from("<I", data, gd_offset)[0] * 512
-    assert struct.unpack_from("<I", data, gt)[0] > 1  # grain 0 holds data
-    struct.pack_into("<I", data, gt, 1)  # now it is a zeroed grain
-    image.write_bytes(bytes(data))
+    options = "subformat=monolithicSparse,zeroed_grain=on"
+    image, source = with_grain_entry(tmp_path, options, 0, 1)  # grain 0 is now a zeroed grain
     b = VmdkBackend(str(image))
     try:
         assert read(b, 0, 65536) == bytes(65536)
