@@ -192,6 +192,26 @@ def test_other_subformats_are_refused_naming_the_subformat(
         VmdkBackend(str(image))
 
 
+def test_vmfs_and_delta_disks_are_refused_naming_what_they_are(tmp_path: Path) -> None:
+    cowd = tmp_path / "cowd.vmdk"
+    cowd.write_bytes(b"COWD" + bytes(4092))
+    with pytest.raises(ImageFormatError, match="vmfsSparse"):
+        VmdkBackend(str(cowd))
+    vmfs = tmp_path / "vmfs.vmdk"
+    vmfs.write_text('# Disk DescriptorFile\ncreateType="vmfs"\nRW 8192 VMFS "vmfs-flat.vmdk"\n')
+    with pytest.raises(ImageFormatError, match="'vmfs'"):
+        VmdkBackend(str(vmfs))
+    base = tmp_path / "base.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(base), "4M"], check=True)
+    child = tmp_path / "child.vmdk"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "vmdk", "-b", str(base), "-F", "vmdk", str(child)],
+        check=True,
+    )
+    with pytest.raises(ImageFormatError, match="parent"):
+        VmdkBackend(str(child))
+
+
 def test_a_file_that_is_not_vmdk_is_refused(tmp_path: Path) -> None:
     image = tmp_path / "x.vmdk"
     image.write_bytes(bytes(4096))
@@ -247,7 +267,12 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 @given(
     kind=st.sampled_from(["monolithicSparse", "streamOptimized"]),
     edits=st.lists(
-        st.tuples(st.integers(0, 40_000), st.binary(min_size=1, max_size=8)), min_size=1, max_size=6
+        st.tuples(
+            st.one_of(st.integers(0, 40_000), st.integers(0, 1_200_000)),  # metadata, grains
+            st.binary(min_size=1, max_size=8),
+        ),
+        min_size=1,
+        max_size=6,
     ),
 )
 def test_fuzzed_headers_and_tables_raise_only_image_format_errors(
