@@ -59,7 +59,7 @@ def test_an_image_with_a_format_header_is_refused_without_format(
 def test_an_export_spec_with_a_format_header_is_refused_too(tmp_path: Path) -> None:
     path = _image(tmp_path, HEADERS["qcow2"])
     cfg = parse_export_spec(f"a={path},ro=yes")
-    with pytest.raises(ConfigError, match="qcow2 image.*--format qcow2"):
+    with pytest.raises(ConfigError, match=r"qcow2 image.*--format qcow2"):
         open_export(cfg)
 
 
