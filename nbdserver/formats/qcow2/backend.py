@@ -149,7 +149,8 @@ class Qcow2Backend(Backend):
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
-        for kind, guest, n, where in self._segments(offset, length)[:_MAX_EXTENTS]:
+        length = min(length, _MAX_EXTENTS * self._cs)  # clients ask again from where it ends
+        for kind, guest, n, where in self._segments(offset, length):
             if kind in (NORMAL, COMPRESSED_KIND):
                 _add(out, n, 0)
             elif kind == ZERO:
