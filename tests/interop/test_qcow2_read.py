@@ -113,3 +113,18 @@ def test_a_missing_backing_file_is_refused(tmp_path: Path) -> None:
     top = qcow2(tmp_path / "top.qcow2", backing=base)
     base.unlink()
     assert "does not exist" in _refused(tmp_path, str(top), "--format", "qcow2", "-r")
+
+
+def test_a_zstd_image_is_refused_clearly_without_the_zstd_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbdserver.formats.qcow2 import tables
+    from nbdserver.formats.qcow2.backend import open_qcow2
+
+    raw = raw_with_data(tmp_path / "src.raw")
+    image = tmp_path / "z.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd",
+        str(raw), str(image))  # fmt: skip
+    monkeypatch.setattr(tables, "zstandard", None)
+    with pytest.raises(OSError, match="zstd compression: install nbdserver's 'zstd' extra"):
+        open_qcow2(str(image), True)
