@@ -128,3 +128,25 @@ def test_a_zstd_image_is_refused_clearly_without_the_zstd_extra(
     monkeypatch.setattr(tables, "zstandard", None)
     with pytest.raises(OSError, match="zstd compression: install nbdserver's 'zstd' extra"):
         open_qcow2(str(image), True)
+
+
+def test_identity_follows_the_file_rules_and_the_backing_chain(tmp_path: Path) -> None:
+    from nbdserver.backends.file import FileBackend
+    from nbdserver.formats.qcow2.backend import open_qcow2
+
+    base = raw_with_data(tmp_path / "base.raw")
+    top = qcow2(tmp_path / "top.qcow2", backing=base)
+
+    def identity(read_only: bool = False) -> str:
+        backend = open_qcow2(str(top), read_only)
+        backend.close()
+        return backend.identity
+
+    first = identity()
+    assert first.startswith("qcow2-") and identity() == first  # kept across reopen
+    raw = FileBackend(str(top), read_only=True)
+    raw.close()
+    assert raw.identity != first  # the same file served as raw bytes is other data
+    base.unlink()
+    raw_with_data(base)  # a replaced backing file: the disk may differ
+    assert identity() != first
