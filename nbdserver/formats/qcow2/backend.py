@@ -50,16 +50,17 @@ class Qcow2Backend(Backend):
     can_multi_conn = True
 
     def __init__(self, path: str, read_only: bool, backing: Backend | None = None,
-                 chain: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 backing_files: tuple[str, ...] = ()) -> None:  # fmt: skip
+        """``backing``: the opened backing file; ``backing_files``: every file of its chain."""
         fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
-            self._setup(fd, path, read_only, backing, chain)
+            self._setup(fd, path, read_only, backing, backing_files)
         except BaseException:
             os.close(fd)
             raise
 
     def _setup(self, fd: int, path: str, read_only: bool, backing: Backend | None,
-               chain: tuple[str, ...]) -> None:  # fmt: skip
+               backing_files: tuple[str, ...]) -> None:  # fmt: skip
         file_size = os.fstat(fd).st_size
         h = hdr.parse(os.pread(fd, 2 * 1024 * 1024, 0), file_size)
         if h.extended_l2:
@@ -81,7 +82,8 @@ class Qcow2Backend(Backend):
         self._t = Tables(fd, h, self._refs.end if self._refs else file_size)
         self.can_write = self.can_trim = self.can_zero = not read_only
         self._cleared_autoclear = h.autoclear == 0
-        files = [os.stat(p) for p in chain[1:]]
+        self.backing_files = backing_files
+        files = [os.stat(p) for p in backing_files]
         self.identity = digest(
             "qcow2", file_identity(fd, path, read_only),
             *[(s.st_ino, s.st_size, s.st_mtime_ns) for s in files],
@@ -339,8 +341,13 @@ def open_qcow2(path: str, read_only: bool, allow_outside: bool = False,
     backing: Backend | None = None
     if h.backing_name is not None:
         backing = _open_backing(path, h, chain, allow_outside)
+    files: tuple[str, ...] = ()
+    if isinstance(backing, Qcow2Backend):
+        files = (backing.path, *backing.backing_files)
+    elif isinstance(backing, FileBackend):
+        files = (backing.path,)
     try:
-        return Qcow2Backend(path, read_only, backing, chain)
+        return Qcow2Backend(path, read_only, backing, files)
     except BaseException:
         if backing is not None:
             backing.close()
