@@ -37,6 +37,9 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(d / "c.qcow2"))  # fmt: skip
     image = qcow2(d / "seed.qcow2", "cluster_size=4096", backing=d / "base.raw", size=1 << 20)
     qemu_io(image, "qcow2", "write -P 0x11 0 20k", "write -z 64k 8k")
+    sub = qcow2(d / "x.qcow2", "extended_l2=on", "cluster_size=32k", backing=d / "base.raw",
+                size=1 << 20)  # fmt: skip
+    qemu_io(sub, "qcow2", "write -P 0x22 1000 3000", "write -z 40k 1k", "write -P 0x23 100k 64k")
     return d
 
 
@@ -68,7 +71,7 @@ def _exercise(path: Path, read_only: bool) -> None:
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    name=st.sampled_from(["seed.qcow2", "c.qcow2"]),
+    name=st.sampled_from(["seed.qcow2", "c.qcow2", "x.qcow2"]),
     fields=st.lists(st.tuples(st.sampled_from(FIELDS), st.integers(0, 2**64 - 1)), max_size=3),
     bytes_=st.lists(st.tuples(st.integers(0, 48 << 10), st.integers(0, 255)), max_size=8),
     read_only=st.booleans(),

@@ -30,6 +30,8 @@ VARIANTS = {
     "v3-4k-refcount64": ("compat=1.1", "cluster_size=4096", "refcount_bits=64"),
     "prealloc-metadata": ("preallocation=metadata",),
     "prealloc-falloc": ("preallocation=falloc", "cluster_size=8192"),
+    "extended-l2-64k": ("extended_l2=on",),
+    "extended-l2-2M": ("extended_l2=on", "cluster_size=2M"),
 }
 
 
@@ -67,7 +69,7 @@ def test_a_backing_chain_of_raw_and_qcow2_files_reads_as_qemu_reads_it(
     raw_with_data(tmp_path / "base.raw", size=SIZE // 2)  # shorter than the images above it
     mid = qcow2(tmp_path / "mid.qcow2", "compat=0.10", backing=tmp_path / "base.raw")
     qemu_io(mid, "qcow2", "write -P 0x77 512k 512k")
-    top = qcow2(tmp_path / "top.qcow2", "cluster_size=4096", backing=mid, backing_fmt="qcow2")
+    top = qcow2(tmp_path / "top.qcow2", "extended_l2=on", backing=mid, backing_fmt="qcow2")
     qemu_io(top, "qcow2", "write -P 0x88 600k 8k", "write -z 0 4k")
     srv = nbdserver("--format", "qcow2", image=top, size=None)
     assert compare(srv.uri, "raw", str(top), "qcow2").returncode == 0

@@ -36,6 +36,8 @@ VARIANTS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
     "v3-over-backing": (("compat=1.1",), True, True),
     "v2-over-backing": (("compat=0.10", "cluster_size=4096"), True, False),
     "prealloc-metadata": (("preallocation=metadata",), False, True),
+    "extended-l2": (("extended_l2=on",), False, True),
+    "extended-l2-over-backing": (("extended_l2=on", "cluster_size=128k"), True, True),
 }
 
 # Unaligned writes (partial clusters: copy-on-write from backing or zeroes), zeroes of whole and

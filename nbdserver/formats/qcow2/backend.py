@@ -1,6 +1,6 @@
 """The qcow2 ``Backend``: reads through L1/L2 (data, zero, compressed, unallocated -> backing
-file or zeroes), block status from the metadata, and writes that allocate clusters at the end
-of the file with refcounts kept exact.
+file or zeroes; with extended L2 entries per subcluster), block status from the metadata, and
+writes that allocate whole clusters at the end of the file with refcounts kept exact.
 
 Write order, per request, all through one descriptor (so a killed process leaves them in this
 order in the page cache): refcounts, then data, then the L2 entry, then (for a new L2 table)
@@ -28,6 +28,8 @@ from nbdserver.formats.qcow2 import header as hdr
 from nbdserver.formats.qcow2.header import Header, Qcow2Error
 from nbdserver.formats.qcow2.refcounts import Refcounts
 from nbdserver.formats.qcow2.tables import (
+    ALL_ALLOCATED,
+    ALL_ZERO,
     COMPRESSED_KIND,
     COPIED,
     NORMAL,
@@ -63,11 +65,6 @@ class Qcow2Backend(Backend):
                backing_files: tuple[str, ...]) -> None:  # fmt: skip
         file_size = os.fstat(fd).st_size
         h = hdr.parse(os.pread(fd, 2 * 1024 * 1024, 0), file_size)
-        if h.extended_l2:
-            raise Qcow2Error(
-                "qcow2 extended L2 entries (subclusters) are not supported yet: "
-                "qemu-img convert -O qcow2 -o extended_l2=off"
-            )
         self._fd, self.h, self.path = fd, h, path
         self._cs, self._cb = h.cluster_size, h.cluster_bits
         self._backing = backing
@@ -104,8 +101,10 @@ class Qcow2Backend(Backend):
         cs, pos, end = self._cs, offset, offset + length
         while pos < end:
             n = min(cs - (pos & (cs - 1)), end - pos)
-            entry = self._t.entry(pos >> self._cb)
+            entry, bitmap = self._t.entry(pos >> self._cb)
             kind = self._t.kind(entry)
+            if self._t.ext and kind != COMPRESSED_KIND:
+                n, kind = self._subcluster(pos, end, entry, bitmap)
             where = (entry & OFFSET_MASK) + (pos & (cs - 1)) if kind == NORMAL else entry
             if out and out[-1][0] == kind and kind != COMPRESSED_KIND:
                 k, g, m, w = out[-1]
@@ -117,6 +116,17 @@ class Qcow2Backend(Backend):
             pos += n
         return out
 
+    def _subcluster(self, pos: int, end: int, entry: int, bitmap: int) -> tuple[int, int]:
+        """Length and kind of the run from ``pos`` to the end of its subcluster."""
+        size = self._cs >> 5
+        index = (pos & (self._cs - 1)) // size
+        n = min(size - (pos & (size - 1)), end - pos)
+        if bitmap >> index & 1:
+            if not entry & OFFSET_MASK:
+                raise Qcow2Error(f"subcluster at guest offset {pos:#x} is allocated nowhere")
+            return n, NORMAL
+        return n, ZERO if bitmap >> (32 + index) & 1 else UNALLOCATED
+
     def pread(self, buf: memoryview, offset: int) -> None:
         self._fill(buf, offset, self._segments(offset, len(buf)), False)
 
@@ -126,8 +136,13 @@ class Qcow2Backend(Backend):
             view = buf[guest - offset : guest - offset + n]
             if kind == NORMAL:
                 got = os.preadv(self._fd, [view], where)
-                if got < n:
-                    raise Qcow2Error(f"short read at host offset {where:#x}")
+                while 0 < got < n:
+                    more = os.preadv(self._fd, [view[got:]], where + got)
+                    if more == 0:
+                        break
+                    got += more
+                if got < n:  # the file ends inside the cluster: the rest was never written
+                    view[got:] = bytes(n - got)
             elif kind == COMPRESSED_KIND:
                 if locked:
                     data = self._t.decompress(where)
@@ -194,9 +209,10 @@ class Qcow2Backend(Backend):
             os.fdatasync(self._fd)
 
     def _write_cluster(self, cluster: int, within: int, piece: memoryview) -> None:
-        entry = self._t.entry(cluster)
+        entry, bitmap = self._t.entry(cluster)
         kind = self._t.kind(entry)
-        if kind == NORMAL and entry & COPIED:
+        whole = not self._t.ext or bitmap & ALL_ALLOCATED == ALL_ALLOCATED
+        if kind == NORMAL and entry & COPIED and whole:
             os.pwrite(self._fd, piece, (entry & OFFSET_MASK) + within)
             return
         if len(piece) == self._cs:
@@ -211,10 +227,11 @@ class Qcow2Backend(Backend):
         host = self._refs.alloc(1)
         self._t.file_end = self._refs.end
         os.pwrite(self._fd, content, host)
-        self._set_entry(cluster, host | COPIED)
+        self._set_entry(cluster, host | COPIED, ALL_ALLOCATED)
         self._release(entry, kind)
 
-    def _set_entry(self, cluster: int, value: int) -> None:
+    def _set_entry(self, cluster: int, value: int, bitmap: int = 0) -> None:
+        """Point ``cluster`` at ``value`` (with extended L2 entries, and ``bitmap``)."""
         l1_index = cluster >> self._t.l2_bits
         offset, table = self._t.l2_table(l1_index)
         if table is not None and not self._t.l1[l1_index] & COPIED:
@@ -230,8 +247,12 @@ class Qcow2Backend(Backend):
             l1_at = self.h.l1_offset + l1_index * 8
             os.pwrite(self._fd, struct.pack(">Q", offset | COPIED), l1_at)
         slot = cluster & ((1 << self._t.l2_bits) - 1)
-        table[slot] = value
-        os.pwrite(self._fd, struct.pack(">Q", value), offset + slot * 8)
+        if self._t.ext:
+            table[2 * slot], table[2 * slot + 1] = value, bitmap
+            os.pwrite(self._fd, struct.pack(">QQ", value, bitmap), offset + slot * 16)
+        else:
+            table[slot] = value
+            os.pwrite(self._fd, struct.pack(">Q", value), offset + slot * 8)
 
     def _release(self, entry: int, kind: int) -> None:
         """Drop the reference ``entry`` held (after nothing points at it any more)."""
@@ -250,22 +271,24 @@ class Qcow2Backend(Backend):
             os.pwrite(self._fd, bytes(8), hdr.AUTOCLEAR_OFFSET)
             self._cleared_autoclear = True
 
-    def _drop_clusters(self, offset: int, length: int, value: int) -> int:
-        """Point every whole cluster in the range at ``value`` (0 or the zero flag), freeing
-        what it held; the bytes of partial clusters at either end are returned untouched."""
+    def _drop_clusters(self, offset: int, length: int, zero: bool) -> None:
+        """Unallocate every whole cluster in the range, marked as reading zeroes if ``zero``,
+        freeing what it held; partial clusters at either end are left as they are."""
         cs = self._cs
-        first = -(-offset // cs)
-        last = (offset + length) // cs
-        for cluster in range(first, last):
-            entry = self._t.entry(cluster)
+        for cluster in range(-(-offset // cs), (offset + length) // cs):
+            entry, bitmap = self._t.entry(cluster)
             kind = self._t.kind(entry)
-            if kind == UNALLOCATED and (value == 0 or self._backing is None):
-                continue
-            if kind == ZERO and value == ZERO_FLAG and not entry & OFFSET_MASK:
-                continue
-            self._set_entry(cluster, value)
+            if self._t.ext:
+                if entry == 0 and bitmap == (ALL_ZERO if zero else 0):
+                    continue
+                self._set_entry(cluster, 0, ALL_ZERO if zero else 0)
+            else:
+                if kind == UNALLOCATED and (not zero or self._backing is None):
+                    continue
+                if kind == ZERO and zero and not entry & OFFSET_MASK:
+                    continue
+                self._set_entry(cluster, ZERO_FLAG if zero else 0)
             self._release(entry, kind)
-        return max(0, last - first)
 
     def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
         cs, end = self._cs, offset + length
@@ -275,7 +298,7 @@ class Qcow2Backend(Backend):
         with self._lock:
             self._before_write()
             if plain:
-                self._drop_clusters(offset, length, ZERO_FLAG if self.h.version >= 3 else 0)
+                self._drop_clusters(offset, length, zero=self.h.version >= 3)
         if not plain:  # v2 over a backing file: only written zeroes hide the backing data
             head_end = tail_start = offset
         for start, stop in ((offset, head_end), (tail_start, end)):
@@ -289,7 +312,7 @@ class Qcow2Backend(Backend):
             return  # advisory; unallocating would expose the backing file's data
         with self._lock:
             self._before_write()
-            self._drop_clusters(offset, length, ZERO_FLAG if self._backing is not None else 0)
+            self._drop_clusters(offset, length, zero=self._backing is not None)
         if fua:
             os.fdatasync(self._fd)
 

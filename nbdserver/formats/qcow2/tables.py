@@ -24,6 +24,9 @@ OFFSET_MASK = 0x00FFFFFFFFFFFE00
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
 ZERO_FLAG = 1
+# extended L2 entries: a second word with 32 "allocated" bits, then 32 "reads as zeroes" bits
+ALL_ALLOCATED = 0xFFFFFFFF
+ALL_ZERO = 0xFFFFFFFF << 32
 _SWAP = struct.pack("=H", 1) != struct.pack(">H", 1)
 _CACHE_BYTES = 32 * 1024 * 1024
 
@@ -49,7 +52,8 @@ class Tables:
         self._fd = fd
         self.h = header
         self.cs = header.cluster_size
-        self.l2_bits = header.cluster_bits - 3
+        self.ext = header.extended_l2
+        self.l2_bits = header.cluster_bits - (4 if self.ext else 3)
         self.l1 = be_array(os.pread(fd, header.l1_size * 8, header.l1_offset))
         self.file_end = file_end  # the backend moves it as the file grows
         self._l2: OrderedDict[int, array[int]] = OrderedDict()
@@ -73,21 +77,28 @@ class Tables:
             self._l2.move_to_end(offset)
         return offset, table
 
-    def entry(self, cluster: int) -> int:
+    def entry(self, cluster: int) -> tuple[int, int]:
+        """The L2 entry of ``cluster`` and its subcluster bitmap (0 without extended L2)."""
         l1_index = cluster >> self.l2_bits
         if l1_index >= len(self.l1):
             raise Qcow2Error(f"guest cluster {cluster} is beyond the L1 table")
         _, table = self.l2_table(l1_index)
-        return 0 if table is None else table[cluster & ((1 << self.l2_bits) - 1)]
+        if table is None:
+            return 0, 0
+        slot = cluster & ((1 << self.l2_bits) - 1)
+        return (table[2 * slot], table[2 * slot + 1]) if self.ext else (table[slot], 0)
 
     def kind(self, entry: int) -> int:
+        """The cluster's kind; with extended L2 entries the bitmap refines it per subcluster."""
         if entry & COMPRESSED:
             return COMPRESSED_KIND
-        if entry & ZERO_FLAG and self.h.version >= 3:
+        if entry & ZERO_FLAG and self.h.version >= 3 and not self.ext:
             return ZERO
         if entry & OFFSET_MASK:
             host = entry & OFFSET_MASK
-            if host % self.cs or host + self.cs > self.file_end:
+            # The file may end inside the last cluster (subclusters written, or preallocation
+            # off): the rest reads as zeroes. A cluster that starts at or past the end is bad.
+            if host % self.cs or host >= self.file_end:
                 raise Qcow2Error(f"data cluster at {host:#x} lies past the end of the file")
             return NORMAL
         return UNALLOCATED
