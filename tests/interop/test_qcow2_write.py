@@ -132,3 +132,32 @@ def test_a_read_only_format_refusal_names_the_reason(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 2
     assert "internal snapshots" in res.stderr and "--read-only" in res.stderr
+
+
+def test_a_dirty_or_corrupt_image_opens_read_only_only(tmp_path: Path) -> None:
+    from nbdserver.formats.qcow2.backend import open_qcow2
+
+    image = qcow2(tmp_path / "a.qcow2")
+    for bit, word in ((1, "dirty"), (2, "corrupt")):
+        with open(image, "r+b") as f:
+            f.seek(79)  # the low byte of incompatible_features
+            f.write(bytes([bit]))
+        with pytest.raises(OSError, match=f"marked {word}|is {word}"):
+            open_qcow2(str(image), False)
+        open_qcow2(str(image), True).close()
+
+
+def test_copy_on_write_over_a_qcow2_image_never_writes_it(
+    tmp_path: Path, nbdserver: NbdServerFactory
+) -> None:
+    image, ref = _image_and_reference(tmp_path, ("compat=1.1",), backing=False)
+    before = _sha(image)
+    cow = tmp_path / "cow"
+    cow.mkdir()
+    srv = nbdserver("--format", "qcow2", "--copy-on-write", "--cow-dir", str(cow), image=image,
+                    size=None)  # fmt: skip
+    qemu_io(srv.uri, "raw", *WRITES)
+    qemu_io(ref, "raw", *WRITES)
+    assert compare(srv.uri, "raw", str(ref), "raw").returncode == 0
+    assert srv.stop() == 0
+    assert _sha(image) == before
