@@ -20,7 +20,7 @@ import struct
 import threading
 from array import array
 
-from nbdserver.backends.base import Backend, Extent
+from nbdserver.backends.base import Backend, Extent, append_extent
 from nbdserver.backends.file import FileBackend
 from nbdserver.backends.identity import digest, file_identity
 from nbdserver.formats.probe import QCOW2_MAGIC
@@ -169,11 +169,13 @@ class Qcow2Backend(Backend):
         length = min(length, _MAX_EXTENTS * self._cs)  # clients ask again from where it ends
         for kind, guest, n, where in self._segments(offset, length):
             if kind in (NORMAL, COMPRESSED_KIND):
-                _add(out, n, 0)
+                append_extent(out, n, 0)
             elif kind == ZERO:
-                _add(out, n, NBD_STATE_ZERO | (0 if where & OFFSET_MASK else NBD_STATE_HOLE))
+                append_extent(
+                    out, n, NBD_STATE_ZERO | (0 if where & OFFSET_MASK else NBD_STATE_HOLE)
+                )
             elif self._backing is None or guest >= self._backing_size:
-                _add(out, n, NBD_STATE_HOLE | NBD_STATE_ZERO)
+                append_extent(out, n, NBD_STATE_HOLE | NBD_STATE_ZERO)
             else:
                 self._backing_extents(out, guest, n)
         return out
@@ -185,12 +187,12 @@ class Qcow2Backend(Backend):
         while pos < guest + inside:
             for e in self._backing.extents(pos, guest + inside - pos):
                 step = min(e.length, guest + inside - pos)
-                _add(out, step, e.flags)
+                append_extent(out, step, e.flags)
                 pos += step
                 if pos >= guest + inside:
                     break
         if inside < n:
-            _add(out, n - inside, NBD_STATE_HOLE | NBD_STATE_ZERO)
+            append_extent(out, n - inside, NBD_STATE_HOLE | NBD_STATE_ZERO)
 
     # ---- writes ------------------------------------------------------------------------
 
@@ -326,13 +328,6 @@ class Qcow2Backend(Backend):
             self._fd = -1
         if self._backing is not None:
             self._backing.close()
-
-
-def _add(out: list[Extent], length: int, flags: int) -> None:
-    if out and out[-1].flags == flags:
-        out[-1] = Extent(out[-1].length + length, flags)
-    else:
-        out.append(Extent(length, flags))
 
 
 def _why_read_only(h: Header) -> str | None:
