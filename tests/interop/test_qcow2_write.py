@@ -161,3 +161,20 @@ def test_copy_on_write_over_a_qcow2_image_never_writes_it(
     assert compare(srv.uri, "raw", str(ref), "raw").returncode == 0
     assert srv.stop() == 0
     assert _sha(image) == before
+
+
+def test_the_refcount_table_moves_when_it_grows_and_stays_consistent(
+    tmp_path: Path, nbdserver: NbdServerFactory
+) -> None:
+    image = qcow2(tmp_path / "a.qcow2", "cluster_size=512", size=32 << 20)
+    ref = tmp_path / "ref.raw"
+    run("qemu-img", "create", "-q", "-f", "raw", str(ref), str(32 << 20))
+    header = image.read_bytes()[48:60]
+    writes = ["write -P 0xb1 0 20M", "write -z 1M 3M", "discard 10M 2M", "write -P 0xb2 30M 1M"]
+    srv = nbdserver("--format", "qcow2", image=image, size=None)
+    qemu_io(srv.uri, "raw", *writes)
+    qemu_io(ref, "raw", *writes)
+    assert srv.stop() == 0
+    assert image.read_bytes()[48:60] != header  # refcount_table_offset/clusters moved
+    check_clean(image)
+    assert compare(str(image), "qcow2", str(ref), "raw").returncode == 0
