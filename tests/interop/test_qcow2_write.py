@@ -178,3 +178,26 @@ def test_the_refcount_table_moves_when_it_grows_and_stays_consistent(
     assert image.read_bytes()[48:60] != header  # refcount_table_offset/clusters moved
     check_clean(image)
     assert compare(str(image), "qcow2", str(ref), "raw").returncode == 0
+
+
+def test_two_connections_writing_at_once_leave_a_clean_image(
+    tmp_path: Path, nbdserver: NbdServerFactory
+) -> None:
+    image = qcow2(tmp_path / "a.qcow2", "cluster_size=4096", size=16 << 20)
+    ref = tmp_path / "ref.raw"
+    run("qemu-img", "create", "-q", "-f", "raw", str(ref), str(16 << 20))
+    halves = [[f"write -P {0xC0 + i} {i * 8 + j * 2}M 1000000" for j in range(4)] for i in range(2)]
+    srv = nbdserver("--format", "qcow2", image=image, size=None)
+    writers = [
+        subprocess.Popen(["qemu-io", "-f", "raw", *[a for c in cmds for a in ("-c", c)], srv.uri],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for cmds in halves
+    ]  # fmt: skip
+    for writer in writers:
+        _, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err
+    for cmds in halves:
+        qemu_io(ref, "raw", *cmds)
+    assert srv.stop() == 0
+    check_clean(image)
+    assert compare(str(image), "qcow2", str(ref), "raw").returncode == 0
