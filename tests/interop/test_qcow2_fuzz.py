@@ -68,7 +68,7 @@ def _exercise(path: Path, read_only: bool) -> None:
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     name=st.sampled_from(["seed.qcow2", "c.qcow2", "x.qcow2"]),

@@ -115,6 +115,8 @@ def parse(head: bytes, file_size: int) -> Header:
             backing = head[backing_off : backing_off + backing_len].decode()
         except UnicodeDecodeError:
             raise Qcow2Error("backing file name is not UTF-8") from None
+        if "\0" in backing or not backing:
+            raise Qcow2Error("backing file name is empty or holds a NUL byte")
     exts = _extensions(head, header_len, backing_off or min(cs, len(head)))
     if EXT_DATA_FILE in exts or incompat & INCOMPAT_DATA_FILE:
         raise Qcow2Error("qcow2 images with an external data file are not supported")
