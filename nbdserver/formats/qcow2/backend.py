@@ -3,10 +3,11 @@ file or zeroes; with extended L2 entries per subcluster), block status from the 
 writes that allocate whole clusters at the end of the file with refcounts kept exact.
 
 Write order, per request, all through one descriptor (so a killed process leaves them in this
-order in the page cache): refcounts, then data, then the L2 entry, then (for a new L2 table)
-the L1 entry. FLUSH is fsync of that descriptor. An image with internal snapshots, a dirty
-(lazy-refcount) or corrupt bit, or sub-byte refcounts opens read-only only; a backing file is
-always opened read-only.
+order in the page cache): refcounts, then data, then (for a new L2 table) the table and its L1
+entry, then the L2 entry. FLUSH is fsync of that descriptor; there is no fsync between the steps,
+so only a power loss between FLUSHes can leave them out of order on disk. An image with
+internal snapshots, a dirty (lazy-refcount) or corrupt bit, or sub-byte refcounts opens
+read-only only; a backing file is always opened read-only.
 
 What it must not do: validate requests (the core did) or decide policy on the backing chain's
 location (``open_qcow2`` does, once, at open).
