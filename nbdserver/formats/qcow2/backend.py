@@ -184,14 +184,20 @@ class Qcow2Backend(Backend):
     def _backing_extents(self, out: list[Extent], guest: int, n: int) -> None:
         assert self._backing is not None
         inside = min(n, self._backing_size - guest)
-        pos = guest
-        while pos < guest + inside:
-            for e in self._backing.extents(pos, guest + inside - pos):
-                step = min(e.length, guest + inside - pos)
+        pos, end = guest, guest + inside
+        while pos < end:
+            before = pos
+            for e in self._backing.extents(pos, end - pos):
+                step = min(e.length, end - pos)
+                if step <= 0:
+                    break
                 append_extent(out, step, e.flags)
                 pos += step
-                if pos >= guest + inside:
+                if pos >= end:
                     break
+            if pos == before:  # a backing file that said nothing: call the rest data
+                append_extent(out, end - pos, 0)
+                pos = end
         if inside < n:
             append_extent(out, n - inside, NBD_STATE_HOLE | NBD_STATE_ZERO)
 
