@@ -47,21 +47,23 @@ class ServerSpec:
     # connection and exits), so it runs as the daemon it is and reports its pid in a file.
     daemonizes: bool = False
     extra_args: tuple[str, ...] = ()
+    image_format: str = "raw"  # or qcow2: each server reads the image through its qcow2 code
 
     def command(self, image: Path, port: int, workdir: Path) -> list[str]:
         if self.name == "nbdserver":
             return [self.binary, "serve", str(image), "--bind", HOST, "--port", str(port),
-                    *self.extra_args]  # fmt: skip
+                    "--format", self.image_format, *self.extra_args]  # fmt: skip
         if self.name == "qemu-nbd":
             # -t: stay up between fio's connections; -e 8: allow the 4 multi-conn connections
             # (qemu-nbd then advertises CAN_MULTI_CONN); writeback: page cache like the others.
             return [
-                self.binary, "-t", "-f", "raw", "--cache=writeback", "--aio=threads",
+                self.binary, "-t", "-f", self.image_format, "--cache=writeback", "--aio=threads",
                 "-e", "8", "-b", HOST, "-p", str(port), *self.extra_args, str(image),
             ]  # fmt: skip
         if self.name == "nbdkit":
             return [
                 self.binary, "-f", "-i", HOST, "-p", str(port), *self.extra_args,
+                *(["--filter=qcow2dec"] if self.image_format == "qcow2" else []),
                 "file", f"file={image}",
             ]  # fmt: skip
         if self.name == "nbd-server":
@@ -85,13 +87,16 @@ class ServerSpec:
 
 
 def default_specs(
-    nbdserver: str = DEFAULT_NBDSERVER, nbdserver_args: tuple[str, ...] = ()
+    nbdserver: str = DEFAULT_NBDSERVER,
+    nbdserver_args: tuple[str, ...] = (),
+    image_format: str = "raw",
 ) -> dict[str, ServerSpec]:
+    fmt = image_format
     specs = [
-        ServerSpec("nbdserver", nbdserver, extra_args=nbdserver_args),
-        ServerSpec("qemu-nbd", "qemu-nbd"),
-        ServerSpec("nbdkit", "nbdkit"),
-        ServerSpec("nbd-server", "nbd-server", export="disk", daemonizes=True),
+        ServerSpec("nbdserver", nbdserver, extra_args=nbdserver_args, image_format=fmt),
+        ServerSpec("qemu-nbd", "qemu-nbd", image_format=fmt),
+        ServerSpec("nbdkit", "nbdkit", image_format=fmt),
+        ServerSpec("nbd-server", "nbd-server", export="disk", daemonizes=True, image_format=fmt),
     ]
     return {s.name: s for s in specs}
 
@@ -100,6 +105,12 @@ def unavailable_reason(spec: ServerSpec) -> str | None:
     """Why this server cannot run here, or None when its binary is present."""
     if shutil.which(spec.binary) is None and not os.access(spec.binary, os.X_OK):
         return f"{spec.binary} not found (install it, see scripts/apt-packages.txt)"
+    if spec.image_format == "qcow2" and spec.name == "nbd-server":
+        return "nbd-server serves raw images only"
+    if spec.image_format == "qcow2" and spec.name == "nbdkit":
+        probe = [spec.binary, "--filter=qcow2dec", "null", "--version"]
+        if subprocess.run(probe, capture_output=True, timeout=30).returncode != 0:
+            return "this nbdkit has no qcow2dec filter (nbdkit 1.36 and later)"
     return None
 
 

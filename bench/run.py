@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runtime", type=float, default=10.0, help="seconds per fio job (after ramp)")
     p.add_argument("--ramp", type=float, default=1.0, help="fio ramp_time seconds (not measured)")
     p.add_argument("--image-size", default="1G")
+    p.add_argument(
+        "--image-format",
+        choices=["raw", "qcow2"],
+        default="raw",
+        help="qcow2: the data converted by qemu-img, one copy per server (fully allocated)",
+    )
     p.add_argument("--image-dir", default="/dev/shm")
     p.add_argument("--nbdserver", default=str(REPO / ".venv" / "bin" / "nbdserver"))
     p.add_argument("--nbdserver-arg", action="append", default=[], help="extra arg (repeatable)")
@@ -107,6 +113,17 @@ def can_multi_conn(uri: str) -> bool | None:
         ["nbdinfo", "--can", "multi-conn", uri], capture_output=True, timeout=30
     ).returncode
     return {0: True, 2: False}.get(rc)
+
+
+def server_image(image: Path, image_format: str, server: str) -> Path:
+    """The image ``server`` serves: the raw image itself, or its own qcow2 conversion (two
+    servers must never allocate in one qcow2 file at once)."""
+    if image_format == "raw":
+        return image
+    copy = image.parent / f"{image.name}.{server}.qcow2"
+    cmd = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(image), str(copy)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    return copy
 
 
 def git_facts() -> dict[str, str]:
@@ -177,7 +194,7 @@ def log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> BenchResults:
-    specs = peers.default_specs(args.nbdserver, tuple(args.nbdserver_arg))
+    specs = peers.default_specs(args.nbdserver, tuple(args.nbdserver_arg), args.image_format)
     results = BenchResults(servers=list(args.server_list), workloads=list(args.workload_list))
     results.meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -186,6 +203,7 @@ def run(args: argparse.Namespace) -> BenchResults:
         "rounds": args.rounds,
         "runtime": f"{args.runtime:g} s (+{args.ramp:g} s ramp)",
         "image_size": args.image_size,
+        "image_format": args.image_format,
         "cpus": os.cpu_count(),
         "loadavg_start": round(os.getloadavg()[0], 2),
     }
@@ -198,7 +216,8 @@ def run(args: argparse.Namespace) -> BenchResults:
             reason = peers.unavailable_reason(spec)
             if reason is None:
                 try:
-                    running[name] = peers.start_server(spec, image, scratch / name)
+                    own = server_image(image, args.image_format, name)
+                    running[name] = peers.start_server(spec, own, scratch / name)
                 except peers.ServerStartError as e:
                     reason = f"failed to start: {e}"
             if reason is not None:
@@ -221,6 +240,8 @@ def run(args: argparse.Namespace) -> BenchResults:
         for server in running.values():
             server.stop()
         image.unlink(missing_ok=True)
+        for copy in image.parent.glob(image.name + ".*.qcow2"):
+            copy.unlink()
         shutil.rmtree(scratch, ignore_errors=True)
     return results
 

@@ -23,6 +23,8 @@ from nbdserver.filters.access import CapsFilter, ReadOnlyFilter
 from nbdserver.filters.cow import CowFilter
 from nbdserver.filters.qos import wrap_qos
 from nbdserver.filters.stats import StatsFilter
+from nbdserver.formats import probe
+from nbdserver.formats.registry import FORMATS, RAW
 from nbdserver.metrics import ConnStats
 
 
@@ -76,8 +78,17 @@ def _limits(inner: Backend, cfg: ExportConfig) -> Backend:
 
 def _open_base(cfg: ExportConfig) -> Backend:
     """The backend itself. Copy-on-write never writes the base: it is opened read-only."""
-    kind = kind_for(cfg.backend, cfg.path)
     read_only = cfg.read_only or cfg.cow is not CowMode.OFF
+    if cfg.format not in (None, RAW):
+        return _open_format(cfg, read_only)
+    kind = kind_for(cfg.backend, cfg.path)
+    if cfg.format is None and kind.needs_path and cfg.path and not cfg.temporary:
+        found = probe.detect_path(cfg.path)
+        if found is not None:
+            raise ConfigError(
+                f"{cfg.path} is a {found} image: give --format {found} (-e ...,format={found}) "
+                "to serve its disk, or --format raw to serve the file's bytes"
+            )
     if cfg.temporary:
         # nbd-server's ``temporary``: a fresh file next to ``path``, unlinked at once.
         assert cfg.path is not None and cfg.size is not None
@@ -92,6 +103,22 @@ def _open_base(cfg: ExportConfig) -> Backend:
     if cfg.cow is not CowMode.OFF and kind.needs_path:
         return kind.open(cfg.path, None, True)  # a copy-on-write base is never created or grown
     return kind.open(cfg.path, cfg.size, read_only)
+
+
+def _open_format(cfg: ExportConfig, read_only: bool) -> Backend:
+    """An image in a format other than raw, by the format registry; never created or grown."""
+    assert cfg.path is not None and cfg.format is not None
+    fmt = FORMATS[cfg.format]
+    if not fmt.can_write and not read_only:
+        raise ConfigError(
+            f"export {cfg.name!r}: {fmt.name} images are served read-only: give --read-only "
+            "or --copy-on-write"
+        )
+    if not os.path.exists(cfg.path):
+        raise ConfigError(f"{cfg.path} does not exist (qemu-img create makes a {fmt.name} image)")
+    if fmt.confined:
+        return fmt.open(cfg.path, read_only, allow_outside=cfg.backing_anywhere)
+    return fmt.open(cfg.path, read_only)
 
 
 def cow_overlay_path(cfg: ExportConfig) -> str:

@@ -27,6 +27,14 @@ class Extent:
     flags: int
 
 
+def append_extent(out: list[Extent], length: int, flags: int) -> None:
+    """Add a run to an extent list, merged into the last one when the flags are the same."""
+    if out and out[-1].flags == flags:
+        out[-1] = Extent(out[-1].length + length, flags)
+    else:
+        out.append(Extent(length, flags))
+
+
 @dataclass(frozen=True, slots=True)
 class BlockSize:
     """NBD_INFO_BLOCK_SIZE constraints advertised to clients."""

@@ -20,6 +20,7 @@ from nbdserver.config.model import CowMode, ExportConfig, Layer, TlsMode, TlsSet
 from nbdserver.config.specs import parse_export_spec, parse_size
 from nbdserver.errors import ConfigError
 from nbdserver.filters.qos import QosLimits
+from nbdserver.formats.registry import NAMES as FORMATS
 
 _QOS = ("read_bps", "write_bps", "read_iops", "write_iops")
 
@@ -43,6 +44,18 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         help="auto picks block for devices, else file; memory needs --size",
     )
     s.add_argument(
+        "--format",
+        "-f",
+        choices=FORMATS,
+        help="IMAGE's format (default raw; an image whose header names another format is "
+        "refused unless this names it)",
+    )
+    s.add_argument(
+        "--backing-anywhere",
+        action="store_true",
+        help="a qcow2 IMAGE's backing files may lie outside its directory",
+    )
+    s.add_argument(
         "--connections",
         type=int,
         default=0,
@@ -54,8 +67,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=PATH[,opt=val...]",
-        help="another export (PATH memory: RAM); opts: size, ro, description, backend, "
-        "connections, idle-timeout, tls, cow, cow-dir, allow, qos-*",
+        help="another export (PATH memory: RAM); opts: size, ro, description, backend, format, "
+        "backing-anywhere, connections, idle-timeout, tls, cow, cow-dir, allow, qos-*",
     )
     s.add_argument(
         "--bind", "-b", help="address to listen on (default: every address, IPv6 and IPv4)"
@@ -190,6 +203,8 @@ def _image_export(args: argparse.Namespace) -> tuple[ExportConfig, ...]:
         description=args.description,
         backend=args.backend,
         connections=args.connections,
+        format=args.format,
+        backing_anywhere=args.backing_anywhere,
     )
     cfg.validate(BACKENDS)
     return (cfg,)

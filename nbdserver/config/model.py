@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from nbdserver.acl import Acl
 from nbdserver.errors import ConfigError
 from nbdserver.filters.qos import QosLimits
+from nbdserver.formats.registry import NAMES as FORMAT_NAMES
 from nbdserver.protocol.constants import NBD_DEFAULT_PORT, NBD_MAX_STRING
 
 
@@ -92,6 +93,9 @@ class ExportConfig:
     qos: QosLimits | None = None
     caps: Caps | None = None  # capabilities switched off (nbd-server's trim/flush/fua keys)
     temporary: bool = False
+    # None: raw, and an image whose header names a format is refused (never probed into one)
+    format: str | None = None
+    backing_anywhere: bool = False  # a qcow2 backing file may lie outside the image's directory
 
     @property
     def per_client(self) -> bool:
@@ -117,8 +121,22 @@ class ExportConfig:
             raise ConfigError("connection limit must not be negative")
         if not 0 <= self.idle_timeout < 1e9:  # also refuses NaN and infinity
             raise ConfigError(f"idle timeout of {self.name!r} must be 0 (none) or seconds > 0")
+        self._validate_format()
         if self.cow is CowMode.PERSISTENT and not self.cow_dir:
             raise ConfigError(f"persistent copy-on-write of {self.name!r} needs --cow-dir")
+
+    def _validate_format(self) -> None:
+        if self.format is None or self.format == "raw":
+            return
+        if self.format not in FORMAT_NAMES:
+            raise ConfigError(f"unknown format {self.format!r}; one of {FORMAT_NAMES}")
+        if self.backend == "memory" or self.temporary:
+            raise ConfigError(f"export {self.name!r}: --format {self.format} needs an image file")
+        if self.size is not None:
+            raise ConfigError(
+                f"export {self.name!r}: --size does not apply to a {self.format} image "
+                f"(qemu-img create or resize makes one)"
+            )
 
 
 @dataclass(frozen=True)

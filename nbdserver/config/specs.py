@@ -63,6 +63,8 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "cow": ("cow", parse_cow),
     "copy-on-write": ("cow", parse_cow),
     "cow-dir": ("cow_dir", str),
+    "format": ("format", str),
+    "backing-anywhere": ("backing_anywhere", parse_bool),
 }
 _QOS_OPTIONS = ("qos-read-bps", "qos-write-bps", "qos-read-iops", "qos-write-iops")
 

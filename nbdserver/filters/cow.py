@@ -30,7 +30,7 @@ import tempfile
 import threading
 
 from nbdserver.backends._linux import punch_hole
-from nbdserver.backends.base import Backend, Extent
+from nbdserver.backends.base import Backend, Extent, append_extent
 from nbdserver.backends.identity import new_identity
 from nbdserver.filters.base import Filter
 from nbdserver.filters.cow_map import PersistentMap
@@ -254,13 +254,13 @@ class CowFilter(Filter):
         while pos < end:
             got = self.inner.extents(pos, end - pos) if self.inner.can_extents else []
             if not got:
-                _append(out, end - pos, 0)
+                append_extent(out, end - pos, 0)
                 return
             for ext in got:
                 n = min(ext.length, end - pos)
                 if n <= 0:
                     break
-                _append(out, n, ext.flags)
+                append_extent(out, n, ext.flags)
                 pos += n
 
     def _overlay_extents(self, start: int, end: int, out: list[Extent]) -> None:
@@ -274,12 +274,12 @@ class CowFilter(Filter):
                 data = end  # nothing but hole up to EOF
             if data > pos:
                 n = min(data, end) - pos
-                _append(out, n, _HOLE)
+                append_extent(out, n, _HOLE)
                 pos += n
                 continue
             hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
             n = min(hole, end) - pos
-            _append(out, n, 0)
+            append_extent(out, n, 0)
             pos += n
 
     def close(self) -> None:
@@ -291,10 +291,3 @@ class CowFilter(Filter):
         finally:
             if self._owns_inner:
                 self.inner.close()
-
-
-def _append(out: list[Extent], length: int, flags: int) -> None:
-    if out and out[-1].flags == flags:
-        out[-1] = Extent(out[-1].length + length, flags)
-    else:
-        out.append(Extent(length, flags))

@@ -1,6 +1,8 @@
-"""Image formats served read through their metadata (VMDK, xz) as backends.
+"""Image formats: how the bytes of an image file become the disk an export serves.
 
-Why a package beside ``nbdserver.backends``: a format backend reads another format's bytes
-from a file and serves the disk they describe; it shares the Backend interface but not the
-fd-based I/O of the raw backends. Must not wrap filters or know the configuration model.
+``raw`` is the file itself (the backends in ``nbdserver.backends``); the others (qcow2, VMDK,
+xz) are backends that parse a container format over a path: they share the Backend interface
+but not the fd-based I/O of the raw backends. ``nbdserver.formats.registry`` lists them;
+``nbdserver.formats.probe`` recognises headers so that a formatted image is never served as raw
+bytes by accident. Must not wrap filters or know the configuration model.
 """
