@@ -10,12 +10,12 @@ configuration model (the caller passes plain values).
 
 from __future__ import annotations
 
-from nbdserver.backends import block, file, memory, plugin
+from nbdserver.backends import block, file, http, memory, plugin
 from nbdserver.backends.base import BackendKind
 
 # One line per backend; ``auto`` asks them in this order.
 KINDS: dict[str, BackendKind] = {
-    k.name: k for k in (block.KIND, file.KIND, memory.KIND, plugin.KIND)
+    k.name: k for k in (http.KIND, block.KIND, file.KIND, memory.KIND, plugin.KIND)
 }
 NAMES: tuple[str, ...] = ("auto", *KINDS)
 
