@@ -2,12 +2,14 @@
 
 ``Origin(root)`` serves the files under ``root`` on 127.0.0.1 over HTTP/1.1 with kept-alive
 connections, ``Range: bytes=A-B`` (206 with ``Content-Range``), an ``ETag`` and
-``Last-Modified`` (an ``If-Match`` of another ETag answers 412). Faults, each taken by the next
-GET requests in turn: ``fail(n, "503")``, ``fail(n, "reset")`` (the connection is closed with
-an RST), ``fail(n, "slow")`` (no answer until ``slow`` seconds pass or the origin stops). ``status[path] = 403`` answers a path with
-that status; ``ranges = False`` ignores Range (200 and the whole file). ``requests`` records
-every (path, Range header) served, for counting. Use as a context manager: leaving it stops the
-server, its threads and any slow answer.
+``Last-Modified`` (an ``If-Match`` of another ETag answers 412).
+
+Faults, taken by the next GET requests in turn: ``fail(n, "503")``; ``fail(n, "reset")`` (the
+connection is closed with an RST); ``fail(n, "slow")`` (no answer until ``slow`` seconds pass
+or the origin stops). ``status[path] = 403`` answers a path with that status; ``ranges = False``
+ignores Range (200 and the whole file). ``requests`` records every (path, Range header) served,
+for counting. Use as a context manager: leaving it stops the server, its threads and any slow
+answer.
 """
 
 from __future__ import annotations
