@@ -24,32 +24,23 @@ from __future__ import annotations
 
 import errno
 import http.client
-import logging
 import re
 import ssl
 import threading
-import time
 from urllib.parse import urlsplit
 
+from nbdserver.backends._retry import Transient, within
 from nbdserver.backends.base import Backend, BackendKind, BlockSize, RemoteOptions
 from nbdserver.backends.identity import digest, new_identity
 from nbdserver.errors import ConfigError
 
-log = logging.getLogger("nbdserver.http")
-
 _SCHEMES = ("http", "https")
 _TRANSIENT = (429, 500, 502, 503, 504)
-_FIRST_BACKOFF = 0.05
-_MAX_BACKOFF = 2.0
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:\d+-\d+|\*)/(\d+)")
 
 
 def is_url(path: str) -> bool:
     return path.partition("://")[0].lower() in _SCHEMES
-
-
-class _Transient(Exception):
-    """A failure worth retrying."""
 
 
 class HttpBackend(Backend):
@@ -126,7 +117,7 @@ class HttpBackend(Backend):
     def _request(
         self, headers: dict[str, str], timeout: float
     ) -> tuple[http.client.HTTPResponse, bytes]:
-        """One attempt; connection trouble is ``_Transient`` (the connection is dropped)."""
+        """One attempt; connection trouble is ``Transient`` (the connection is dropped)."""
         try:
             conn = self._conn(timeout)
             conn.request("GET", self._target, headers=headers)
@@ -137,39 +128,29 @@ class HttpBackend(Backend):
             self._drop()
             if isinstance(exc, ssl.SSLCertVerificationError):
                 raise  # not transient: the certificate will not change
-            raise _Transient(str(exc) or type(exc).__name__) from None
+            raise Transient(str(exc) or type(exc).__name__) from None
         if resp.will_close or resp.status == 200:
             self._drop()
         return resp, body
 
     def _fetch(self, headers: dict[str, str], length: int) -> bytes:
         """The body of a 206 of ``length`` bytes, retried within the deadline, else EIO."""
-        deadline = time.monotonic() + self._timeout
-        backoff = _FIRST_BACKOFF
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                resp, body = self._request(headers, max(remaining, 0.001))
-                if resp.status == 206 and len(body) == length:
-                    return body
-                if resp.status not in _TRANSIENT:
-                    raise OSError(errno.EIO, f"{self._url}: {_status(resp)} for {headers['Range']}")
-                why = _status(resp)
-            except _Transient as exc:
-                why = str(exc)
-            remaining = deadline - time.monotonic()
-            if remaining <= backoff:
-                log.warning("%s: giving up on %s: %s", self._url, headers["Range"], why)
-                raise OSError(errno.EIO, f"{self._url}: {why}")
-            log.debug("%s: %s; retrying in %.2fs", self._url, why, backoff)
-            time.sleep(backoff)  # backoff between attempts, not synchronisation
-            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+        def attempt(remaining: float) -> bytes:
+            resp, body = self._request(headers, remaining)
+            if resp.status == 206 and len(body) == length:
+                return body
+            if resp.status in _TRANSIENT:
+                raise Transient(_status(resp))
+            raise OSError(errno.EIO, f"{self._url}: {_status(resp)} for {headers['Range']}")
+
+        return within(self._timeout, f"{self._url} {headers['Range']}", attempt)
 
     def _probe(self) -> tuple[int, str, str]:
         """Size, ETag and Last-Modified from a one-byte range request; refusals are one line."""
         try:
             resp, _ = self._request({"Range": "bytes=0-0"}, self._timeout)
-        except _Transient as exc:
+        except Transient as exc:
             raise ConfigError(f"{self._url}: {exc}") from None
         except ssl.SSLCertVerificationError as exc:
             raise ConfigError(f"{self._url}: {exc.verify_message or exc}") from None
