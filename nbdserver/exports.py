@@ -88,7 +88,9 @@ def _open_base(cfg: ExportConfig) -> Backend:
     kind = kind_for(cfg.backend, cfg.path)
     if kind.open_remote is not None:  # a URL: no file checks; read-only, any overlay above
         assert cfg.path is not None
-        return kind.open_remote(cfg.path, RemoteOptions(cfg.ca_bundle, cfg.remote_timeout))
+        return kind.open_remote(
+            cfg.path, RemoteOptions(cfg.ca_bundle, cfg.remote_timeout, cfg.s3_endpoint)
+        )
     if cfg.format is None and kind.needs_path and cfg.path and not cfg.temporary:
         found = probe.detect_path(cfg.path)
         if found is not None:

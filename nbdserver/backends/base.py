@@ -120,7 +120,9 @@ class BackendKind:
 @dataclass(frozen=True)
 class RemoteOptions:
     """How a remote image is fetched: ``ca_bundle`` (None: the system's CA store) verifies
-    HTTPS; ``timeout`` bounds one request, retries included, before it fails with EIO."""
+    HTTPS; ``timeout`` bounds one request, retries included, before it fails with EIO;
+    ``s3_endpoint`` (None: the SDK's own, from ``AWS_ENDPOINT_URL`` or the region) for S3."""
 
     ca_bundle: str | None = None
     timeout: float = 30.0
+    s3_endpoint: str | None = None

@@ -26,7 +26,9 @@ _QOS = ("read_bps", "write_bps", "read_iops", "write_iops")
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("image", nargs="?", help="image file, block device or http(s):// URL to serve")
+    s.add_argument(
+        "image", nargs="?", help="image file, block device, http(s):// or s3:// URL to serve"
+    )
     s.add_argument("--name", default="", help='export name of IMAGE (default "")')
     s.add_argument(
         "--size",
@@ -72,6 +74,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         help="seconds one read of a URL may take, retries included, before EIO (default 30)",
     )
     s.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="an S3-compatible store for an s3:// IMAGE (default: $AWS_ENDPOINT_URL, else AWS)",
+    )
+    s.add_argument(
         "--connections",
         type=int,
         default=0,
@@ -84,8 +91,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=PATH[,opt=val...]",
         help="another export (PATH memory: RAM); opts: size, ro, description, backend, format, "
-        "backing-anywhere, cache-size, ca-bundle, remote-timeout, connections, idle-timeout, "
-        "tls, cow, cow-dir, allow, qos-*",
+        "backing-anywhere, cache-size, ca-bundle, remote-timeout, s3-endpoint, connections, "
+        "idle-timeout, tls, cow, cow-dir, allow, qos-*",
     )
     s.add_argument(
         "--bind", "-b", help="address to listen on (default: every address, IPv6 and IPv4)"
@@ -225,6 +232,7 @@ def _image_export(args: argparse.Namespace) -> tuple[ExportConfig, ...]:
         cache_size=parse_size(args.cache_size) if args.cache_size else 0,
         ca_bundle=args.ca_bundle,
         remote_timeout=args.remote_timeout if args.remote_timeout is not None else 30.0,
+        s3_endpoint=args.s3_endpoint,
     )
     cfg.validate(BACKENDS)
     return (cfg,)

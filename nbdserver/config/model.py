@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass
 
 from nbdserver.acl import Acl
-from nbdserver.backends.http import is_url
+from nbdserver.backends.registry import is_remote
 from nbdserver.errors import ConfigError
 from nbdserver.filters.qos import QosLimits
 from nbdserver.formats.registry import NAMES as FORMAT_NAMES
@@ -100,11 +100,12 @@ class ExportConfig:
     cache_size: int = 0  # bytes of read cache in memory (nbdserver.filters.cache); 0 = none
     ca_bundle: str | None = None  # verifies an https:// image; None: the system's CA store
     remote_timeout: float = 30.0  # seconds one read of a URL may take, retries included
+    s3_endpoint: str | None = None  # an S3-compatible store; None: AWS_ENDPOINT_URL or AWS
 
     @property
     def remote(self) -> bool:
-        """The image is a URL (http:// or https://), read by the http backend."""
-        return self.path is not None and is_url(self.path)
+        """The image is a URL (http://, https://, s3://), read by a remote backend."""
+        return self.path is not None and is_remote(self.path)
 
     @property
     def per_client(self) -> bool:
@@ -146,7 +147,7 @@ class ExportConfig:
             return
         if self.format not in (None, "raw"):
             raise ConfigError(
-                f"export {self.name!r}: --format {self.format} is not served over http(s) yet; "
+                f"export {self.name!r}: --format {self.format} is not served from a URL yet; "
                 "serve a raw image, or download it first"
             )
         if self.size is not None or self.temporary:

@@ -68,6 +68,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "cache-size": ("cache_size", parse_size),
     "ca-bundle": ("ca_bundle", str),
     "remote-timeout": ("remote_timeout", float),
+    "s3-endpoint": ("s3_endpoint", str),
 }
 _QOS_OPTIONS = ("qos-read-bps", "qos-write-bps", "qos-read-iops", "qos-write-iops")
 

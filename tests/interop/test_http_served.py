@@ -112,7 +112,7 @@ def test_a_server_without_range_support_is_a_one_line_refusal(origin: Origin) ->
 
 
 def test_a_qcow2_over_http_is_refused_for_now(origin: Origin) -> None:
-    one_line_refusal(serve_once(origin.url("disk.img"), "--format", "qcow2"), "qcow2", "http")
+    one_line_refusal(serve_once(origin.url("disk.img"), "--format", "qcow2"), "qcow2", "from a URL")
 
 
 def test_reads_succeed_through_injected_503s_resets_and_slowness(

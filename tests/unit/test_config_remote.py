@@ -29,7 +29,7 @@ def test_an_export_spec_takes_the_same_options() -> None:
 
 @pytest.mark.parametrize(
     ("argv", "words"),
-    [([URL, "--format", "qcow2"], "not served over http"),
+    [([URL, "--format", "qcow2"], "not served from a URL"),
      ([URL, "--size", "1G"], "never created"),
      ([URL, "--remote-timeout", "0"], "remote timeout"),
      (["/img", "--cache-size", "-1"], "bad size")],
@@ -42,3 +42,12 @@ def test_what_a_url_cannot_do_is_refused_before_opening(argv: list[str], words: 
 def test_a_plain_path_is_not_remote() -> None:
     (e,) = assemble_from_argv(["/srv/disk.img"]).exports
     assert not e.remote and e.cache_size == 0
+
+
+def test_an_s3_url_is_remote_and_takes_an_endpoint() -> None:
+    (e,) = assemble_from_argv(
+        ["s3://images/disk.img", "--s3-endpoint", "http://minio:9000"]
+    ).exports
+    assert e.remote and e.s3_endpoint == "http://minio:9000"
+    spec = parse_export_spec("d=s3://b/k,s3-endpoint=http://127.0.0.1:9000")
+    assert spec.remote and spec.s3_endpoint == "http://127.0.0.1:9000"
