@@ -16,11 +16,11 @@ overlay: ``nbdserver.exports.stack``), or hold more than ``capacity`` bytes of b
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+import functools
 
 from nbdserver.backends.base import Backend
 from nbdserver.filters.base import Filter
+from nbdserver.lru import BoundedCache
 
 DEFAULT_BLOCK = 1024 * 1024
 
@@ -31,48 +31,27 @@ class CacheFilter(Filter):
     def __init__(self, inner: Backend, capacity: int, block: int = DEFAULT_BLOCK) -> None:
         super().__init__(inner)
         self._block = block
-        self._slots = max(1, capacity // block)
         self._size = inner.size()
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        self._blocks: BoundedCache[int, bytes] = BoundedCache(max(1, capacity // block))
 
     def pread(self, buf: memoryview, offset: int) -> None:
-        block = self._block
         pos = 0
         while pos < len(buf):
-            where = offset + pos
-            index, skip = divmod(where, block)
-            data = self._get(index)
+            index, skip = divmod(offset + pos, self._block)
+            data = self._blocks.get(index, functools.partial(self._fetch, index))
             n = min(len(data) - skip, len(buf) - pos)
             buf[pos : pos + n] = data[skip : skip + n]
             pos += n
 
-    def _get(self, index: int) -> bytes:
-        with self._lock:
-            data = self._blocks.get(index)
-            if data is not None:
-                self._blocks.move_to_end(index)
-                self.hits += 1
-                return data
-            self.misses += 1
+    def _fetch(self, index: int) -> bytes:
         start = index * self._block
         fetched = bytearray(min(self._block, self._size - start))
         self.inner.pread(memoryview(fetched), start)
-        data = bytes(fetched)
-        with self._lock:
-            self._blocks[index] = data
-            self._blocks.move_to_end(index)
-            while len(self._blocks) > self._slots:
-                self._blocks.popitem(last=False)
-        return data
+        return bytes(fetched)
 
     def _forget(self, offset: int, length: int) -> None:
-        first, last = offset // self._block, (offset + length - 1) // self._block
-        with self._lock:
-            for index in range(first, last + 1):
-                self._blocks.pop(index, None)
+        for index in range(offset // self._block, (offset + length - 1) // self._block + 1):
+            self._blocks.discard(index)
 
     def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
         self._forget(offset, len(data))
