@@ -115,16 +115,18 @@ def test_an_unreachable_store_fails_reads_with_eio_and_the_server_stays_up(
 ) -> None:
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
-    client = botocore_session.get_session().create_client(
-        "s3", endpoint_url=f"http://{host}:{port}"
-    )
-    client.create_bucket(Bucket="bucket")
-    client.put_object(Bucket="bucket", Key="k", Body=image.read_bytes())
-    client.close()
-    srv = nbdserver("s3://bucket/k", "--s3-endpoint", f"http://{host}:{port}",
-                    "--remote-timeout", "1", image=None)  # fmt: skip
-    server.stop()
+    try:
+        host, port = server.get_host_and_port()
+        client = botocore_session.get_session().create_client(
+            "s3", endpoint_url=f"http://{host}:{port}"
+        )
+        client.create_bucket(Bucket="bucket")
+        client.put_object(Bucket="bucket", Key="k", Body=image.read_bytes())
+        client.close()
+        srv = nbdserver("s3://bucket/k", "--s3-endpoint", f"http://{host}:{port}",
+                        "--remote-timeout", "1", image=None)  # fmt: skip
+    finally:
+        server.stop()  # the store goes away under a running server
     cmd = ["qemu-io", "-f", "raw", "-r", "-c", "read 0 4k", srv.uri]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert "Input/output error" in res.stdout + res.stderr, res
