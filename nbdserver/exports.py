@@ -14,12 +14,13 @@ import tempfile
 import threading
 from urllib.parse import quote
 
-from nbdserver.backends.base import Backend
+from nbdserver.backends.base import Backend, RemoteOptions
 from nbdserver.backends.registry import NAMES as BACKENDS
 from nbdserver.backends.registry import kind_for
 from nbdserver.config.model import CowMode, ExportConfig
 from nbdserver.errors import ConfigError
 from nbdserver.filters.access import CapsFilter, ReadOnlyFilter
+from nbdserver.filters.cache import CacheFilter
 from nbdserver.filters.cow import CowFilter
 from nbdserver.filters.qos import wrap_qos
 from nbdserver.filters.stats import StatsFilter
@@ -39,9 +40,10 @@ def stack(
 ) -> Backend:
     """The filters over ``inner``, innermost first; the one place their order is decided.
 
-    Export scope (``connection=False``, once when the export opens): copy-on-write shared or
-    persistent (so everything above sees the merged image), capability switches, then rate
-    limits (so a throttled request has not touched any layer yet).
+    Export scope (``connection=False``, once when the export opens): the read cache directly
+    over the backend (so it holds the image's own bytes, shared by every overlay), copy-on-write
+    shared or persistent (so everything above sees the merged image), capability switches, then
+    rate limits (so a throttled request has not touched any layer yet).
     Connection scope (``connection=True``, over the export's stack, per connection): with
     copy-on-write per connection, that overlay and then the capability switches and rate
     limits (which therefore count per connection in that mode); the single-writer read-only
@@ -58,6 +60,8 @@ def stack(
         if read_only_view:
             inner = ReadOnlyFilter(inner)
         return inner if stats is None else StatsFilter(inner, stats)
+    if cfg.cache_size:
+        inner = CacheFilter(inner, cfg.cache_size)
     if cfg.cow is CowMode.CONNECTION:
         return inner  # every layer above the base is per connection
     if cfg.cow in (CowMode.SHARED, CowMode.PERSISTENT):
@@ -82,6 +86,11 @@ def _open_base(cfg: ExportConfig) -> Backend:
     if cfg.format not in (None, RAW):
         return _open_format(cfg, read_only)
     kind = kind_for(cfg.backend, cfg.path)
+    if kind.open_remote is not None:  # a URL: no file checks; read-only, any overlay above
+        assert cfg.path is not None
+        return kind.open_remote(
+            cfg.path, RemoteOptions(cfg.ca_bundle, cfg.remote_timeout, cfg.s3_endpoint)
+        )
     if cfg.format is None and kind.needs_path and cfg.path and not cfg.temporary:
         found = probe.detect_path(cfg.path)
         if found is not None:

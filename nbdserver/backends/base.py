@@ -106,9 +106,23 @@ class BackendKind:
     ``open(path, size, read_only)``: the opened backend; ``size`` is what the export asked for
     (None: the image's own); a size it cannot honour is a ``ConfigError``.
     ``needs_path``: False for backends whose data lives nowhere on disk.
+    ``open_remote(url, options)``: set for backends whose path is a URL; the export opens them
+    with this instead of ``open`` (always read-only, never created or grown, no file checks).
     """
 
     name: str
     open: Callable[[str | None, int | None, bool], Backend]
     claims: Callable[[str], bool]
     needs_path: bool = True
+    open_remote: Callable[[str, RemoteOptions], Backend] | None = None
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """How a remote image is fetched: ``ca_bundle`` (None: the system's CA store) verifies
+    HTTPS; ``timeout`` bounds one request, retries included, before it fails with EIO;
+    ``s3_endpoint`` (None: the SDK's own, from ``AWS_ENDPOINT_URL`` or the region) for S3."""
+
+    ca_bundle: str | None = None
+    timeout: float = 30.0
+    s3_endpoint: str | None = None

@@ -10,14 +10,19 @@ configuration model (the caller passes plain values).
 
 from __future__ import annotations
 
-from nbdserver.backends import block, file, memory, plugin
+from nbdserver.backends import block, file, http, memory, plugin, s3
 from nbdserver.backends.base import BackendKind
 
 # One line per backend; ``auto`` asks them in this order.
 KINDS: dict[str, BackendKind] = {
-    k.name: k for k in (block.KIND, file.KIND, memory.KIND, plugin.KIND)
+    k.name: k for k in (http.KIND, s3.KIND, block.KIND, file.KIND, memory.KIND, plugin.KIND)
 }
 NAMES: tuple[str, ...] = ("auto", *KINDS)
+
+
+def is_remote(path: str) -> bool:
+    """Whether ``path`` is a URL a remote backend claims (a string test: no file system)."""
+    return any(k.open_remote is not None and k.claims(path) for k in KINDS.values())
 
 
 def kind_for(name: str, path: str | None) -> BackendKind:

@@ -26,7 +26,9 @@ _QOS = ("read_bps", "write_bps", "read_iops", "write_iops")
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("image", nargs="?", help="image file or block device to serve")
+    s.add_argument(
+        "image", nargs="?", help="image file, block device, http(s):// or s3:// URL to serve"
+    )
     s.add_argument("--name", default="", help='export name of IMAGE (default "")')
     s.add_argument(
         "--size",
@@ -56,6 +58,27 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         help="a qcow2 IMAGE's backing files may lie outside its directory",
     )
     s.add_argument(
+        "--cache-size",
+        metavar="SIZE",
+        help="keep up to SIZE (256M) of IMAGE's reads in memory, in 1M blocks (for URLs)",
+    )
+    s.add_argument(
+        "--ca-bundle",
+        metavar="FILE",
+        help="CA certificates (PEM) verifying an https:// IMAGE (default: the system's)",
+    )
+    s.add_argument(
+        "--remote-timeout",
+        type=float,
+        metavar="S",
+        help="seconds one read of a URL may take, retries included, before EIO (default 30)",
+    )
+    s.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="an S3-compatible store for an s3:// IMAGE (default: $AWS_ENDPOINT_URL, else AWS)",
+    )
+    s.add_argument(
         "--connections",
         type=int,
         default=0,
@@ -68,7 +91,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=PATH[,opt=val...]",
         help="another export (PATH memory: RAM); opts: size, ro, description, backend, format, "
-        "backing-anywhere, connections, idle-timeout, tls, cow, cow-dir, allow, qos-*",
+        "backing-anywhere, cache-size, ca-bundle, remote-timeout, s3-endpoint, connections, "
+        "idle-timeout, tls, cow, cow-dir, allow, qos-*",
     )
     s.add_argument(
         "--bind", "-b", help="address to listen on (default: every address, IPv6 and IPv4)"
@@ -205,6 +229,10 @@ def _image_export(args: argparse.Namespace) -> tuple[ExportConfig, ...]:
         connections=args.connections,
         format=args.format,
         backing_anywhere=args.backing_anywhere,
+        cache_size=parse_size(args.cache_size) if args.cache_size else 0,
+        ca_bundle=args.ca_bundle,
+        remote_timeout=args.remote_timeout if args.remote_timeout is not None else 30.0,
+        s3_endpoint=args.s3_endpoint,
     )
     cfg.validate(BACKENDS)
     return (cfg,)

@@ -15,6 +15,7 @@ import enum
 from dataclasses import dataclass
 
 from nbdserver.acl import Acl
+from nbdserver.backends.registry import is_remote
 from nbdserver.errors import ConfigError
 from nbdserver.filters.qos import QosLimits
 from nbdserver.formats.registry import NAMES as FORMAT_NAMES
@@ -96,10 +97,21 @@ class ExportConfig:
     # None: raw, and an image whose header names a format is refused (never probed into one)
     format: str | None = None
     backing_anywhere: bool = False  # a qcow2 backing file may lie outside the image's directory
+    cache_size: int = 0  # bytes of read cache in memory (nbdserver.filters.cache); 0 = none
+    ca_bundle: str | None = None  # verifies an https:// image; None: the system's CA store
+    remote_timeout: float = 30.0  # seconds one read of a URL may take, retries included
+    s3_endpoint: str | None = None  # an S3-compatible store; None: AWS_ENDPOINT_URL or AWS
+
+    @property
+    def remote(self) -> bool:
+        """The image is a URL (http://, https://, s3://), read by a remote backend."""
+        return self.path is not None and is_remote(self.path)
 
     @property
     def per_client(self) -> bool:
-        return self.path is not None and "%s" in self.path and not self.temporary
+        return (
+            self.path is not None and "%s" in self.path and not self.temporary and not self.remote
+        )
 
     def validate(self, known_backends: tuple[str, ...]) -> None:
         if len(self.name.encode()) > NBD_MAX_STRING:
@@ -122,8 +134,24 @@ class ExportConfig:
         if not 0 <= self.idle_timeout < 1e9:  # also refuses NaN and infinity
             raise ConfigError(f"idle timeout of {self.name!r} must be 0 (none) or seconds > 0")
         self._validate_format()
+        self._validate_remote()
         if self.cow is CowMode.PERSISTENT and not self.cow_dir:
             raise ConfigError(f"persistent copy-on-write of {self.name!r} needs --cow-dir")
+
+    def _validate_remote(self) -> None:
+        if self.cache_size < 0:
+            raise ConfigError(f"cache size of {self.name!r} must not be negative")
+        if not (0 < self.remote_timeout < 1e9):
+            raise ConfigError(f"remote timeout of {self.name!r} must be seconds > 0")
+        if not self.remote:
+            return
+        if self.format not in (None, "raw"):
+            raise ConfigError(
+                f"export {self.name!r}: --format {self.format} is not served from a URL yet; "
+                "serve a raw image, or download it first"
+            )
+        if self.size is not None or self.temporary:
+            raise ConfigError(f"export {self.name!r}: a URL is never created or grown (no --size)")
 
     def _validate_format(self) -> None:
         if self.format is None or self.format == "raw":

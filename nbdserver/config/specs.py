@@ -65,6 +65,10 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "cow-dir": ("cow_dir", str),
     "format": ("format", str),
     "backing-anywhere": ("backing_anywhere", parse_bool),
+    "cache-size": ("cache_size", parse_size),
+    "ca-bundle": ("ca_bundle", str),
+    "remote-timeout": ("remote_timeout", float),
+    "s3-endpoint": ("s3_endpoint", str),
 }
 _QOS_OPTIONS = ("qos-read-bps", "qos-write-bps", "qos-read-iops", "qos-write-iops")
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from nbdserver.errors import ConfigError
 
@@ -46,32 +43,3 @@ def pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
             raise ImageFormatError(f"{what} at byte {offset} runs past the end of the file")
         data += more
     return data
-
-
-class BoundedCache(Generic[K, V]):
-    """Least-recently-used values, at most ``capacity`` of them; safe from several threads.
-
-    Two threads that miss the same key may both compute it; the values are equal, so the
-    second simply replaces the first (cheaper than holding the lock while decompressing).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._items: OrderedDict[K, V] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: K, compute: Callable[[], V]) -> V:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = compute()
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
-        return value
-
-    def __len__(self) -> int:
-        return len(self._items)

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 from nbdserver.backends.base import Backend, Extent
 from nbdserver.backends.identity import digest, file_identity
-from nbdserver.formats._image import BoundedCache, ImageFormatError, pread_exact
+from nbdserver.formats._image import ImageFormatError, pread_exact
+from nbdserver.lru import BoundedCache
 from nbdserver.protocol.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
 
 SECTOR = 512

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 from nbdserver.backends.base import Backend
 from nbdserver.backends.identity import digest, file_identity
-from nbdserver.formats._image import BoundedCache, ImageFormatError, pread_exact
+from nbdserver.formats._image import ImageFormatError, pread_exact
+from nbdserver.lru import BoundedCache
 
 HEADER_MAGIC = b"\xfd7zXZ\x00"
 FOOTER_MAGIC = b"YZ"

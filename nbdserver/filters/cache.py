@@ -1,0 +1,72 @@
+"""A bounded read cache in memory: an LRU of aligned blocks, so a remote block is fetched about
+once however many clients and requests read it.
+
+Why: over HTTP or S3 every read is a round trip; operating systems and guests read the same
+blocks (partition tables, superblocks, boot files) again and again.
+
+How: reads are split into ``block``-aligned blocks (the last one short at the end of the
+image); a missing block is read whole from ``inner`` and kept, the least recently used dropped
+past ``capacity`` bytes. A write, trim or zero through this filter drops the blocks it touches
+(so the cache is never stale for data written through it). Two threads missing the same block
+at once may both fetch it: no lock is held across a fetch.
+
+Must not: cache anything written beside it (it sits directly over the backend, under any
+overlay: ``nbdserver.exports.stack``), or hold more than ``capacity`` bytes of blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from nbdserver.backends.base import Backend
+from nbdserver.filters.base import Filter
+from nbdserver.lru import BoundedCache
+
+DEFAULT_BLOCK = 1024 * 1024
+
+
+class CacheFilter(Filter):
+    """LRU cache of ``block``-sized reads, at most ``capacity`` bytes."""
+
+    def __init__(self, inner: Backend, capacity: int, block: int = DEFAULT_BLOCK) -> None:
+        super().__init__(inner)
+        self._block = block
+        self._size = inner.size()
+        self._blocks: BoundedCache[int, bytes] = BoundedCache(max(1, capacity // block))
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        pos = 0
+        while pos < len(buf):
+            index, skip = divmod(offset + pos, self._block)
+            data = self._blocks.get(index, functools.partial(self._fetch, index))
+            n = min(len(data) - skip, len(buf) - pos)
+            buf[pos : pos + n] = data[skip : skip + n]
+            pos += n
+
+    def _fetch(self, index: int) -> bytes:
+        start = index * self._block
+        fetched = bytearray(min(self._block, self._size - start))
+        self.inner.pread(memoryview(fetched), start)
+        return bytes(fetched)
+
+    def _forget(self, offset: int, length: int) -> None:
+        for index in range(offset // self._block, (offset + length - 1) // self._block + 1):
+            self._blocks.discard(index)
+
+    def pwrite(self, data: memoryview | bytes, offset: int, fua: bool) -> None:
+        self._forget(offset, len(data))
+        self.inner.pwrite(data, offset, fua)
+        self._forget(offset, len(data))
+
+    def trim(self, offset: int, length: int, fua: bool) -> None:
+        self._forget(offset, length)
+        self.inner.trim(offset, length, fua)
+        self._forget(offset, length)
+
+    def zero(self, offset: int, length: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        self._forget(offset, length)
+        self.inner.zero(offset, length, may_trim, fast, fua)
+        self._forget(offset, length)
+
+    def fileno(self) -> int | None:
+        return None  # a sendfile would bypass the cache
