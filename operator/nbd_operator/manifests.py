@@ -137,7 +137,10 @@ def server_args(
 ) -> list[str]:
     """nbdserver's command line for this export (``nbdserver serve IMAGE --name NAME ...``);
     ``metrics`` is (port, bind address) of its Prometheus endpoint."""
-    args = ["serve", image, "--name", spec.name, "--port", str(NBD_PORT)]
+    # Always raw, said explicitly: a consumer may legitimately write a qcow2, VMDK or xz header
+    # at the start of its raw volume (a VM disk inside it, a copied image), and without
+    # --format the server refuses such a file at its next start.
+    args = ["serve", image, "--name", spec.name, "--port", str(NBD_PORT), "--format", "raw"]
     if metrics is not None:
         args += ["--metrics-port", str(metrics[0]), "--metrics-bind", metrics[1]]
     if size and spec.size_bytes is not None:

@@ -201,7 +201,7 @@ def test_a_memory_export_runs_nonroot_with_a_sized_tmpfs_image() -> None:
     assert container["image"] == "registry.example/kube-nbd:test"
     assert container["command"] == ["nbdserver"]
     assert container["args"] == [
-        "serve", "/scratch/disk.img", "--name", "disk", "--port", "10809",
+        "serve", "/scratch/disk.img", "--name", "disk", "--port", "10809", "--format", "raw",
         "--size", str(512 * 2**20), "--single-writer",
     ]  # fmt: skip
     assert container["readinessProbe"]["tcpSocket"] == {"port": "nbd"}
@@ -268,7 +268,8 @@ def test_every_spec_option_reaches_the_server_command_line() -> None:
     pod = manifests.deployment(spec, CONFIG)["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["args"] == [
-        "serve", "/data/disk.img", "--name", "disk", "--port", "10809", "--read-only",
+        "serve", "/data/disk.img", "--name", "disk", "--port", "10809", "--format", "raw",
+        "--read-only",
         "--tls", "require",
         "--tls-cert", "/etc/nbd/tls/tls.crt", "--tls-key", "/etc/nbd/tls/tls.key",
         "--tls-ca", "/etc/nbd/tls/ca.crt",

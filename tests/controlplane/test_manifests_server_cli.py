@@ -64,6 +64,8 @@ def test_nbdserver_accepts_every_command_line_the_operator_builds(case: str) -> 
 def test_the_settings_arrive_as_intended() -> None:
     args = build_parser().parse_args(command_line(CASES["everything"]))
     assert args.image == "/data/disk.img"
+    for case in CASES.values():  # a volume's content never decides how it is served
+        assert build_parser().parse_args(command_line(case)).format == "raw"
     assert args.size == str(4 * 2**30)
     assert args.allow == ["10.0.0.0/8", "fd00::/8"]
     assert args.connections == 8
