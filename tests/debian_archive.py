@@ -101,11 +101,6 @@ class SuiteIndex:
         out = self._apt("apt-cache", "madison", package)
         return [line.split("|")[1].strip() for line in out.splitlines() if "|" in line]
 
-    def candidate(self, package: str) -> str | None:
-        out = self._apt("apt-cache", "policy", package)
-        match = re.search(r"Candidate:\s*(\S+)", out)
-        return match.group(1) if match and match.group(1) != "(none)" else None
-
     def download(self, packages: list[str], dest: Path) -> list[Path]:
         """Download the candidate .deb of each package into ``dest``; return their paths."""
         dest.mkdir(parents=True, exist_ok=True)

@@ -251,18 +251,20 @@ def prepare_cached(suite: str) -> UmlKernel:
 
 def prepare() -> UmlKernel:
     """Make sure one kernel boots here: the system's, a cached one, or a newly cached one."""
-    for kernel in candidates():
+
+    def boots(kernel: UmlKernel) -> bool:
         result = probe(kernel)
         print(f"uml kernel probe: {kernel.describe()}: {result.reason or 'boots'}")
-        if result.booted:
+        return result.booted
+
+    for kernel in candidates():
+        if boots(kernel):
             return kernel
     for suite in NEWER_SUITES:
         if cached_kernel(suite) is not None:
             continue  # already probed above, and it did not boot
         kernel = prepare_cached(suite)
-        result = probe(kernel)
-        print(f"uml kernel probe: {kernel.describe()}: {result.reason or 'boots'}")
-        if result.booted:
+        if boots(kernel):
             return kernel
     raise NoBootableKernel("no user-mode-linux kernel boots on this host (see the probes above)")
 
