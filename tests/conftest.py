@@ -33,25 +33,26 @@ def _tier(report: pytest.TestReport | pytest.CollectReport) -> str:
     return parts[0] if len(parts) > 1 else "other"
 
 
+def _record(report: pytest.TestReport | pytest.CollectReport, outcome: str) -> None:
+    tier = _tier(report)
+    _counts[tier, outcome] += 1
+    if outcome == "skipped" and tier in _skipped:
+        _skipped[tier].append(report.nodeid)
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # A test counts once: by its call, or by its setup where that did not pass (a skip or an
+    # error there means no call); a failed teardown counts as a failure on top.
     if report.when == "call" or (report.when == "setup" and not report.passed):
-        outcome = report.outcome if report.when == "call" else f"{report.outcome}-setup"
-        outcome = {"failed-setup": "failed", "skipped-setup": "skipped"}.get(outcome, outcome)
-        tier = _tier(report)
-        _counts[tier, outcome] += 1
-        if outcome == "skipped" and tier in _skipped:
-            _skipped[tier].append(report.nodeid)
+        _record(report, report.outcome)
     elif report.when == "teardown" and report.failed:
-        _counts[_tier(report), "failed"] += 1
+        _record(report, "failed")
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:
     # A module skipped as a whole (pytest.skip(allow_module_level=True)) reports here only.
     if report.skipped and report.fspath:
-        tier = _tier(report)
-        _counts[tier, "skipped"] += 1
-        if tier in _skipped:
-            _skipped[tier].append(report.nodeid)
+        _record(report, "skipped")
 
 
 def _kernel_line() -> str | None:
