@@ -310,3 +310,11 @@ class SnapshotStore(Objects):
     kind = "VolumeSnapshot"
     prefix = "/apis/snapshot.storage.k8s.io/v1"
     plural = "volumesnapshots"
+
+
+class LeaseStore(Objects):
+    """Host-device inventories (written by node plugins) and claims (``hostdevices.py``)."""
+
+    kind = "Lease"
+    prefix = "/apis/coordination.k8s.io/v1"
+    plural = "leases"
