@@ -236,10 +236,13 @@ def candidates(
     requirement: pb.TopologyRequirement | None = None,
 ) -> list[Device]:
     """Free devices a request may get, best first: inside the requisite topology (when there
-    is one), on the earliest preferred segment (the scheduler's node comes first), then the
-    smallest that fits, so large disks stay for large claims."""
+    is one), on the first preferred segment (with WaitForFirstConsumer, the scheduler's node),
+    then the smallest that fits, so large disks stay for large claims. Later preferred segments
+    are not ranked: external-provisioner orders them arbitrarily (by a hash of the claim)."""
     requisite = [dict(t.segments) for t in requirement.requisite] if requirement else []
-    preferred = [dict(t.segments) for t in requirement.preferred] if requirement else []
+    first = (
+        dict(requirement.preferred[0].segments) if requirement and requirement.preferred else None
+    )
     allowed = [
         d
         for d in devices
@@ -247,11 +250,9 @@ def candidates(
         and (not requisite or any(in_segment(d.node, s) for s in requisite))
     ]
 
-    def rank(device: Device) -> tuple[int, int, str, str]:
-        place = next(
-            (i for i, s in enumerate(preferred) if in_segment(device.node, s)), len(preferred)
-        )
-        return place, device.size, device.node, device.path
+    def rank(device: Device) -> tuple[bool, int, str, str]:
+        elsewhere = first is None or not in_segment(device.node, first)
+        return elsewhere, device.size, device.node, device.path
 
     return sorted(allowed, key=rank)
 

@@ -219,7 +219,7 @@ def export_spec(
     check_parameters(parameters)
     backing = _choice(parameters, P_BACKING, BACKINGS)
     if backing == "hostDevice":
-        raise InvalidArgument("backing 'hostDevice' volumes are planned by host_device_plan")
+        raise InvalidArgument("backing 'hostDevice' volumes are planned by host_device_request")
     if P_PIN in parameters:
         raise InvalidArgument(f"{P_PIN} is for backing 'hostDevice' only")
     spec: dict[str, Any] = {"size": size, "accessMode": mode}
