@@ -238,6 +238,10 @@ async def test_get_capacity_refuses_classes_whose_space_it_cannot_see(ctl: Contr
     assert await ctl.code("GetCapacity", claim) == Code.FAILED_PRECONDITION
     typo = pb.GetCapacityRequest(parameters={"backing": "hostDevice", "pinned": "true"})
     assert await ctl.code("GetCapacity", typo) == Code.INVALID_ARGUMENT
+    bad = pb.GetCapacityRequest(parameters={"backing": "hostDevice", "pinToDeviceNode": "yes"})
+    assert await ctl.code("GetCapacity", bad) == Code.INVALID_ARGUMENT
+    not_here = pb.GetCapacityRequest(parameters={"backing": "hostDevice", "volumeMode": "Block"})
+    assert await ctl.code("GetCapacity", not_here) == Code.INVALID_ARGUMENT
 
 
 async def test_host_device_requests_refuse_what_a_device_cannot_be(ctl: Controller) -> None:

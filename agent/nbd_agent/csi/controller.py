@@ -157,7 +157,7 @@ class ControllerService:
             if self.host_devices is None:
                 raise InvalidArgument(
                     "backing 'hostDevice' is not enabled in this controller (--host-devices;"
-                    " controller.hostDevices.enabled in the chart)"
+                    " hostDevices.enabled in the chart)"
                 )
             return pb.CreateVolumeResponse(volume=self.host_devices.create(req))
         plan = provision.plan(req, self.namespace, self._content(req))

@@ -18,12 +18,7 @@ from typing import Any, Protocol
 
 from nbd_agent.csi import hostdevices, provision
 from nbd_agent.csi._generated import csi_pb2 as pb
-from nbd_agent.csi.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    ResourceExhausted,
-)
+from nbd_agent.csi.errors import Aborted, AlreadyExists, InvalidArgument, ResourceExhausted
 from nbd_agent.csi.kube import Conflict
 
 log = logging.getLogger(__name__)
@@ -83,9 +78,7 @@ class HostDeviceVolumes:
             # Raced with a repeat of this request (or a hand-made export of the name).
             again = self.exports.get(self.namespace, asked.name)
             if again is None:
-                raise FailedPrecondition(
-                    f"NBDExport {plan.volume_id} is being deleted; retry"
-                ) from None
+                raise Aborted(f"NBDExport {plan.volume_id} is being deleted; retry") from None
             return self._same(again, asked)
         log.info(
             "created NBDExport %s on %s of node %s (%d bytes) for volume %r",
@@ -142,7 +135,7 @@ class HostDeviceVolumes:
         if not free:
             return (
                 "no free host device: no node plugin publishes an unclaimed allowlisted device"
-                " (agent.hostDevices.paths in the chart)"
+                " (hostDevices.paths in the chart)"
             )
         wanted = f"[{asked.required}, {asked.limit or 'unbounded'}] bytes"
         return (
@@ -164,18 +157,19 @@ class HostDeviceVolumes:
     # ---- capacity ----
 
     def capacity(self, req: pb.GetCapacityRequest) -> pb.GetCapacityResponse:
-        try:
-            provision.host_device_request(
-                pb.CreateVolumeRequest(
-                    name="capacity",
-                    parameters=req.parameters,
-                    volume_capabilities=req.volume_capabilities or [_any_capability()],
-                ),
-                self.namespace,
-            )
-        except InvalidArgument:
-            # The class cannot make volumes of these capabilities: nothing is available to them.
-            return pb.GetCapacityResponse(available_capacity=0)
+        # The class's parameters must be valid (INVALID_ARGUMENT otherwise) ...
+        provision.host_device_request(
+            pb.CreateVolumeRequest(
+                name="capacity", parameters=req.parameters, volume_capabilities=[_any_capability()]
+            ),
+            self.namespace,
+        )
+        # ... but capabilities it cannot serve only mean that nothing is available to them.
+        if req.volume_capabilities:
+            try:
+                provision.access_mode(req.volume_capabilities, dict(req.parameters))
+            except InvalidArgument:
+                return pb.GetCapacityResponse(available_capacity=0)
         segment = (
             dict(req.accessible_topology.segments) if req.HasField("accessible_topology") else None
         )
