@@ -16,7 +16,7 @@ import pytest
 from nbd_agent.csi import hostdevices, provision
 from nbd_agent.csi._generated import csi_pb2 as pb
 from nbd_agent.csi.host_inventory import Publisher
-from nbd_agent.csi.kube import KubeApi, LeaseStore
+from nbd_agent.csi.kube import ExportStore, KubeApi, LeaseStore
 
 from tests.controlplane.controller_harness import (
     Controller,
@@ -194,6 +194,23 @@ async def test_delete_after_the_export_is_gone_still_frees_the_claim(ctl: Contro
     await asyncio.to_thread(leases(ctl).create, hostdevices.claim_lease(NS, taken, "pvc-1"))
     await ctl.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=f"{NS}/pvc-1"))
     assert hostdevices.claimed(ctl.api.all("leases", NS)) == {}
+
+
+async def test_a_device_a_hand_written_export_uses_is_never_offered(ctl: Controller) -> None:
+    await publish(ctl, "node-a", [("/dev/sdb", GIB), ("/dev/sdc", 2 * GIB)])
+    mine = {
+        "accessMode": "ReadWriteOnce",
+        "source": {"hostDevice": {"nodeName": "node-a", "path": "/dev/sdb"}},
+    }
+    await asyncio.to_thread(
+        ExportStore(KubeApi(str(ctl.api.url))).create,
+        {"apiVersion": "nbd.dev/v1alpha1", "kind": "NBDExport",
+         "metadata": {"name": "by-hand", "namespace": NS}, "spec": mine},
+    )  # fmt: skip
+    cap = await ctl.call("GetCapacity", pb.GetCapacityRequest(parameters={"backing": "hostDevice"}))
+    assert cap.available_capacity == 2 * GIB
+    await ctl.call("CreateVolume", host_request())
+    assert source(ctl, "pvc-1") == {"nodeName": "node-a", "path": "/dev/sdc"}
 
 
 async def test_a_node_whose_inventory_expired_offers_nothing(ctl: Controller) -> None:

@@ -29,6 +29,8 @@ class Store(Protocol):
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
+    def every(self, namespace: str) -> list[dict[str, Any]]: ...
+
     def list(self, namespace: str, label: str) -> list[dict[str, Any]]: ...
 
     def delete(self, namespace: str, name: str) -> None: ...
@@ -59,9 +61,20 @@ class HostDeviceVolumes:
         return self.leases.list(self.namespace, hostdevices.LABEL_CLAIM)
 
     def free_devices(self) -> list[hostdevices.Device]:
+        """Published, unclaimed, and named by no NBDExport of the namespace (an export written
+        by hand on an allowlisted device has no claim; its path is compared as written)."""
         inventories = self.leases.list(self.namespace, hostdevices.LABEL_INVENTORY)
         claims = hostdevices.claimed(self._claims())
-        return hostdevices.free(hostdevices.published(inventories), claims)
+        used = {
+            (str(source.get("nodeName")), str(source.get("path")))
+            for export in self.exports.every(self.namespace)
+            if (source := ((export.get("spec") or {}).get("source") or {}).get("hostDevice"))
+        }
+        return [
+            d
+            for d in hostdevices.free(hostdevices.published(inventories), claims)
+            if (d.node, d.path) not in used
+        ]
 
     # ---- create ----
 
