@@ -29,7 +29,7 @@ TOPOLOGY_CLUSTER = {
     ("", "nodes", ("get", "list", "watch")),
     ("storage.k8s.io", "csinodes", ("get", "list", "watch")),
 }
-CLAIMS = ("coordination.k8s.io", "leases", ("create", "delete", "get", "list"))
+CLAIMS = ("coordination.k8s.io", "leases", ("create", "delete", "get", "list", "patch"))
 CAPACITY_NAMESPACED = {
     (
         "storage.k8s.io",

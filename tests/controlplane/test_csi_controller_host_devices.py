@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from nbd_agent.csi import hostdevices, provision
+from nbd_agent.csi import host_wipe, hostdevices, provision
 from nbd_agent.csi._generated import csi_pb2 as pb
 from nbd_agent.csi.host_inventory import Publisher
 from nbd_agent.csi.kube import ExportStore, KubeApi, LeaseStore
@@ -267,6 +267,8 @@ async def test_host_device_requests_refuse_what_a_device_cannot_be(ctl: Controll
         host_request(storageClass="fast"),
         host_request(volumeMode="Block"),
         host_request(pinToDeviceNode="yes"),
+        host_request(wipeOnDelete="always"),
+        create_request(caps=[block()], wipeOnDelete="true"),  # not a host-device class
         create_request(caps=[block()], pinToDeviceNode="true"),  # not a host-device class
     ]
     snap = host_request()
@@ -299,3 +301,71 @@ async def test_without_host_devices_the_backing_and_capacity_are_not_offered(
         req = pb.GetCapacityRequest(parameters={"backing": "hostDevice"})
         assert await plain.code("GetCapacity", req) == Code.UNIMPLEMENTED
         assert provision.P_PIN == "pinToDeviceNode"
+
+
+# ---- wipeOnDelete ----
+
+
+class Recorded:
+    """Stands in for host_wipe.zero_device: what would have been zeroed."""
+
+    def __init__(self) -> None:
+        self.zeroed: list[tuple[str, int]] = []
+
+    def __call__(self, path: str, size: int) -> None:
+        self.zeroed.append((path, size))
+
+
+async def test_a_wipe_class_keeps_the_device_claimed_until_its_node_zeroed_it(
+    ctl: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    devices = [("/dev/sdb", GIB), ("/dev/sdc", 2 * GIB)]
+    await publish(ctl, "node-a", devices)
+    res = await ctl.call("CreateVolume", host_request(wipeOnDelete="true"))
+    assert source(ctl, "pvc-1") == {"nodeName": "node-a", "path": "/dev/sdb"}
+    await ctl.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=res.volume.volume_id))
+    await ctl.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=res.volume.volume_id))
+    [claim] = hostdevices.held_by(ctl.api.all("leases", NS), "pvc-1")
+    assert hostdevices.wiping(claim) and ctl.exports() == []
+    # Still claimed: the next volume gets the other device, capacity does not count it.
+    cap = await ctl.call("GetCapacity", pb.GetCapacityRequest(parameters={"backing": "hostDevice"}))
+    assert cap.available_capacity == 2 * GIB
+
+    # The node plugin's side, against the same API: it zeroes exactly that device, then frees it.
+    recorded = Recorded()
+    monkeypatch.setattr(host_wipe, "zero_device", recorded)
+    store = ExportStore(KubeApi(str(ctl.api.url)))
+    wiper = host_wipe.Wiper(leases(ctl), store, NS, "node-a")
+    await asyncio.to_thread(wiper.start_due, devices)
+    for thread in wiper.threads:
+        await asyncio.to_thread(thread.join, 10)
+    assert recorded.zeroed == [("/dev/sdb", GIB)]
+    assert hostdevices.claimed(ctl.api.all("leases", NS)) == {}
+    cap = await ctl.call("GetCapacity", pb.GetCapacityRequest(parameters={"backing": "hostDevice"}))
+    assert cap.available_capacity == 3 * GIB
+
+
+async def test_the_node_never_wipes_a_device_whose_volume_or_claim_says_otherwise(
+    ctl: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    devices = [("/dev/sdb", GIB), ("/dev/sdc", GIB), ("/dev/sdd", GIB)]
+    await publish(ctl, "node-a", devices)
+    await ctl.call("CreateVolume", host_request("pvc-1", wipeOnDelete="true"))  # sdb, live
+    await ctl.call("CreateVolume", host_request("pvc-2"))  # sdc, no wipe asked
+    # sdd: marked Wiping, but its export still exists (being deleted)
+    taken = hostdevices.Device("node-a", "/dev/sdd", GIB)
+    claim = hostdevices.claim_lease(NS, taken, "pvc-1", wipe=True)
+    claim["metadata"]["annotations"][hostdevices.ANNOTATION_STATE] = hostdevices.STATE_WIPING
+    await asyncio.to_thread(leases(ctl).create, claim)
+    recorded = Recorded()
+    monkeypatch.setattr(host_wipe, "zero_device", recorded)
+    store = ExportStore(KubeApi(str(ctl.api.url)))
+    wiper = host_wipe.Wiper(leases(ctl), store, NS, "node-a")
+    assert await asyncio.to_thread(wiper.due, devices) == []
+    # Another node's plugin never wipes this node's devices, even with the same paths.
+    await ctl.call("DeleteVolume", pb.DeleteVolumeRequest(volume_id=f"{NS}/pvc-1"))
+    other = host_wipe.Wiper(leases(ctl), store, NS, "node-b")
+    assert await asyncio.to_thread(other.due, devices) == []
+    due = await asyncio.to_thread(wiper.due, devices)
+    assert sorted(path for path, _, _ in due) == ["/dev/sdb", "/dev/sdd"]
+    assert recorded.zeroed == []

@@ -1,7 +1,9 @@
 """Host devices end to end on this machine, with the real processes and a real block device:
 ``nbd-agent csi --host-device <loop device>`` publishes it (size from sysfs) to the API
 substitute, ``nbd-agent csi-controller --host-devices`` provisions a volume on it, reports the
-capacity it takes and gives back, and both stop on SIGTERM."""
+capacity it takes and gives back, the device keeps its data unless the class said
+``wipeOnDelete`` (then the node plugin zeroes it before it is free), and both stop on
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import grpc
+import pytest
 from nbd_agent.csi import hostdevices
 from nbd_agent.csi._generated import csi_pb2 as pb
 from nbd_agent.csi._generated import csi_pb2_grpc as pb_grpc
@@ -41,7 +44,10 @@ def process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
         assert rc == 0, log.read_text()
 
 
-async def test_a_published_loop_device_becomes_a_volume_and_is_given_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wipe", [False, True], ids=["kept", "wiped"])
+async def test_a_published_loop_device_becomes_a_volume_and_is_given_back(
+    tmp_path: Path, wipe: bool
+) -> None:
     with ExitStack() as stack:
         device = stack.enter_context(loop_device(tmp_path / "disk.img", 64 * MIB))
         async with api_server() as (api, _client):
@@ -76,7 +82,13 @@ async def test_a_published_loop_device_becomes_a_volume_and_is_given_back(tmp_pa
                     return int(stub.GetCapacity(req).available_capacity)
 
                 assert await asyncio.to_thread(capacity) == 64 * MIB
-                req = create_request("pvc-disk", caps=[block()], backing="hostDevice")
+                # Data of an earlier tenant, on the device before the volume is made.
+                with open(device, "r+b") as dev:
+                    dev.write(b"secret" * 1024)
+                    dev.seek(60 * MIB)
+                    dev.write(b"secret" * 1024)
+                params = {"backing": "hostDevice"} | ({"wipeOnDelete": "true"} if wipe else {})
+                req = create_request("pvc-disk", caps=[block()], **params)
                 made = await asyncio.to_thread(stub.CreateVolume, req)
                 assert made.volume.capacity_bytes == 64 * MIB
                 [export] = api.all("nbdexports", NS)
@@ -86,7 +98,13 @@ async def test_a_published_loop_device_becomes_a_volume_and_is_given_back(tmp_pa
                 assert await asyncio.to_thread(capacity) == 0
                 delete = pb.DeleteVolumeRequest(volume_id=made.volume.volume_id)
                 await asyncio.to_thread(stub.DeleteVolume, delete)
+                # Wiped: the node plugin zeroes it on its next renewal, then frees it.
+                await api.wait_for(lambda: not hostdevices.claimed(api.all("leases", NS)), 30)
                 assert await asyncio.to_thread(capacity) == 64 * MIB
+                with open(device, "rb") as dev:
+                    data = dev.read()
+                assert len(data) == 64 * MIB
+                assert (data.count(0) == len(data)) is wipe
             finally:
                 channel.close()
                 await asyncio.to_thread(inner.close)

@@ -19,9 +19,10 @@ from typing import Any
 
 from nbd_agent.csi.attacher import Attacher
 from nbd_agent.csi.host_inventory import Publisher
+from nbd_agent.csi.host_wipe import Wiper
 from nbd_agent.csi.identity import IdentityService
 from nbd_agent.csi.kernel import KernelAttacher
-from nbd_agent.csi.kube import ClusterAccess, KubeApi, LeaseStore
+from nbd_agent.csi.kube import ClusterAccess, ExportStore, KubeApi, LeaseStore
 from nbd_agent.csi.node import NodeService
 from nbd_agent.csi.reconcile import reconcile
 from nbd_agent.csi.server import build_server, log_at, run_until, stop_on_signals
@@ -123,12 +124,14 @@ def run(args: argparse.Namespace) -> int:
         if cluster is None or not args.host_device_namespace:
             log.error("--host-device needs the Kubernetes API and --host-device-namespace")
             return 2
+        leases, namespace = LeaseStore(cluster.api), args.host_device_namespace
         inventory = Publisher(
-            LeaseStore(cluster.api),
-            args.host_device_namespace,
+            leases,
+            namespace,
             args.node_id,
             args.host_device,
             interval=args.host_device_interval,
+            wiper=Wiper(leases, ExportStore(cluster.api), namespace, args.node_id),
         )
     stop = stop_on_signals()
     attacher = KernelAttacher()

@@ -11,8 +11,11 @@ no partitions and no holders (LVM, MD, dm-crypt, multipath) in sysfs. A disk wit
 partition therefore never qualifies; an allowlisted whole disk mounted directly does, so the
 allowlist must name disks reserved for kube-nbd (docs/csi.md says so).
 
-What it must not do: open, read or write any device (sizes come from sysfs), publish a path
-outside the allowlist, or publish a path the NBDExport schema would refuse.
+After each publish it hands the published devices to the ``host_wipe.Wiper``, which zeroes
+those whose volumes were deleted from a ``wipeOnDelete`` class.
+
+What it must not do: open, read or write any device while scanning (sizes come from sysfs),
+publish a path outside the allowlist, or publish a path the NBDExport schema would refuse.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 from nbd_agent.csi import hostdevices
 from nbd_agent.csi.errors import CsiError
+from nbd_agent.csi.host_wipe import Wiper
 from nbd_agent.csi.kube import Conflict, LeaseStore
 
 log = logging.getLogger(__name__)
@@ -101,6 +105,7 @@ class Publisher:
         patterns: Sequence[str],
         interval: float = 30,
         scanner: Callable[[Sequence[str]], list[tuple[str, int]]] = scan,
+        wiper: Wiper | None = None,
     ) -> None:
         self.leases = leases
         self.namespace = namespace
@@ -108,6 +113,7 @@ class Publisher:
         self.patterns = list(patterns)
         self.interval = interval
         self.scanner = scanner
+        self.wiper = wiper  # None: released devices marked Wiping stay claimed
         self._thread: threading.Thread | None = None
 
     def publish_once(self) -> list[tuple[str, int]]:
@@ -121,6 +127,8 @@ class Publisher:
             patch: dict[str, Any] = {"metadata": {"annotations": body["metadata"]["annotations"]}}
             patch["spec"] = body["spec"]
             self.leases.patch(self.namespace, body["metadata"]["name"], patch)
+        if self.wiper is not None:
+            self.wiper.start_due(devices)
         return devices
 
     def start(self, stop: threading.Event) -> None:

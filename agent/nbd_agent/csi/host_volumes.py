@@ -7,7 +7,8 @@ finds its own claim, a lost race for a device moves on to the next one, and Dele
 the claim back only after the export is gone.
 
 What it must not do: choose a device no node plugin published, take a device by anything but
-a claim create (the API server is the only arbiter), wipe a device, or import grpc.
+a claim create (the API server is the only arbiter), free a device its class asked to have
+wiped (its node plugin frees it after the wipe), or import grpc.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Store(Protocol):
     def get(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
     def every(self, namespace: str) -> list[dict[str, Any]]: ...
+
+    def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]: ...
 
     def list(self, namespace: str, label: str) -> list[dict[str, Any]]: ...
 
@@ -120,7 +123,7 @@ class HostDeviceVolumes:
         export (the controller restarted, or the export create failed)."""
         for lease in hostdevices.held_by(self._claims(), export):
             device = hostdevices.claim_device(lease)
-            if device is not None:
+            if device is not None and not hostdevices.wiping(lease):
                 return device
         return None
 
@@ -134,7 +137,8 @@ class HostDeviceVolumes:
         options = hostdevices.candidates(free, asked.required, asked.limit, requirement)
         for device in options:
             try:
-                self.leases.create(hostdevices.claim_lease(self.namespace, device, asked.name))
+                claim = hostdevices.claim_lease(self.namespace, device, asked.name, asked.wipe)
+                self.leases.create(claim)
             except Conflict:
                 continue  # another CreateVolume took it between our list and our create
             return device
@@ -159,13 +163,20 @@ class HostDeviceVolumes:
     # ---- delete ----
 
     def release(self, export: str) -> None:
-        """Give back the devices ``export`` holds (after its NBDExport is gone). The data stays
-        on the device: nothing here or in the operator wipes it."""
+        """Give back the devices ``export`` holds (after its NBDExport is gone). Without
+        ``wipeOnDelete`` the data stays on the device; with it the claim is marked Wiping and
+        stays until the device's node plugin has zeroed the device and deleted it."""
         for lease in hostdevices.held_by(self._claims(), export):
-            self.leases.delete(self.namespace, lease["metadata"]["name"])
+            name = lease["metadata"]["name"]
             device = hostdevices.claim_device(lease)
-            if device is not None:
-                log.info("host device %s of node %s is free again", device.path, device.node)
+            where = f"{device.path} of node {device.node}" if device else name
+            if not hostdevices.wipe_on_delete(lease):
+                self.leases.delete(self.namespace, name)
+                log.info("host device %s is free again (not wiped)", where)
+            elif not hostdevices.wiping(lease):
+                mark = {hostdevices.ANNOTATION_STATE: hostdevices.STATE_WIPING}
+                self.leases.patch(self.namespace, name, {"metadata": {"annotations": mark}})
+                log.info("host device %s is left to its node plugin to wipe", where)
 
     # ---- capacity ----
 

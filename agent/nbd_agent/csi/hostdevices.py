@@ -13,7 +13,9 @@ A device is taken by creating a *claim* Lease whose name is a hash of ``node + p
 server lets exactly one create of a name succeed, so two CreateVolume calls (or two controller
 replicas) never get the same device. The claim's holder is the volume's export name; a retry of
 the same CreateVolume finds its own claim and reuses it (a crash between claim and export leaves
-nothing stranded). DeleteVolume deletes the export, then the claim. The device is not wiped.
+nothing stranded). DeleteVolume deletes the export, then the claim; the device is not wiped,
+unless the class says ``wipeOnDelete``: then the claim is marked Wiping and the node plugin
+zeroes the device before deleting it (``host_wipe.py``).
 
 What it must not do: offer a device no node published (the allowlist is the node's, resolved
 there), talk to Kubernetes, or import grpc.
@@ -41,6 +43,11 @@ ANNOTATION_DEVICES = "nbd.dev/host-devices"
 ANNOTATION_NODE = "nbd.dev/host-device-node"
 ANNOTATION_PATH = "nbd.dev/host-device-path"
 ANNOTATION_SIZE = "nbd.dev/host-device-size"
+# On a claim: the class asked for the device to be zeroed when the volume is deleted; and
+# "Wiping" once it was: the node plugin zeroes the device, then deletes the claim.
+ANNOTATION_WIPE = "nbd.dev/host-device-wipe-on-delete"
+ANNOTATION_STATE = "nbd.dev/host-device-state"
+STATE_WIPING = "Wiping"
 INVENTORY_PREFIX = "nbd-host-devices-"
 CLAIM_PREFIX = "nbd-host-device-"
 _MAX_NAME = 253
@@ -155,9 +162,16 @@ def claim_name(device: Device) -> str:
     return CLAIM_PREFIX + hashlib.sha256(device.key.encode()).hexdigest()[:32]
 
 
-def claim_lease(namespace: str, device: Device, export: str) -> dict[str, Any]:
+def claim_lease(namespace: str, device: Device, export: str, wipe: bool = False) -> dict[str, Any]:
     """The Lease whose creation takes ``device`` for the volume ``export`` (it never expires:
-    only DeleteVolume gives the device back)."""
+    only DeleteVolume, or the node plugin after a wipe, gives the device back)."""
+    annotations = {
+        ANNOTATION_NODE: device.node,
+        ANNOTATION_PATH: device.path,
+        ANNOTATION_SIZE: str(device.size),
+    }
+    if wipe:
+        annotations[ANNOTATION_WIPE] = "true"
     return {
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
@@ -165,11 +179,7 @@ def claim_lease(namespace: str, device: Device, export: str) -> dict[str, Any]:
             "name": claim_name(device),
             "namespace": namespace,
             "labels": {LABEL_CLAIM: "true"},
-            "annotations": {
-                ANNOTATION_NODE: device.node,
-                ANNOTATION_PATH: device.path,
-                ANNOTATION_SIZE: str(device.size),
-            },
+            "annotations": annotations,
         },
         "spec": {"holderIdentity": export},
     }
@@ -191,6 +201,16 @@ def claim_device(lease: Mapping[str, Any]) -> Device | None:
     if not node or not path or not str(size).isdigit():
         return None
     return Device(str(node), str(path), int(size))
+
+
+def wipe_on_delete(lease: Mapping[str, Any]) -> bool:
+    return ((lease.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_WIPE) == "true"
+
+
+def wiping(lease: Mapping[str, Any]) -> bool:
+    """True for a claim whose volume is deleted and whose device waits to be zeroed."""
+    annotations = (lease.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(ANNOTATION_STATE) == STATE_WIPING
 
 
 def held_by(leases: Iterable[Mapping[str, Any]], export: str) -> list[Mapping[str, Any]]:

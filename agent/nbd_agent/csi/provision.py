@@ -68,10 +68,13 @@ BACKINGS = ("claim", "memory", "hostDevice")
 # A host-device volume is reachable from every node over NBD; "true" reports the device's node
 # as its only accessible topology, so its consumers are scheduled beside the disk.
 P_PIN = "pinToDeviceNode"
+# "true": DeleteVolume does not free the device at once; its node plugin zeroes it first.
+P_WIPE = "wipeOnDelete"
+HOST_DEVICE_ONLY = (P_PIN, P_WIPE)
 QOS_PARAMETERS = ("readBytesPerSecond", "writeBytesPerSecond", "readIOPS", "writeIOPS")
 KNOWN_PARAMETERS = frozenset(
     {P_BACKING, P_STORAGE_CLASS, P_VOLUME_MODE, P_CONNECTIONS, P_TLS_SECRET, P_TLS_MODE}
-    | {P_CLUSTER_FS, P_CLONE_MODE, P_PIN, *QOS_PARAMETERS}
+    | {P_CLUSTER_FS, P_CLONE_MODE, *HOST_DEVICE_ONLY, *QOS_PARAMETERS}
 )
 # Keys the sidecars add or reserve (--extra-create-metadata adds the claim's name/namespace).
 RESERVED_PREFIX = "csi.storage.k8s.io/"
@@ -220,8 +223,9 @@ def export_spec(
     backing = _choice(parameters, P_BACKING, BACKINGS)
     if backing == "hostDevice":
         raise InvalidArgument("backing 'hostDevice' volumes are planned by host_device_request")
-    if P_PIN in parameters:
-        raise InvalidArgument(f"{P_PIN} is for backing 'hostDevice' only")
+    for key in HOST_DEVICE_ONLY:
+        if key in parameters:
+            raise InvalidArgument(f"{key} is for backing 'hostDevice' only")
     spec: dict[str, Any] = {"size": size, "accessMode": mode}
     if backing == "memory":
         if P_STORAGE_CLASS in parameters or P_VOLUME_MODE in parameters:
@@ -364,7 +368,7 @@ def cow_clone_spec(
         )
     if mode in ("ReadOnlyMany", "ReadWriteMany"):
         raise InvalidArgument("a copy-on-write clone is a single writer's volume (ReadWriteOnce)")
-    for key in (P_BACKING, P_VOLUME_MODE, P_PIN):
+    for key in (P_BACKING, P_VOLUME_MODE, *HOST_DEVICE_ONLY):
         if key in parameters:
             raise InvalidArgument(f"{key} is the source's for a copy-on-write clone; omit it")
     base: dict[str, Any] = {"name": content.base_export}
@@ -388,6 +392,7 @@ class HostDeviceRequest:
     required: int
     limit: int
     pinned: bool
+    wipe: bool
     serving: dict[str, Any]
     claim: str
     digest: str
@@ -426,6 +431,7 @@ def host_device_request(req: pb.CreateVolumeRequest, namespace: str) -> HostDevi
         if key in params:
             raise InvalidArgument(f"backing 'hostDevice' takes no {key}")
     pinned = _choice(params, P_PIN, ("false", "true")) == "true"
+    wipe = _choice(params, P_WIPE, ("false", "true")) == "true"
     mode = access_mode(req.volume_capabilities, params, has_data=False)
     required, limit = req.capacity_range.required_bytes, req.capacity_range.limit_bytes
     if required < 0 or limit < 0:
@@ -437,6 +443,8 @@ def host_device_request(req: pb.CreateVolumeRequest, namespace: str) -> HostDevi
     if params.get(PVC_NAME) and params.get(PVC_NAMESPACE):
         claim = f"{params[PVC_NAMESPACE]}/{params[PVC_NAME]}"
     asked = {"mode": mode, "required": required, "limit": limit, "pinned": pinned, **serving}
+    if wipe:
+        asked["wipe"] = True
     canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"))
     return HostDeviceRequest(
         request_name=req.name,
@@ -446,6 +454,7 @@ def host_device_request(req: pb.CreateVolumeRequest, namespace: str) -> HostDevi
         required=required,
         limit=limit,
         pinned=pinned,
+        wipe=wipe,
         serving=serving,
         claim=claim,
         digest=hashlib.sha256(canonical.encode()).hexdigest()[:32],
