@@ -9,7 +9,7 @@ import datetime
 from pathlib import Path
 
 import pytest
-from nbd_agent.csi import hostdevices
+from nbd_agent.csi import host_wipe, hostdevices
 from nbd_agent.csi.host_inventory import scan
 
 GIB = 2**30
@@ -85,3 +85,15 @@ def test_node_names_that_cannot_be_label_values_get_no_segment() -> None:
     assert hostdevices.is_label_value("worker-1.example.com")
     assert not hostdevices.is_label_value("n" * 64)
     assert not hostdevices.is_label_value("")
+
+
+def test_zeroing_falls_back_to_writes_where_blkzeroout_is_refused(tmp_path: Path) -> None:
+    """A regular file refuses the block-device ioctl (ENOTTY): the plain-write path zeroes it,
+    across more than one slice, and leaves what lies beyond ``size`` alone."""
+    image = tmp_path / "disk.img"
+    size = host_wipe.SLICE + 3 * 2**20 + 512
+    image.write_bytes(b"\xa5" * (size + 4096))
+    host_wipe.zero_device(str(image), size)
+    data = image.read_bytes()
+    assert data[:size].count(0) == size
+    assert data[size:] == b"\xa5" * 4096
