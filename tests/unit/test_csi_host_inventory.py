@@ -1,7 +1,7 @@
 """The node plugin's host-device allowlist: only block devices its globs match are published,
 each once, with its size from sysfs; stacked devices (partitions, holders) and paths an
-NBDExport would refuse are left out; and what the controller reads back from the inventory
-Lease, including expiry."""
+NBDExport would refuse are left out; what the controller reads back from the inventory Lease,
+including expiry; and the zeroing of a released device."""
 
 from __future__ import annotations
 
