@@ -22,7 +22,7 @@ from nbd_agent.csi._generated import csi_pb2 as pb
 from nbd_agent.csi._generated import csi_pb2_grpc as pb_grpc
 from nbd_agent.csi.controller import ControllerService, Quiesce
 from nbd_agent.csi.identity import IdentityService
-from nbd_agent.csi.kube import ExportStore, KubeApi, SnapshotStore
+from nbd_agent.csi.kube import ExportStore, KubeApi, LeaseStore, SnapshotStore
 from nbd_agent.csi.server import build_server
 from nbd_operator.kube import Kube
 
@@ -64,15 +64,20 @@ def no_server(export: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def controller(tmp: Path, quiesce: Quiesce = no_server) -> AsyncIterator[Controller]:
-    """The fake API server and a controller serving on ``tmp/controller.sock``."""
+async def controller(
+    tmp: Path, quiesce: Quiesce = no_server, host_devices: bool = False
+) -> AsyncIterator[Controller]:
+    """The fake API server and a controller serving on ``tmp/controller.sock`` (with
+    ``host_devices``: as ``nbd-agent csi-controller --host-devices``)."""
     async with api_server() as (api, client):
         kube = KubeApi(str(api.url))
-        service = ControllerService(ExportStore(kube), NS, SnapshotStore(kube), quiesce=quiesce)
-        socket = tmp / "controller.sock"
-        server = build_server(
-            f"unix://{socket}", IdentityService(None, controller=True), controller=service
+        leases = LeaseStore(kube) if host_devices else None
+        service = ControllerService(
+            ExportStore(kube), NS, SnapshotStore(kube), quiesce=quiesce, leases=leases
         )
+        socket = tmp / "controller.sock"
+        identity = IdentityService(None, controller=True, topology=host_devices)
+        server = build_server(f"unix://{socket}", identity, controller=service)
         server.start()
         channel = grpc.insecure_channel(f"unix://{socket}")
         try:

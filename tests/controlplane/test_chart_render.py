@@ -64,6 +64,7 @@ EVERYTHING_ON: dict[str, Any] = {
     "controller": {"snapshotter": {"enabled": True}, "volumeAttributesClass": {"enabled": True}},
     "volumeSnapshotClass": {"create": True, "parameters": {"snapshotClass": "csi-hostpath"}},
     "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "hostDevices": {"enabled": True, "paths": ["/dev/disk/by-id/nvme-*", "/dev/sd[b-d]"]},
 }
 
 MINIMAL: dict[str, Any] = {

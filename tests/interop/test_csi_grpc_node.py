@@ -98,6 +98,8 @@ def test_probe_is_not_ready_while_the_nbd_family_is_missing(csi: CsiHarness) -> 
 def test_node_info_gives_node_id_and_device_count(csi: CsiHarness) -> None:
     info = csi.node_stub.NodeGetInfo(pb.NodeGetInfoRequest())
     assert (info.node_id, info.max_volumes_per_node) == ("node-a", 16)
+    # The node's own segment: host-device placement and capacity are expressed in it.
+    assert dict(info.accessible_topology.segments) == {"topology.nbd.dev/node": "node-a"}
 
 
 def test_node_capabilities_are_stage_stats_condition_and_expansion(csi: CsiHarness) -> None:

@@ -18,9 +18,11 @@ import threading
 from typing import Any
 
 from nbd_agent.csi.attacher import Attacher
+from nbd_agent.csi.host_inventory import Publisher
+from nbd_agent.csi.host_wipe import Wiper
 from nbd_agent.csi.identity import IdentityService
 from nbd_agent.csi.kernel import KernelAttacher
-from nbd_agent.csi.kube import ClusterAccess, KubeApi
+from nbd_agent.csi.kube import ClusterAccess, ExportStore, KubeApi, LeaseStore
 from nbd_agent.csi.node import NodeService
 from nbd_agent.csi.reconcile import reconcile
 from nbd_agent.csi.server import build_server, log_at, run_until, stop_on_signals
@@ -53,6 +55,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'auto' (in-cluster when running in a pod, else none), 'none', or an API URL"
         " such as http://127.0.0.1:8001 (kubectl proxy)",
     )
+    parser.add_argument(
+        "--host-device",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="allowlist: block devices matching this path glob may become host-device volumes"
+        " (repeatable; e.g. '/dev/disk/by-id/nvme-*'). None: no device is ever offered",
+    )
+    parser.add_argument(
+        "--host-device-namespace",
+        default=os.environ.get("POD_NAMESPACE", ""),
+        help="namespace of this node's host-device inventory Lease, the CSI controller's"
+        " ($POD_NAMESPACE)",
+    )
+    parser.add_argument(
+        "--host-device-interval",
+        type=float,
+        default=30,
+        help="seconds between inventory renewals (it expires after three missed ones)",
+    )
     parser.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
     parser.add_argument("--log-level", default="INFO")
 
@@ -76,8 +98,11 @@ def serve(
     cluster: ClusterAccess | None,
     stop: threading.Event,
     workers: int = 8,
+    inventory: Publisher | None = None,
 ) -> None:
     """Reconcile, serve until ``stop`` is set, then stop gracefully (in-flight calls finish)."""
+    if inventory is not None:
+        inventory.start(stop)
     state = NodeState(state_dir).load()
     node = NodeService(node_id, state, attacher, lookup=cluster, leases=cluster)
     if isinstance(attacher, KernelAttacher):
@@ -93,6 +118,21 @@ def run(args: argparse.Namespace) -> int:
     if not args.node_id:
         log.error("--node-id (or $NODE_NAME) is required")
         return 2
+    cluster = cluster_access(args.kube_api, args.node_id)
+    inventory = None
+    if args.host_device:
+        if cluster is None or not args.host_device_namespace:
+            log.error("--host-device needs the Kubernetes API and --host-device-namespace")
+            return 2
+        leases, namespace = LeaseStore(cluster.api), args.host_device_namespace
+        inventory = Publisher(
+            leases,
+            namespace,
+            args.node_id,
+            args.host_device,
+            interval=args.host_device_interval,
+            wiper=Wiper(leases, ExportStore(cluster.api), namespace, args.node_id),
+        )
     stop = stop_on_signals()
     attacher = KernelAttacher()
     attacher.start()
@@ -102,9 +142,10 @@ def run(args: argparse.Namespace) -> int:
             args.node_id,
             args.state_dir,
             attacher,
-            cluster_access(args.kube_api, args.node_id),
+            cluster,
             stop,
             workers=args.workers,
+            inventory=inventory,
         )
     finally:
         attacher.close()

@@ -35,7 +35,10 @@ from nbd_agent.csi.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    Unimplemented,
 )
+from nbd_agent.csi.host_volumes import HostDeviceVolumes
+from nbd_agent.csi.host_volumes import volume as host_device_volume
 from nbd_agent.csi.kube import Conflict
 from nbd_agent.errors import AgentError
 
@@ -49,6 +52,8 @@ CAPABILITIES = (
     RPC.MODIFY_VOLUME,
 )
 SNAPSHOT_CAPABILITIES = (RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS)
+# Capacity is known for host devices only (what the node plugins published, minus the claimed).
+HOST_DEVICE_CAPABILITIES = (RPC.GET_CAPACITY,)
 Quiesce = Callable[[Mapping[str, Any]], None]
 
 
@@ -72,6 +77,8 @@ class Exports(Protocol):
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
+    def every(self, namespace: str) -> list[dict[str, Any]]: ...
+
     def list(self, namespace: str, label: str) -> list[dict[str, Any]]: ...
 
     def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]: ...
@@ -80,6 +87,8 @@ class Exports(Protocol):
 
 
 def _volume(obj: Mapping[str, Any]) -> pb.Volume:
+    if "hostDevice" in ((obj.get("spec") or {}).get("source") or {}):
+        return host_device_volume(obj)
     meta = obj["metadata"]
     return pb.Volume(
         volume_id=provision.volume_id(meta["namespace"], meta["name"]),
@@ -110,16 +119,20 @@ class ControllerService:
         namespace: str,
         snapshots: Exports | None = None,
         quiesce: Quiesce = flush_server,
+        leases: Exports | None = None,
     ) -> None:
         self.exports = exports
         self.namespace = namespace
         self.snapshots = snapshots  # None: the cluster has no VolumeSnapshot API
         self.quiesce = quiesce
+        # None: host-device volumes are not enabled (--host-devices), GetCapacity not offered.
+        self.host_devices = HostDeviceVolumes(exports, leases, namespace) if leases else None
 
     def ControllerGetCapabilities(
         self, req: pb.ControllerGetCapabilitiesRequest
     ) -> pb.ControllerGetCapabilitiesResponse:
         kinds = CAPABILITIES + (SNAPSHOT_CAPABILITIES if self.snapshots is not None else ())
+        kinds += HOST_DEVICE_CAPABILITIES if self.host_devices is not None else ()
         return pb.ControllerGetCapabilitiesResponse(
             capabilities=[pb.ControllerServiceCapability(rpc=RPC(type=k)) for k in kinds]
         )
@@ -142,6 +155,13 @@ class ControllerService:
 
     def CreateVolume(self, req: pb.CreateVolumeRequest) -> pb.CreateVolumeResponse:
         provision.check_request(req)
+        if provision.is_host_device(req.parameters):
+            if self.host_devices is None:
+                raise InvalidArgument(
+                    "backing 'hostDevice' is not enabled in this controller (--host-devices;"
+                    " hostDevices.enabled in the chart)"
+                )
+            return pb.CreateVolumeResponse(volume=self.host_devices.create(req))
         plan = provision.plan(req, self.namespace, self._content(req))
         try:
             obj = self.exports.create(provision.manifest(plan))
@@ -169,16 +189,33 @@ class ControllerService:
         if where is None:
             return pb.DeleteVolumeResponse()  # no export can have this id: already gone
         obj = self.exports.get(*where)
-        if obj is None:
-            return pb.DeleteVolumeResponse()
-        if not provision.is_provisioned(obj):
+        if obj is not None and not provision.is_provisioned(obj):
             raise FailedPrecondition(
                 f"NBDExport {req.volume_id} was not provisioned by the CSI controller;"
                 " delete it with kubectl if that is meant"
             )
-        self.exports.delete(*where)
-        log.info("deleted NBDExport %s", req.volume_id)
+        if obj is not None:
+            self.exports.delete(*where)
+            log.info("deleted NBDExport %s", req.volume_id)
+        if self.host_devices is not None and where[0] == self.namespace:
+            # Also when the export is already gone: a retry after the delete frees the device.
+            self.host_devices.release(where[1])
         return pb.DeleteVolumeResponse()
+
+    def GetCapacity(self, req: pb.GetCapacityRequest) -> pb.GetCapacityResponse:
+        """Free allowlisted host devices of a ``backing: hostDevice`` class (in the segment,
+        when one is given). Other classes get FAILED_PRECONDITION: their space is the backing
+        storage class's or a node's memory, which kube-nbd cannot see; no number is true."""
+        if self.host_devices is None:
+            raise Unimplemented("GetCapacity is offered with --host-devices only")
+        provision.check_parameters(req.parameters)
+        if not provision.is_host_device(req.parameters):
+            raise FailedPrecondition(
+                "kube-nbd knows the capacity of backing 'hostDevice' classes only; a claim or"
+                " memory class's space is its backing storage's (use volumeBindingMode"
+                " Immediate for such classes when capacity tracking is on)"
+            )
+        return self.host_devices.capacity(req)
 
     # ---- inspection ----
 
@@ -233,6 +270,10 @@ class ControllerService:
         obj = self._existing(req.volume_id)
         spec = obj.get("spec") or {}
         source = spec.get("source") or {}
+        if "hostDevice" in source:
+            raise FailedPrecondition(
+                "a host-device volume is its whole device; it cannot grow (claim a larger one)"
+            )
         if "memory" in source:
             raise FailedPrecondition(
                 "a memory volume cannot grow: its server restarts to grow and memory starts empty"
@@ -299,7 +340,8 @@ class ControllerService:
         source = self._existing(req.source_volume_id)
         if not snapshots.is_claim_backed(source):
             raise FailedPrecondition(
-                f"volume {req.source_volume_id} has no data claim to snapshot (memory backing)"
+                f"volume {req.source_volume_id} has no data claim to snapshot (memory or host"
+                " device backing)"
             )
         wanted = snapshots.manifest(req, self.namespace, source)
         existing = self.snapshots.get(self.namespace, wanted["metadata"]["name"])

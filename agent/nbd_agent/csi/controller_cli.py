@@ -18,7 +18,7 @@ from typing import Any
 
 from nbd_agent.csi.controller import ControllerService
 from nbd_agent.csi.identity import IdentityService
-from nbd_agent.csi.kube import ExportStore, KubeApi, KubeApiError, SnapshotStore
+from nbd_agent.csi.kube import ExportStore, KubeApi, KubeApiError, LeaseStore, SnapshotStore
 from nbd_agent.csi.server import build_server, log_at, run_until, stop_on_signals
 
 log = logging.getLogger("nbd_agent.csi.controller")
@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'in-cluster' (the pod's service account) or an API URL such as"
         " http://127.0.0.1:8001 (kubectl proxy)",
     )
+    parser.add_argument(
+        "--host-devices",
+        action="store_true",
+        help="offer 'backing: hostDevice' classes and GetCapacity, from the devices the node"
+        " plugins publish (nbd-agent csi --host-device) in --namespace",
+    )
     parser.add_argument("--workers", type=int, default=8, help="gRPC worker threads")
     parser.add_argument("--log-level", default="INFO")
 
@@ -64,13 +70,18 @@ def snapshot_store(api: KubeApi) -> SnapshotStore | None:
 
 
 def serve(
-    endpoint: str, api: KubeApi, namespace: str, stop: threading.Event, workers: int = 8
+    endpoint: str,
+    api: KubeApi,
+    namespace: str,
+    stop: threading.Event,
+    workers: int = 8,
+    host_devices: bool = False,
 ) -> None:
     """Serve until ``stop`` is set, then stop gracefully (in-flight calls finish)."""
-    controller = ControllerService(ExportStore(api), namespace, snapshot_store(api))
-    server = build_server(
-        endpoint, IdentityService(None, controller=True), controller=controller, workers=workers
-    )
+    leases = LeaseStore(api) if host_devices else None
+    controller = ControllerService(ExportStore(api), namespace, snapshot_store(api), leases=leases)
+    identity = IdentityService(None, controller=True, topology=host_devices)
+    server = build_server(endpoint, identity, controller=controller, workers=workers)
     started = f"CSI controller nbd.dev serving on {endpoint}, volumes in namespace {namespace!r}"
     run_until(server, stop, started, "CSI controller stopped")
 
@@ -86,5 +97,12 @@ def run(args: argparse.Namespace) -> int:
         log.error("no Kubernetes API: %s (use --kube-api URL outside a cluster)", exc)
         return 2
     stop = stop_on_signals()
-    serve(args.endpoint, api, args.namespace, stop, workers=args.workers)
+    serve(
+        args.endpoint,
+        api,
+        args.namespace,
+        stop,
+        workers=args.workers,
+        host_devices=args.host_devices,
+    )
     return 0

@@ -70,3 +70,9 @@ class OutOfRange(CsiError):
     """The capacity asked for cannot be provided (no size inside the range)."""
 
     code = "OUT_OF_RANGE"
+
+
+class Unimplemented(CsiError):
+    """An RPC of a capability this plugin does not advertise (as configured)."""
+
+    code = "UNIMPLEMENTED"

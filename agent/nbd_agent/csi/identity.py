@@ -29,9 +29,14 @@ def _version() -> str:
 
 
 class IdentityService:
-    def __init__(self, attacher: Attacher | None, controller: bool = False) -> None:
+    def __init__(
+        self, attacher: Attacher | None, controller: bool = False, topology: bool = False
+    ) -> None:
         self.attacher = attacher
         self.controller = controller
+        # Host-device volumes place data on a node: the provisioner then passes the topology
+        # (the scheduler's node first) and honours a pinned volume's accessible topology.
+        self.topology = topology
         self.last_probe_reason = ""
 
     def GetPluginInfo(self, req: pb.GetPluginInfoRequest) -> pb.GetPluginInfoResponse:
@@ -40,13 +45,18 @@ class IdentityService:
     def GetPluginCapabilities(
         self, req: pb.GetPluginCapabilitiesRequest
     ) -> pb.GetPluginCapabilitiesResponse:
-        # Volumes are reachable from every node: no VOLUME_ACCESSIBILITY_CONSTRAINTS.
+        # Claim and memory volumes are reachable from every node and report no topology; only
+        # with host devices is VOLUME_ACCESSIBILITY_CONSTRAINTS advertised.
         if not self.controller:
             return pb.GetPluginCapabilitiesResponse(capabilities=[])
         cap = pb.PluginCapability
         service = cap(service=cap.Service(type=cap.Service.CONTROLLER_SERVICE))
         online = cap(volume_expansion=cap.VolumeExpansion(type=cap.VolumeExpansion.ONLINE))
-        return pb.GetPluginCapabilitiesResponse(capabilities=[service, online])
+        caps = [service, online]
+        if self.topology:
+            topology = cap.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS
+            caps.append(cap(service=cap.Service(type=topology)))
+        return pb.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(self, req: pb.ProbeRequest) -> pb.ProbeResponse:
         if self.attacher is None:

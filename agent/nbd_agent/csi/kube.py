@@ -270,6 +270,13 @@ class Objects:
                 return None
             raise _as_csi(exc, f"reading {self.kind} {namespace}/{name}") from None
 
+    def every(self, namespace: str) -> list[dict[str, Any]]:
+        """All objects of the namespace, whoever made them."""
+        try:
+            return list(self.api.request("GET", self._path(namespace)).get("items") or [])
+        except KubeApiError as exc:
+            raise _as_csi(exc, f"listing {self.kind}s in {namespace}") from None
+
     def list(self, namespace: str, label: str) -> list[dict[str, Any]]:
         """Objects carrying ``label`` (any value), sorted by name."""
         path = f"{self._path(namespace)}?labelSelector={label}"
@@ -310,3 +317,11 @@ class SnapshotStore(Objects):
     kind = "VolumeSnapshot"
     prefix = "/apis/snapshot.storage.k8s.io/v1"
     plural = "volumesnapshots"
+
+
+class LeaseStore(Objects):
+    """Host-device inventories (written by node plugins) and claims (``hostdevices.py``)."""
+
+    kind = "Lease"
+    prefix = "/apis/coordination.k8s.io/v1"
+    plural = "leases"

@@ -27,6 +27,7 @@ from nbd_agent.csi.errors import (
     NotFound,
     Unavailable,
 )
+from nbd_agent.csi.hostdevices import TOPOLOGY_KEY, is_label_value
 from nbd_agent.csi.locks import VolumeLocks
 from nbd_agent.csi.sources import ATTR_URI, ExportLookup, check_access, is_ephemeral, resolve
 from nbd_agent.csi.state import NodeState, Target, VolumeRecord
@@ -101,9 +102,15 @@ class NodeService:
     # ---- information ----
 
     def NodeGetInfo(self, req: pb.NodeGetInfoRequest) -> pb.NodeGetInfoResponse:
-        return pb.NodeGetInfoResponse(
+        # The node's own segment: kubelet labels the Node with it, and host-device placement,
+        # capacity and pinned volumes are expressed in it (hostdevices.TOPOLOGY_KEY).
+        # A node name too long for a label value gets no segment (kubelet could not register).
+        info = pb.NodeGetInfoResponse(
             node_id=self.node_id, max_volumes_per_node=self.attacher.max_devices()
         )
+        if is_label_value(self.node_id):
+            info.accessible_topology.segments[TOPOLOGY_KEY] = self.node_id
+        return info
 
     def NodeGetCapabilities(
         self, req: pb.NodeGetCapabilitiesRequest

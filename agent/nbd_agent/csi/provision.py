@@ -48,6 +48,8 @@ ANNOTATION_DIGEST = "nbd.dev/csi-request-digest"
 ANNOTATION_CLAIM = "nbd.dev/csi-claim"
 # The size a spec without ``size`` (a copy-on-write clone: its base's) was provisioned at.
 ANNOTATION_SIZE = "nbd.dev/csi-size"
+# A host-device volume whose accessible topology is its device's node (parameter P_PIN).
+ANNOTATION_PINNED = "nbd.dev/csi-pinned-to-device-node"
 
 # StorageClass parameters kube-nbd reads (docs/csi.md lists them).
 P_BACKING = "backing"
@@ -62,10 +64,17 @@ P_CLUSTER_FS = "clusterFilesystemAcknowledged"
 # be read-only: instant and thin, the golden-image pattern; its overlay lives on its own claim).
 P_CLONE_MODE = "cloneMode"
 CLONE_MODES = ("copy", "copyOnWrite")
+BACKINGS = ("claim", "memory", "hostDevice")
+# A host-device volume is reachable from every node over NBD; "true" reports the device's node
+# as its only accessible topology, so its consumers are scheduled beside the disk.
+P_PIN = "pinToDeviceNode"
+# "true": DeleteVolume does not free the device at once; its node plugin zeroes it first.
+P_WIPE = "wipeOnDelete"
+HOST_DEVICE_ONLY = (P_PIN, P_WIPE)
 QOS_PARAMETERS = ("readBytesPerSecond", "writeBytesPerSecond", "readIOPS", "writeIOPS")
 KNOWN_PARAMETERS = frozenset(
     {P_BACKING, P_STORAGE_CLASS, P_VOLUME_MODE, P_CONNECTIONS, P_TLS_SECRET, P_TLS_MODE}
-    | {P_CLUSTER_FS, P_CLONE_MODE, *QOS_PARAMETERS}
+    | {P_CLUSTER_FS, P_CLONE_MODE, *HOST_DEVICE_ONLY, *QOS_PARAMETERS}
 )
 # Keys the sidecars add or reserve (--extra-create-metadata adds the claim's name/namespace).
 RESERVED_PREFIX = "csi.storage.k8s.io/"
@@ -211,7 +220,12 @@ def export_spec(
     """The NBDExport spec for a new volume of ``size`` bytes served as ``mode``; its claim is
     restored or cloned from ``data_source`` (a VolumeSnapshot or a claim) when one is given."""
     check_parameters(parameters)
-    backing = _choice(parameters, P_BACKING, ("claim", "memory"))
+    backing = _choice(parameters, P_BACKING, BACKINGS)
+    if backing == "hostDevice":
+        raise InvalidArgument("backing 'hostDevice' volumes are planned by host_device_request")
+    for key in HOST_DEVICE_ONLY:
+        if key in parameters:
+            raise InvalidArgument(f"{key} is for backing 'hostDevice' only")
     spec: dict[str, Any] = {"size": size, "accessMode": mode}
     if backing == "memory":
         if P_STORAGE_CLASS in parameters or P_VOLUME_MODE in parameters:
@@ -263,6 +277,10 @@ class Provision:
     size: int
     spec: dict[str, Any]
     claim: str = ""
+    # Set when the spec holds a choice the controller made (a host device): then the request,
+    # not the spec, is what a repeat must match.
+    request_digest: str = ""
+    pinned: bool = False
 
     @property
     def volume_id(self) -> str:
@@ -270,6 +288,8 @@ class Provision:
 
     @property
     def digest(self) -> str:
+        if self.request_digest:
+            return self.request_digest
         canonical = json.dumps(self.spec, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
@@ -348,13 +368,97 @@ def cow_clone_spec(
         )
     if mode in ("ReadOnlyMany", "ReadWriteMany"):
         raise InvalidArgument("a copy-on-write clone is a single writer's volume (ReadWriteOnce)")
-    for key in (P_BACKING, P_VOLUME_MODE):
+    for key in (P_BACKING, P_VOLUME_MODE, *HOST_DEVICE_ONLY):
         if key in parameters:
             raise InvalidArgument(f"{key} is the source's for a copy-on-write clone; omit it")
     base: dict[str, Any] = {"name": content.base_export}
     if parameters.get(P_STORAGE_CLASS):
         base["storageClassName"] = parameters[P_STORAGE_CLASS]  # the overlay's claim's class
     return {"accessMode": mode, "source": {"export": base}, **_serving(parameters)}
+
+
+def is_host_device(parameters: Mapping[str, str]) -> bool:
+    return parameters.get(P_BACKING) == "hostDevice"
+
+
+@dataclass(frozen=True)
+class HostDeviceRequest:
+    """A checked CreateVolume request for a host-device volume, before a device is chosen."""
+
+    request_name: str
+    namespace: str
+    name: str
+    mode: str
+    required: int
+    limit: int
+    pinned: bool
+    wipe: bool
+    serving: dict[str, Any]
+    claim: str
+    digest: str
+
+    def provision(self, node: str, path: str, size: int) -> Provision:
+        """The Provision of this request on the device ``path`` of ``node``."""
+        spec: dict[str, Any] = {
+            "accessMode": self.mode,
+            "source": {"hostDevice": {"nodeName": node, "path": path}},
+        }
+        if self.mode == "ReadWriteMany":
+            spec["clusterFilesystemAcknowledged"] = True
+        return Provision(
+            request_name=self.request_name,
+            namespace=self.namespace,
+            name=self.name,
+            size=size,
+            spec={**spec, **self.serving},
+            claim=self.claim,
+            request_digest=self.digest,
+            pinned=self.pinned,
+        )
+
+
+def host_device_request(req: pb.CreateVolumeRequest, namespace: str) -> HostDeviceRequest:
+    """Validate a CreateVolume request of a ``backing: hostDevice`` class. Its size is the
+    device's: the capacity range only says which devices fit (no range: any)."""
+    check_request(req)
+    params = dict(req.parameters)
+    qos_patch(req.mutable_parameters)
+    params.update(req.mutable_parameters)
+    check_parameters(params)
+    if req.HasField("volume_content_source"):
+        raise InvalidArgument("a host-device volume starts as its device is: no snapshot or clone")
+    for key in (P_STORAGE_CLASS, P_VOLUME_MODE, P_CLONE_MODE):
+        if key in params:
+            raise InvalidArgument(f"backing 'hostDevice' takes no {key}")
+    pinned = _choice(params, P_PIN, ("false", "true")) == "true"
+    wipe = _choice(params, P_WIPE, ("false", "true")) == "true"
+    mode = access_mode(req.volume_capabilities, params, has_data=False)
+    required, limit = req.capacity_range.required_bytes, req.capacity_range.limit_bytes
+    if required < 0 or limit < 0:
+        raise InvalidArgument("capacity_range bytes must not be negative")
+    if limit and required > limit:
+        raise InvalidArgument(f"required_bytes {required} exceeds limit_bytes {limit}")
+    serving = _serving(params)
+    claim = ""
+    if params.get(PVC_NAME) and params.get(PVC_NAMESPACE):
+        claim = f"{params[PVC_NAMESPACE]}/{params[PVC_NAME]}"
+    asked = {"mode": mode, "required": required, "limit": limit, "pinned": pinned, **serving}
+    if wipe:
+        asked["wipe"] = True
+    canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"))
+    return HostDeviceRequest(
+        request_name=req.name,
+        namespace=namespace,
+        name=export_name(req.name),
+        mode=mode,
+        required=required,
+        limit=limit,
+        pinned=pinned,
+        wipe=wipe,
+        serving=serving,
+        claim=claim,
+        digest=hashlib.sha256(canonical.encode()).hexdigest()[:32],
+    )
 
 
 def manifest(p: Provision) -> dict[str, Any]:
@@ -364,6 +468,8 @@ def manifest(p: Provision) -> dict[str, Any]:
         annotations[ANNOTATION_CLAIM] = p.claim
     if "size" not in p.spec:
         annotations[ANNOTATION_SIZE] = str(p.size)
+    if p.pinned:
+        annotations[ANNOTATION_PINNED] = "true"
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,

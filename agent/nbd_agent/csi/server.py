@@ -161,6 +161,7 @@ CONTROLLER_METHODS = [
     "DeleteSnapshot",
     "ListSnapshots",
     "ControllerModifyVolume",
+    "GetCapacity",
 ]
 
 
