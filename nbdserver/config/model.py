@@ -145,11 +145,6 @@ class ExportConfig:
             raise ConfigError(f"remote timeout of {self.name!r} must be seconds > 0")
         if not self.remote:
             return
-        if self.format not in (None, "raw"):
-            raise ConfigError(
-                f"export {self.name!r}: --format {self.format} is not served from a URL yet; "
-                "serve a raw image, or download it first"
-            )
         if self.size is not None or self.temporary:
             raise ConfigError(f"export {self.name!r}: a URL is never created or grown (no --size)")
 

@@ -111,10 +111,6 @@ def test_a_server_without_range_support_is_a_one_line_refusal(origin: Origin) ->
     one_line_refusal(serve_once(origin.url("disk.img")), "range requests")
 
 
-def test_a_qcow2_over_http_is_refused_for_now(origin: Origin) -> None:
-    one_line_refusal(serve_once(origin.url("disk.img"), "--format", "qcow2"), "qcow2", "from a URL")
-
-
 def test_reads_succeed_through_injected_503s_resets_and_slowness(
     nbdserver: NbdServerFactory, origin: Origin, image: Path
 ) -> None:
