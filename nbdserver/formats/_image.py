@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from typing import TypeVar
 
 from nbdserver.backends.base import Backend
@@ -61,6 +62,10 @@ class ImageFile:
         return bytes(buf[:got]) if got < length else bytes(buf)
 
     def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        raise OSError(errno.EROFS, f"{self.name}: the image file is read-only here")
+
+    def resize(self, size: int) -> None:
+        """Make a regular file ``size`` bytes long (a device keeps its size)."""
         raise OSError(errno.EROFS, f"{self.name}: the image file is read-only here")
 
     def sync(self) -> None:
@@ -112,6 +117,10 @@ class LocalImage(ImageFile):
 
     def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         os.pwrite(self.fd, data, offset)
+
+    def resize(self, size: int) -> None:
+        if stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.ftruncate(self.fd, size)
 
     def sync(self) -> None:
         os.fsync(self.fd)

@@ -7,13 +7,15 @@ any moment (a crash may leak clusters, which check reports as leaks, not errors)
 - every cluster in use has refcount 1 (an image with internal snapshots is never opened for
   writing, so nothing is shared; compressed clusters may share a host cluster, counted);
 - a cluster is handed out only once its refcount of 1 is *on disk* (``take``: a batch of
-  clusters is counted, then one sync; a reused cluster kept its 1), so no L2 entry can reach the
-  disk pointing at a cluster of refcount 0;
+  clusters is counted and the file extended over them, then one sync; a reused cluster kept its
+  1), so no L2 entry can reach the disk pointing at a cluster of refcount 0 or past the end of
+  the file;
 - a reference dropped is not counted down at once (``drop``): the cluster keeps its count until
   the next sync has put the dropping L2 entry on disk, then it becomes reusable as it is (count
   still 1) or is counted down (shared compressed clusters). So a reused cluster can never be
   named by an old L2 entry too, and a crash between the two leaves at worst a leak;
-- ``close`` counts the clusters kept for reuse down to 0: a clean stop leaves no leak;
+- ``close`` counts the clusters kept for reuse down to 0 and cuts the unused tail of the file:
+  a clean stop leaves no leak;
 - a new refcount block is zeroed and counted, and on disk, before the table points at it; a
   moved refcount table is on disk before the header names it, and the header before the old
   table is freed.
@@ -76,6 +78,10 @@ class Refcounts:
                 self.synced(self.pending())
             if not self._spare:
                 start = self._alloc_end(self._batch)
+                # The file covers them too: an L2 entry on disk whose data write was lost would
+                # otherwise point past the end of the file (qemu-img check calls that an error).
+                if self._img.size() < self.end:
+                    self._img.resize(self.end)
                 self._img.sync()  # counted on disk before any L2 entry names them
                 last = start + (self._batch - 1) * self._cs
                 self._spare = list(range(last, start - 1, -self._cs))  # pop: lowest first
@@ -108,9 +114,17 @@ class Refcounts:
     def close(self) -> None:
         """Count every cluster kept for reuse down to 0 (a clean stop leaves no leak)."""
         self.synced(self.pending())
-        for at in self._spare:
+        spare = sorted(self._spare)
+        for at in spare:
             self.set_run(at, 1, 0)
         self._spare = []
+        # The unused tail of the last batch goes back too, so restarts do not grow the file.
+        end = self.end
+        while spare and spare[-1] == end - self._cs:
+            end = spare.pop()
+        if end < self.end and self._img.size() > end:
+            self._img.resize(end)
+            self.end = end
         self._img.sync()
 
     def _alloc_end(self, count: int) -> int:
