@@ -133,8 +133,7 @@ class PluginBackend(Backend):
                 if exc.errno is None:
                     raise OSError(errno.EIO, f"plugin {self._name} {function}: {exc}") from exc
                 raise
-            except Exception as exc:
-                log.warning("plugin %s: %s raised %r", self._name, function, exc)
+            except Exception as exc:  # logged once, by the edge, with the request it failed
                 raise OSError(errno.EIO, f"plugin {self._name} {function}: {exc!r}") from exc
 
     def _call(self, function: str, *args: object) -> Any:

@@ -129,6 +129,8 @@ def test_a_read_past_its_deadline_is_an_eio_and_the_server_keeps_serving(
     origin.fail(100000, "503")
     failed = qemu_io(srv.uri, "read 0 4k")
     assert "Input/output error" in failed.stdout + failed.stderr, failed
+    line = srv.wait_log(r"export '': READ offset 0 length 4096 from \S+ failed: EIO")
+    assert "503" in line, line
     origin.clear()
     ok = qemu_io(srv.uri, "read -P 0 8200 100")  # past the random bytes: a hole
     assert ok.returncode == 0 and "read 100/100" in ok.stdout, ok
