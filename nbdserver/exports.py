@@ -14,7 +14,7 @@ import tempfile
 import threading
 from urllib.parse import quote
 
-from nbdserver.backends.base import Backend, RemoteOptions
+from nbdserver.backends.base import Backend, BackendKind, RemoteOptions
 from nbdserver.backends.registry import NAMES as BACKENDS
 from nbdserver.backends.registry import kind_for
 from nbdserver.config.model import CowMode, ExportConfig
@@ -107,13 +107,21 @@ def _open_base(cfg: ExportConfig) -> Backend:
                                     dir=os.path.dirname(cfg.path) or None)  # fmt: skip
         try:
             os.ftruncate(fd, cfg.size)
-            return kind.open(path, None, cfg.read_only)
+            return _open_kind(kind, cfg, path, None, cfg.read_only)
         finally:
             os.unlink(path)
             os.close(fd)
     if cfg.cow is not CowMode.OFF and kind.needs_path:
-        return kind.open(cfg.path, None, True)  # a copy-on-write base is never created or grown
-    return kind.open(cfg.path, cfg.size, read_only)
+        return _open_kind(kind, cfg, cfg.path, None, True)  # never created or grown
+    return _open_kind(kind, cfg, cfg.path, cfg.size, read_only)
+
+
+def _open_kind(kind: BackendKind, cfg: ExportConfig, path: str | None, size: int | None,
+               read_only: bool) -> Backend:  # fmt: skip
+    """``kind.open``, with the export's plugin parameters for a backend that takes them."""
+    if kind.takes_params:
+        return kind.open(path, size, read_only, cfg.plugin_params)
+    return kind.open(path, size, read_only)
 
 
 def _open_format(cfg: ExportConfig, read_only: bool) -> Backend:
@@ -144,7 +152,7 @@ def _open_format(cfg: ExportConfig, read_only: bool) -> Backend:
                 cfg.path, RemoteOptions(cfg.ca_bundle, cfg.remote_timeout, cfg.s3_endpoint)
             )
         else:
-            base = kind.open(cfg.path, None, True)
+            base = _open_kind(kind, cfg, cfg.path, None, True)
         if cfg.cache_size:
             base = CacheFilter(base, cfg.cache_size)
         source = BackendImage(base, cfg.path)
