@@ -103,7 +103,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH[,opt=val...]",
         help="another export (PATH memory: RAM); opts: size, ro, description, backend, format, "
         "backing-anywhere, cache-size, ca-bundle, remote-timeout, s3-endpoint, connections, "
-        "idle-timeout, tls, cow, cow-dir, allow, qos-*",
+        "idle-timeout, tls, cow, cow-dir, allow, qos-*, plugin.KEY (a plugin's parameter)",
     )
     s.add_argument(
         "--bind", "-b", help="address to listen on (default: every address, IPv6 and IPv4)"
