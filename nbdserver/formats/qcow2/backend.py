@@ -18,6 +18,7 @@ location (``open_qcow2`` does, once, at open).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 import threading
@@ -62,8 +63,12 @@ class Qcow2Backend(Backend):
         file_size = image.size()
         h = hdr.parse(image.read(2 * 1024 * 1024, 0), file_size)
         self._img, self.h, self.path = image, h, image.name
-        # bound once: the read and write paths call these per cluster run
-        self._readinto, self._write = image.readinto, image.write
+        # The read and write paths call these per cluster run: a local file's descriptor goes
+        # straight to os.preadv/os.pwrite (no Python frame between), any other image through
+        # its methods.
+        self._fd = image.fd
+        self._readinto = image.readinto
+        self._write = functools.partial(os.pwrite, image.fd) if image.fd >= 0 else image.write
         self._cs, self._cb = h.cluster_size, h.cluster_bits
         self._backing = backing
         self._backing_size = backing.size() if backing is not None else 0
@@ -134,7 +139,12 @@ class Qcow2Backend(Backend):
         for kind, guest, n, where in segments:
             view = buf[guest - offset : guest - offset + n]
             if kind == NORMAL:
-                got = self._readinto(view, where)
+                if self._fd >= 0:
+                    got = os.preadv(self._fd, [view], where)
+                    if 0 < got < n:
+                        got += self._readinto(view[got:], where + got)
+                else:
+                    got = self._readinto(view, where)
                 if got < n:  # the file ends inside the cluster: the rest was never written
                     view[got:] = bytes(n - got)
             elif kind == COMPRESSED_KIND:
