@@ -253,7 +253,7 @@ class Qcow2Backend(Backend):
             offset = self._refs.take()
             self._t.file_end = self._refs.end
             self._write(bytes(self._cs), offset)
-            self._img.sync()  # the zeroed table is on disk before the L1 entry names it
+            self._img.datasync()  # the zeroed table is on disk before the L1 entry names it
             table = array("Q", bytes(self._cs))
             self._t.cache_l2(offset, table)
             self._t.l1[l1_index] = offset | COPIED

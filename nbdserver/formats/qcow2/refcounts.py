@@ -7,7 +7,8 @@ any moment (a crash may leak clusters, which check reports as leaks, not errors)
 - every cluster in use has refcount 1 (an image with internal snapshots is never opened for
   writing, so nothing is shared; compressed clusters may share a host cluster, counted);
 - a cluster is handed out only once its refcount of 1 is *on disk* (``take``: a batch of
-  clusters is counted and the file extended over them, then one sync; a reused cluster kept its
+  clusters is counted and the file extended over them, then one fdatasync, which also makes the
+  new size durable; a reused cluster kept its
   1), so no L2 entry can reach the disk pointing at a cluster of refcount 0 or past the end of
   the file;
 - a reference dropped is not counted down at once (``drop``): the cluster keeps its count until
@@ -31,10 +32,12 @@ from array import array
 from nbdserver.formats._image import ImageFile
 from nbdserver.formats.qcow2.header import RT_OFFSET, Header, Qcow2Error
 
-# Clusters counted per sync when new ones come from the end of the file: about 4 MiB worth
-# (one sync per 64 clusters of 64 KiB); a crash leaks at most these.
+# Clusters counted per sync when new ones come from the end of the file: about 4 MiB worth at
+# first, doubling with every batch used up, to at most 64 MiB worth (an image being filled pays
+# one sync per 64 MiB); a crash leaks at most one batch.
 _BATCH_BYTES = 4 << 20
-_BATCH_MAX = 256
+_BATCH_MAX_BYTES = 64 << 20
+_BATCH_MAX = 4096
 
 
 class Refcounts:
@@ -63,6 +66,7 @@ class Refcounts:
                 raise Qcow2Error(f"refcount block {i} at {off:#x} lies past the file or unaligned")
         self.end = -(-file_size // self._cs) * self._cs  # where the next cluster goes
         self._batch = max(1, min(_BATCH_MAX, _BATCH_BYTES >> self._cb))
+        self._batch_max = max(1, min(_BATCH_MAX, _BATCH_MAX_BYTES >> self._cb))
         # Refcount 1 on disk, referenced by nothing: handed out by ``take``, lowest last.
         self._spare: list[int] = []
         # References dropped since the last sync, one item per reference (see the docstring).
@@ -74,7 +78,7 @@ class Refcounts:
         """A cluster with refcount 1 on disk that nothing references."""
         if not self._spare:
             if self._dropped:
-                self._img.sync()  # the L2 entries that dropped them are on disk
+                self._img.datasync()  # the L2 entries that dropped them are on disk
                 self.synced(self.pending())
             if not self._spare:
                 start = self._alloc_end(self._batch)
@@ -82,9 +86,10 @@ class Refcounts:
                 # otherwise point past the end of the file (qemu-img check calls that an error).
                 if self._img.size() < self.end:
                     self._img.resize(self.end)
-                self._img.sync()  # counted on disk before any L2 entry names them
+                self._img.datasync()  # counted, and the size, on disk before an L2 entry names them
                 last = start + (self._batch - 1) * self._cs
                 self._spare = list(range(last, start - 1, -self._cs))  # pop: lowest first
+                self._batch = min(self._batch * 2, self._batch_max)
         return self._spare.pop()
 
     def drop(self, host: int, count: int = 1) -> None:
@@ -188,7 +193,7 @@ class Refcounts:
         self._rt[ri] = block
         self.set_run(block, 1, 1)
         if ri < self._rt_on_disk:
-            self._img.sync()
+            self._img.datasync()
             self._img.write(struct.pack(">Q", block), self._rt_offset + ri * 8)
         return block
 
