@@ -1,7 +1,8 @@
 """An example kube-nbd plugin: a sparse RAM disk in 64 KiB pages (docs/nbdserver.md, "Python
 plugins").
 
-Serve it with ``nbdserver serve --backend plugin examples/plugin_example.py --size 64M``.
+Serve it with ``nbdserver serve --plugin examples/plugin_example.py --size 64M`` (or the older
+``--backend plugin examples/plugin_example.py``).
 Every function but ``open``, ``size`` and ``pread`` is optional: drop ``pwrite`` and the export
 is read-only; drop ``extents`` and clients see it as all data. Calls are serialised by the
 server (no ``thread_model = "parallel"`` here), so the plugin needs no locks.

@@ -14,7 +14,7 @@ import tempfile
 import threading
 from urllib.parse import quote
 
-from nbdserver.backends.base import Backend, RemoteOptions
+from nbdserver.backends.base import Backend, BackendKind, RemoteOptions
 from nbdserver.backends.registry import NAMES as BACKENDS
 from nbdserver.backends.registry import kind_for
 from nbdserver.config.model import CowMode, ExportConfig
@@ -25,6 +25,7 @@ from nbdserver.filters.cow import CowFilter
 from nbdserver.filters.qos import wrap_qos
 from nbdserver.filters.stats import StatsFilter
 from nbdserver.formats import probe
+from nbdserver.formats._image import BackendImage, ImageFile
 from nbdserver.formats.registry import FORMATS, RAW
 from nbdserver.metrics import ConnStats
 
@@ -41,9 +42,10 @@ def stack(
     """The filters over ``inner``, innermost first; the one place their order is decided.
 
     Export scope (``connection=False``, once when the export opens): the read cache directly
-    over the backend (so it holds the image's own bytes, shared by every overlay), copy-on-write
-    shared or persistent (so everything above sees the merged image), capability switches, then
-    rate limits (so a throttled request has not touched any layer yet).
+    over the backend (so it holds the image's own bytes, shared by every overlay; for a
+    formatted image from a URL or plugin it sits under the format, see ``_open_format``),
+    copy-on-write shared or persistent (so everything above sees the merged image), capability
+    switches, then rate limits (so a throttled request has not touched any layer yet).
     Connection scope (``connection=True``, over the export's stack, per connection): with
     copy-on-write per connection, that overlay and then the capability switches and rate
     limits (which therefore count per connection in that mode); the single-writer read-only
@@ -60,7 +62,7 @@ def stack(
         if read_only_view:
             inner = ReadOnlyFilter(inner)
         return inner if stats is None else StatsFilter(inner, stats)
-    if cfg.cache_size:
+    if cfg.cache_size and not _cache_under_format(cfg):
         inner = CacheFilter(inner, cfg.cache_size)
     if cfg.cow is CowMode.CONNECTION:
         return inner  # every layer above the base is per connection
@@ -105,17 +107,30 @@ def _open_base(cfg: ExportConfig) -> Backend:
                                     dir=os.path.dirname(cfg.path) or None)  # fmt: skip
         try:
             os.ftruncate(fd, cfg.size)
-            return kind.open(path, None, cfg.read_only)
+            return _open_kind(kind, cfg, path, None, cfg.read_only)
         finally:
             os.unlink(path)
             os.close(fd)
     if cfg.cow is not CowMode.OFF and kind.needs_path:
-        return kind.open(cfg.path, None, True)  # a copy-on-write base is never created or grown
-    return kind.open(cfg.path, cfg.size, read_only)
+        return _open_kind(kind, cfg, cfg.path, None, True)  # never created or grown
+    return _open_kind(kind, cfg, cfg.path, cfg.size, read_only)
+
+
+def _open_kind(kind: BackendKind, cfg: ExportConfig, path: str | None, size: int | None,
+               read_only: bool) -> Backend:  # fmt: skip
+    """``kind.open``, with the export's plugin parameters for a backend that takes them."""
+    if kind.takes_params:
+        return kind.open(path, size, read_only, cfg.plugin_params)
+    return kind.open(path, size, read_only)
 
 
 def _open_format(cfg: ExportConfig, read_only: bool) -> Backend:
-    """An image in a format other than raw, by the format registry; never created or grown."""
+    """An image in a format other than raw, by the format registry; never created or grown.
+
+    A local file or block device is read through its own descriptor; any other backend (a
+    URL, S3, a plugin) is opened read-only as the byte source under the format, with the read
+    cache (``--cache-size``) directly over it, so the format's metadata and clusters are
+    fetched about once."""
     assert cfg.path is not None and cfg.format is not None
     fmt = FORMATS[cfg.format]
     if not fmt.can_write and not read_only:
@@ -123,11 +138,42 @@ def _open_format(cfg: ExportConfig, read_only: bool) -> Backend:
             f"export {cfg.name!r}: {fmt.name} images are served read-only: give --read-only "
             "or --copy-on-write"
         )
-    if not os.path.exists(cfg.path):
-        raise ConfigError(f"{cfg.path} does not exist (qemu-img create makes a {fmt.name} image)")
-    if fmt.confined:
-        return fmt.open(cfg.path, read_only, allow_outside=cfg.backing_anywhere)
-    return fmt.open(cfg.path, read_only)
+    source: str | ImageFile
+    if _local(cfg):
+        if not os.path.exists(cfg.path):
+            raise ConfigError(
+                f"{cfg.path} does not exist (qemu-img create makes a {fmt.name} image)"
+            )
+        source = cfg.path
+    else:
+        kind = kind_for(cfg.backend, cfg.path)
+        if kind.open_remote is not None:
+            base = kind.open_remote(
+                cfg.path, RemoteOptions(cfg.ca_bundle, cfg.remote_timeout, cfg.s3_endpoint)
+            )
+        else:
+            base = _open_kind(kind, cfg, cfg.path, None, True)
+        if cfg.cache_size:
+            base = CacheFilter(base, cfg.cache_size)
+        source = BackendImage(base, cfg.path)
+    try:
+        if fmt.confined:
+            return fmt.open(source, read_only, allow_outside=cfg.backing_anywhere)
+        return fmt.open(source, read_only)
+    except BaseException:
+        if not isinstance(source, str):
+            source.close()
+        raise
+
+
+def _local(cfg: ExportConfig) -> bool:
+    """The image is a file or block device on this host (not a URL, a plugin, RAM)."""
+    return kind_for(cfg.backend, cfg.path).name in ("file", "block")
+
+
+def _cache_under_format(cfg: ExportConfig) -> bool:
+    """``_open_format`` put the read cache under the format (over a non-local byte source)."""
+    return cfg.format not in (None, RAW) and not _local(cfg)
 
 
 def cow_overlay_path(cfg: ExportConfig) -> str:

@@ -108,13 +108,15 @@ class BackendKind:
     ``needs_path``: False for backends whose data lives nowhere on disk.
     ``open_remote(url, options)``: set for backends whose path is a URL; the export opens them
     with this instead of ``open`` (always read-only, never created or grown, no file checks).
+    ``takes_params``: ``open`` also takes the export's ``key=value`` parameters (a plugin's).
     """
 
     name: str
-    open: Callable[[str | None, int | None, bool], Backend]
+    open: Callable[..., Backend]  # (path, size, read_only[, params])
     claims: Callable[[str], bool]
     needs_path: bool = True
     open_remote: Callable[[str, RemoteOptions], Backend] | None = None
+    takes_params: bool = False
 
 
 @dataclass(frozen=True)

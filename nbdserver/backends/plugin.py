@@ -2,9 +2,13 @@
 
 Why: storage that no built-in backend reaches (an object store, a database, a test pattern)
 should need a few functions, not a fork of the server. The plugin is loaded from a FILE.py or
-from an installed package's entry point (group ``kube_nbd.plugins``); its functions (module
-level, or methods of an instance when the loaded object is a class) are:
+from ``MODULE:ATTR``, or from an installed package's entry point (group ``nbdserver.plugins``,
+or the older ``kube_nbd.plugins``); its functions (module level, or methods of an instance
+when the loaded object is a class) are:
 
+- configuration, as nbdkit's: ``config(key, value)`` for each ``key=value`` given after
+  ``--plugin``, then ``config_complete()``; both optional (without ``config``, parameters are
+  refused);
 - required: ``open(readonly: bool, size: int | None) -> handle``; ``size(h) -> int``;
   ``pread(h, buf: memoryview, offset: int)`` fills ``buf`` (or returns ``len(buf)`` bytes);
 - optional: ``pwrite(h, data, offset)``, ``flush(h)``, ``trim(h, offset, length)``,
@@ -42,26 +46,60 @@ from nbdserver.errors import ConfigError
 
 log = logging.getLogger("nbdserver.plugin")
 
-ENTRY_POINT_GROUP = "kube_nbd.plugins"
+# The issue's name first; the older project-named group is still read.
+ENTRY_POINT_GROUPS = ("nbdserver.plugins", "kube_nbd.plugins")
+ENTRY_POINT_GROUP = ENTRY_POINT_GROUPS[0]
 REQUIRED = ("open", "size", "pread")
 
 
 def load_plugin(spec: str) -> object:
-    """The plugin named by ``spec``: a path ending in ``.py``, else an entry point's name."""
+    """The plugin named by ``spec``: a path ending in ``.py``; ``module:attr`` (an importable
+    module's attribute); else the name of an installed entry point (group
+    ``nbdserver.plugins``, or the older ``kube_nbd.plugins``). A class is instantiated once."""
     if spec.endswith(".py"):
         return _load_file(spec)
-    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=spec)
-    if not found:
-        names = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-        raise ConfigError(
-            f"no plugin {spec!r}: give a FILE.py or one of the installed "
-            f"{ENTRY_POINT_GROUP} entry points: {', '.join(names) or '(none installed)'}"
-        )
-    try:
-        loaded: object = next(iter(found)).load()
-    except Exception as exc:
-        raise ConfigError(f"plugin {spec!r} failed to load: {exc!r}") from exc
+    loaded = _load_attr(spec) if ":" in spec else _load_entry_point(spec)
     return loaded() if isinstance(loaded, type) else loaded
+
+
+def _load_attr(spec: str) -> object:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ConfigError(f"plugin {spec!r}: module {module_name!r} failed to import: "
+                          f"{_one_line(exc)}") from exc  # fmt: skip
+    try:
+        found: object = module
+        for part in attr.split("."):
+            found = getattr(found, part)
+    except AttributeError:
+        raise ConfigError(f"plugin {spec!r}: {module_name} has no {attr!r}") from None
+    return found
+
+
+def _load_entry_point(spec: str) -> object:
+    for group in ENTRY_POINT_GROUPS:
+        found = importlib.metadata.entry_points(group=group, name=spec)
+        if found:
+            try:
+                return next(iter(found)).load()
+            except Exception as exc:
+                raise ConfigError(f"plugin {spec!r} failed to load: {_one_line(exc)}") from exc
+    names = sorted(
+        {ep.name for g in ENTRY_POINT_GROUPS for ep in importlib.metadata.entry_points(group=g)}
+    )
+    raise ConfigError(
+        f"no plugin {spec!r}: give a FILE.py, MODULE:ATTR or one of the installed "
+        f"{ENTRY_POINT_GROUP} entry points: {', '.join(names) or '(none installed)'}"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception raised while loading, in one line (a syntax error with its place)."""
+    if isinstance(exc, SyntaxError):
+        return f"syntax error at {exc.filename}:{exc.lineno}: {exc.msg}"
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _load_file(path: str) -> ModuleType:
@@ -75,8 +113,30 @@ def _load_file(path: str) -> ModuleType:
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:
-        raise ConfigError(f"plugin file {path!r} failed to load: {exc!r}") from exc
+        raise ConfigError(f"plugin file {path!r} failed to load: {_one_line(exc)}") from exc
     return module
+
+
+def configure(plugin: object, name: str, params: tuple[tuple[str, str], ...]) -> None:
+    """nbdkit's order: ``config(key, value)`` for each ``key=value`` in turn, then
+    ``config_complete()``; a plugin without ``config`` takes no parameters."""
+    config = getattr(plugin, "config", None)
+    if params and not callable(config):
+        raise ConfigError(
+            f"plugin {name!r} takes no parameters (it has no config function): "
+            + " ".join(f"{k}={v}" for k, v in params)
+        )
+    try:
+        for key, value in params:
+            assert callable(config)
+            config(key, value)
+        complete = getattr(plugin, "config_complete", None)
+        if callable(complete):
+            complete()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"plugin {name!r} refused its configuration: {_one_line(exc)}") from exc
 
 
 class PluginBackend(Backend):
@@ -133,8 +193,7 @@ class PluginBackend(Backend):
                 if exc.errno is None:
                     raise OSError(errno.EIO, f"plugin {self._name} {function}: {exc}") from exc
                 raise
-            except Exception as exc:
-                log.warning("plugin %s: %s raised %r", self._name, function, exc)
+            except Exception as exc:  # logged once, by the edge, with the request it failed
                 raise OSError(errno.EIO, f"plugin {self._name} {function}: {exc!r}") from exc
 
     def _call(self, function: str, *args: object) -> Any:
@@ -211,9 +270,13 @@ def _clip(extents: list[Extent], length: int) -> list[Extent]:
     return out
 
 
-def open_plugin(path: str | None, size: int | None, read_only: bool) -> Backend:
+def open_plugin(path: str | None, size: int | None, read_only: bool,
+                params: tuple[tuple[str, str], ...] = ()) -> Backend:  # fmt: skip
+    """The plugin ``path`` names (see ``load_plugin``), configured with ``params``, opened."""
     assert path is not None
-    return PluginBackend(load_plugin(path), path, read_only, size)
+    plugin = load_plugin(path)
+    configure(plugin, path, params)
+    return PluginBackend(plugin, path, read_only, size)
 
 
-KIND = BackendKind("plugin", open_plugin, claims=lambda path: False)
+KIND = BackendKind("plugin", open_plugin, claims=lambda path: False, takes_params=True)

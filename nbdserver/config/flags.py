@@ -27,7 +27,11 @@ _QOS = ("read_bps", "write_bps", "read_iops", "write_iops")
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument(
-        "image", nargs="?", help="image file, block device, http(s):// or s3:// URL to serve"
+        "image",
+        nargs="*",
+        metavar="IMAGE | KEY=VALUE",
+        help="image file, block device, http(s):// or s3:// URL to serve; with --plugin (or "
+        "--backend plugin IMAGE), KEY=VALUE parameters for the plugin's config()",
     )
     s.add_argument("--name", default="", help='export name of IMAGE (default "")')
     s.add_argument(
@@ -51,6 +55,13 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         choices=FORMATS,
         help="IMAGE's format (default raw; an image whose header names another format is "
         "refused unless this names it)",
+    )
+    # -- plugins (nbdserver.backends.plugin) ----------------------------------------------
+    s.add_argument(
+        "--plugin",
+        metavar="FILE.py|MODULE:ATTR|NAME",
+        help="serve a Python plugin (a file, a module's attribute, or an installed "
+        "nbdserver.plugins entry point); KEY=VALUE arguments go to its config()",
     )
     s.add_argument(
         "--backing-anywhere",
@@ -92,7 +103,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH[,opt=val...]",
         help="another export (PATH memory: RAM); opts: size, ro, description, backend, format, "
         "backing-anywhere, cache-size, ca-bundle, remote-timeout, s3-endpoint, connections, "
-        "idle-timeout, tls, cow, cow-dir, allow, qos-*",
+        "idle-timeout, tls, cow, cow-dir, allow, qos-*, plugin.KEY (a plugin's parameter)",
     )
     s.add_argument(
         "--bind", "-b", help="address to listen on (default: every address, IPv6 and IPv4)"
@@ -204,10 +215,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"nbdserver: {message} (see nbdserver serve --help)\n")
 
 
+class _ServeParser(_Parser):
+    """Positionals may come between flags (``--plugin F.py k=v --port 0 k2=v2``): argparse
+    alone stops taking a ``*`` positional at the first flag after it."""
+
+    _inner = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._inner:
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nbdserver", description="An NBD (network block device) server.")
     p.add_argument("--version", action="version", version=f"nbdserver {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_ServeParser)
     serve = sub.add_parser(
         "serve",
         help="serve disk images over NBD",
@@ -217,12 +246,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _image_and_params(args: argparse.Namespace) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """IMAGE (or the --plugin) and the plugin's KEY=VALUE parameters, from the positionals."""
+    words: list[str] = list(args.image)
+    if args.plugin is not None:
+        if args.backend not in ("auto", "plugin"):
+            raise ConfigError(f"--plugin and --backend {args.backend} exclude each other")
+        args.backend = "plugin"
+        image = args.plugin
+    else:
+        image = words.pop(0) if words else None
+    if words and args.backend != "plugin":
+        raise ConfigError(f"one IMAGE only (KEY=VALUE arguments are for --plugin): {words[0]!r}")
+    params = []
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"plugin argument {word!r} is not KEY=VALUE")
+        params.append((key, value))
+    return image, tuple(params)
+
+
 def _image_export(args: argparse.Namespace) -> tuple[ExportConfig, ...]:
-    if args.image is None and args.backend != "memory":
+    image, params = _image_and_params(args)
+    if image is None and args.backend != "memory":
         return ()
     cfg = ExportConfig(
         name=args.name,
-        path=None if args.backend == "memory" else args.image,
+        path=None if args.backend == "memory" else image,
+        plugin_params=params,
         size=parse_size(args.size) if args.size else None,
         description=args.description,
         backend=args.backend,

@@ -101,6 +101,8 @@ class ExportConfig:
     ca_bundle: str | None = None  # verifies an https:// image; None: the system's CA store
     remote_timeout: float = 30.0  # seconds one read of a URL may take, retries included
     s3_endpoint: str | None = None  # an S3-compatible store; None: AWS_ENDPOINT_URL or AWS
+    # a plugin's key=value parameters, in order (its config(key, value) calls)
+    plugin_params: tuple[tuple[str, str], ...] = ()
 
     @property
     def remote(self) -> bool:
@@ -135,6 +137,10 @@ class ExportConfig:
             raise ConfigError(f"idle timeout of {self.name!r} must be 0 (none) or seconds > 0")
         self._validate_format()
         self._validate_remote()
+        if self.plugin_params and self.backend != "plugin":
+            raise ConfigError(
+                f"export {self.name!r}: key=value parameters are for a plugin (--plugin)"
+            )
         if self.cow is CowMode.PERSISTENT and not self.cow_dir:
             raise ConfigError(f"persistent copy-on-write of {self.name!r} needs --cow-dir")
 
@@ -145,11 +151,6 @@ class ExportConfig:
             raise ConfigError(f"remote timeout of {self.name!r} must be seconds > 0")
         if not self.remote:
             return
-        if self.format not in (None, "raw"):
-            raise ConfigError(
-                f"export {self.name!r}: --format {self.format} is not served from a URL yet; "
-                "serve a raw image, or download it first"
-            )
         if self.size is not None or self.temporary:
             raise ConfigError(f"export {self.name!r}: a URL is never created or grown (no --size)")
 

@@ -84,10 +84,13 @@ def parse_export_spec(spec: str) -> ExportConfig:
         changes.update(path=None, backend="memory")
     allow: list[str] = []
     qos: dict[str, int] = {}
+    params: list[tuple[str, str]] = []
     for opt in opts:
         key, _, value = opt.partition("=")
         if key == "allow":
             allow.append(value)
+        elif key.startswith("plugin.") and len(key) > 7:  # a plugin's config(key, value)
+            params.append((key[7:], value))
         elif key in _QOS_OPTIONS:  # qos-read-bps=N etc.: this export's own rate limits
             if not value.isdigit():
                 raise ConfigError(f"bad value for {key!r} in {spec!r}: expected an integer")
@@ -104,6 +107,8 @@ def parse_export_spec(spec: str) -> ExportConfig:
         acl = Acl.from_rules(allow, f"allow= of {name!r}") if allow else None
     except AclError as e:
         raise ConfigError(str(e)) from None
+    if params:
+        changes["plugin_params"] = tuple(params)
     cfg = dataclasses.replace(
         ExportConfig(name=name), acl=acl, qos=QosLimits(**qos) if qos else None, **changes
     )

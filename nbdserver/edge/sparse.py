@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+from collections.abc import Callable
 
 from nbdserver.backends.base import Backend
 from nbdserver.errors import nbd_errno
-from nbdserver.protocol.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
+from nbdserver.protocol.constants import NBD_STATE_HOLE, NBD_STATE_ZERO, Command
 from nbdserver.protocol.transmission import ReplyEncoder
 
 SPARSE_READ = 64 * 1024  # reads at least this large ask the backend for holes
 SPARSE_CHUNKS = 64  # a read more fragmented than this goes out as plain data
 _HOLE_ZERO = int(NBD_STATE_HOLE | NBD_STATE_ZERO)
+_READ = int(Command.NBD_CMD_READ)
 
 Plan = list[tuple[int, int, bool]]  # (offset, length, is_hole) runs covering one read
 
@@ -83,10 +85,12 @@ def sparse_reply(
     offset: int,
     data: memoryview,
     plan: Plan,
+    failed: Callable[[int, int, int, BaseException], int] | None = None,
 ) -> list[bytes | memoryview]:
     """OFFSET_HOLE chunks for the holes and OFFSET_DATA chunks, read into ``data`` (the whole
     request's room), between them; the last chunk carries DONE. Nothing is returned until
-    every read succeeded, so a failure is one clean error reply."""
+    every read succeeded, so a failure is one clean error reply (``failed(command, offset,
+    length, exc)`` logs it and gives its errno)."""
     out: list[bytes | memoryview] = []
     last = len(plan) - 1
     try:
@@ -99,5 +103,6 @@ def sparse_reply(
             out.append(replies.data_chunk(cookie, offset, pos, n, i == last))
             out.append(piece)
     except Exception as e:
-        return [replies.error(cookie, nbd_errno(e), offset, str(e))]
+        code = nbd_errno(e) if failed is None else failed(_READ, offset, len(data), e)
+        return [replies.error(cookie, code, offset, str(e))]
     return out

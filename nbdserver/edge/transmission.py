@@ -28,8 +28,9 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 from nbdserver.backends.base import Backend
+from nbdserver.edge.failures import FAILURES
 from nbdserver.edge.sparse import SPARSE_READ, Plan, buffer, hole_plan, release, sparse_reply
-from nbdserver.errors import ConnectionClosed, ProtocolViolation, nbd_errno
+from nbdserver.errors import ConnectionClosed, ProtocolViolation
 from nbdserver.exports import Export
 from nbdserver.protocol import wire
 from nbdserver.protocol.constants import (
@@ -277,12 +278,15 @@ class Transmission:
                     data = arena[apos : apos + length]
                     apos += length
                     if plan is not None:
-                        iov.extend(sparse_reply(replies, backend, cookie, offset, data, plan))
+                        iov.extend(
+                            sparse_reply(replies, backend, cookie, offset, data, plan, self._failed)
+                        )
                     else:
                         try:
                             pread(data, offset)
                         except Exception as e:
-                            iov.append(err_reply(cookie, nbd_errno(e), offset, str(e)))
+                            code = self._failed(_READ, offset, length, e)
+                            iov.append(err_reply(cookie, code, offset, str(e)))
                             continue
                         iov.append(read_reply(cookie, offset, length))
                         iov.append(data)
@@ -299,7 +303,8 @@ class Transmission:
                     try:
                         pwrite(data, offset, flags & _FUA != 0)
                     except Exception as e:
-                        iov.append(err_reply(cookie, nbd_errno(e), offset, str(e)))
+                        code = self._failed(_WRITE, offset, length, e)
+                        iov.append(err_reply(cookie, code, offset, str(e)))
                         continue
                     iov.append(ok_reply(cookie, offset))
                 elif typ == _DISC:
@@ -330,12 +335,16 @@ class Transmission:
         data = memoryview(big)
         try:
             if plan is not None:
-                self._sendv(sparse_reply(self.replies, self.backend, cookie, offset, data, plan))
+                self._sendv(
+                    sparse_reply(self.replies, self.backend, cookie, offset, data, plan,
+                                 self._failed)
+                )  # fmt: skip
                 return
             try:
                 self.backend.pread(data, offset)
             except Exception as e:
-                self._sendv([self.replies.error(cookie, nbd_errno(e), offset, str(e))])
+                code = self._failed(_READ, offset, length, e)
+                self._sendv([self.replies.error(cookie, code, offset, str(e))])
                 return
             self._sendv([self.replies.read(cookie, offset, length), data])
         finally:
@@ -366,7 +375,7 @@ class Transmission:
                 try:
                     self.backend.pwrite(data, offset, flags & _FUA != 0)
                 except Exception as e:
-                    err = nbd_errno(e)
+                    err = self._failed(_WRITE, offset, length, e)
             elif not err:
                 err = _EINVAL  # no other command carries a payload we understand
         finally:
@@ -409,7 +418,12 @@ class Transmission:
                 return [chunk]
             return [replies.ok(cookie, offset)]
         except Exception as e:
-            return [replies.error(cookie, nbd_errno(e), offset, str(e))]
+            code = self._failed(typ, offset, length, e)
+            return [replies.error(cookie, code, offset, str(e))]
+
+    def _failed(self, typ: int, offset: int, length: int, exc: BaseException) -> int:
+        """Log a request the backend failed (once, rate-limited); its NBD errno."""
+        return FAILURES.report(self.export.name, self.peer, typ, offset, length, exc)
 
     def _run_slow(self, typ: int, flags: int, cookie: int, offset: int, length: int) -> None:
         try:

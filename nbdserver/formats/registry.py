@@ -1,5 +1,5 @@
-"""The image formats by name: adding one is a module with an ``open(path, read_only)`` callable
-and one line below.
+"""The image formats by name: adding one is a module with an ``open(source, read_only)``
+callable (``source``: a path, or an ``ImageFile`` over any backend) and one line below.
 
 Why: ``--format``, ``-e NAME=PATH,format=...`` and the header refusal all need the one list of
 formats and whether each can write.
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nbdserver.backends.base import Backend
+from nbdserver.formats._image import ImageFile
 from nbdserver.formats.qcow2 import backend as qcow2
 from nbdserver.formats.vmdk import VmdkBackend
 from nbdserver.formats.xz import XzBackend
@@ -21,7 +22,8 @@ from nbdserver.formats.xz import XzBackend
 
 @dataclass(frozen=True)
 class FormatKind:
-    """``open(path, read_only)`` gives the backend; ``can_write``: False for read-only formats
+    """``open(source, read_only)`` gives the backend (``source``: a path or an ``ImageFile``);
+    ``can_write``: False for read-only formats
     (a writable export of one is refused at start: give ``--read-only`` or ``--copy-on-write``).
     ``confined``: the format follows references to other files (a backing chain) and takes
     ``allow_outside`` to let them leave the image's directory."""
@@ -32,9 +34,9 @@ class FormatKind:
     confined: bool = False
 
 
-def _read_only(backend: Callable[[str], Backend]) -> Callable[..., Backend]:
+def _read_only(backend: Callable[[str | ImageFile], Backend]) -> Callable[..., Backend]:
     """A read-only format's ``open``: a writable export of it is refused before this runs."""
-    return lambda path, read_only: backend(path)
+    return lambda source, read_only: backend(source)
 
 
 RAW = "raw"  # the file itself, opened by the backend registry: not in FORMATS

@@ -25,15 +25,14 @@ Must not write the image or validate requests (the protocol core does).
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import zlib
 from dataclasses import dataclass
 
 from nbdserver.backends.base import Backend, Extent
-from nbdserver.backends.identity import digest, file_identity
-from nbdserver.formats._image import ImageFormatError, pread_exact
+from nbdserver.backends.identity import digest
+from nbdserver.formats._image import ImageFile, ImageFormatError, as_image, pread_exact
 from nbdserver.lru import BoundedCache
 from nbdserver.protocol.constants import NBD_STATE_HOLE, NBD_STATE_ZERO
 
@@ -132,17 +131,18 @@ class VmdkBackend(Backend):
     can_extents = True
     can_multi_conn = True
 
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def __init__(self, source: str | ImageFile) -> None:
+        """``source``: a path, or an ``ImageFile`` over any backend (closed with this)."""
+        self._img = as_image(source)
         try:
-            self._open(path)
+            self._open()
         except BaseException:
-            os.close(self._fd)
+            self._img.close()
             raise
 
-    def _open(self, path: str) -> None:
-        file_size = os.fstat(self._fd).st_size
-        first = os.pread(self._fd, SECTOR, 0)
+    def _open(self) -> None:
+        file_size = self._img.size()
+        first = self._img.read(SECTOR, 0)
         if first[:4] == b"COWD":
             raise ImageFormatError("VMDK subformat 'vmfsSparse' (COWD) is not supported")
         if first[:4] != b"KDMV":
@@ -158,7 +158,7 @@ class VmdkBackend(Backend):
         self._read_descriptor(header, file_size)
         if header.gd_offset == _GD_AT_END:
             header = VmdkHeader.parse(
-                pread_exact(self._fd, SECTOR, file_size - 2 * SECTOR, "footer")
+                pread_exact(self._img, SECTOR, file_size - 2 * SECTOR, "footer")
             )
         header.check(file_size)
         self._header = header
@@ -169,27 +169,27 @@ class VmdkBackend(Backend):
         entries = -(-grains // header.gtes_per_gt)
         if entries * 4 > _MAX_GD_BYTES:
             raise ImageFormatError(f"VMDK grain directory of {entries} entries is too large")
-        raw = pread_exact(self._fd, entries * 4, header.gd_offset * SECTOR, "grain directory")
+        raw = pread_exact(self._img, entries * 4, header.gd_offset * SECTOR, "grain directory")
         self._gd = struct.unpack(f"<{entries}I", raw)
         self._compressed = bool(header.flags & _FLAG_COMPRESSED)
         self._markers = bool(header.flags & _FLAG_MARKERS)
         self._tables: BoundedCache[int, tuple[int, ...]] = BoundedCache(_GT_CACHE)
         self._grains: BoundedCache[int, bytes] = BoundedCache(_GRAIN_CACHE)
-        self.identity = digest("vmdk", file_identity(self._fd, path, True))
+        self.identity = digest("vmdk", self._img.identity)
 
     def _read_descriptor(self, header: VmdkHeader, file_size: int) -> None:
         length = header.descriptor_size * SECTOR
         offset = header.descriptor_offset * SECTOR
         if not 0 < length <= _MAX_DESCRIPTOR_BYTES or offset + length > file_size:
             raise ImageFormatError("VMDK embedded descriptor is missing or outside the file")
-        raw = pread_exact(self._fd, length, offset, "descriptor")
+        raw = pread_exact(self._img, length, offset, "descriptor")
         _check_descriptor(raw.split(b"\0", 1)[0].decode("latin-1"))
 
     def size(self) -> int:
         return self._size
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._img.close()
 
     # -- locating grains -------------------------------------------------------------------
 
@@ -197,7 +197,7 @@ class VmdkBackend(Backend):
         def load() -> tuple[int, ...]:
             n = self._header.gtes_per_gt
             where = self._gd[gd_index] * SECTOR
-            return struct.unpack(f"<{n}I", pread_exact(self._fd, n * 4, where, "grain table"))
+            return struct.unpack(f"<{n}I", pread_exact(self._img, n * 4, where, "grain table"))
 
         return self._tables.get(gd_index, load)
 
@@ -212,7 +212,7 @@ class VmdkBackend(Backend):
         offset = sector * SECTOR
         if self._markers:
             lba, length = _GRAIN_MARKER.unpack(
-                pread_exact(self._fd, _GRAIN_MARKER.size, offset, "grain marker")
+                pread_exact(self._img, _GRAIN_MARKER.size, offset, "grain marker")
             )
             if lba != grain * self._header.grain_sectors:
                 raise ImageFormatError(f"VMDK grain marker at sector {sector} names LBA {lba}")
@@ -221,7 +221,7 @@ class VmdkBackend(Backend):
             length = min(2 * self._grain + 1024, self._file_size - offset)
         if length > 2 * self._grain + 1024:
             raise ImageFormatError(f"VMDK compressed grain of {length} bytes is too large")
-        data = pread_exact(self._fd, length, offset, "compressed grain")
+        data = pread_exact(self._img, length, offset, "compressed grain")
         try:
             inflater = zlib.decompressobj()
             out = inflater.decompress(data, self._grain)
@@ -248,7 +248,7 @@ class VmdkBackend(Backend):
             elif self._compressed:
                 target[:] = self._grain_bytes(grain, sector)[within : within + n]
             else:
-                target[:] = pread_exact(self._fd, n, sector * SECTOR + within, "grain")
+                target[:] = pread_exact(self._img, n, sector * SECTOR + within, "grain")
             done += n
 
     def extents(self, offset: int, length: int) -> list[Extent]:

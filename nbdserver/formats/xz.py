@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import bisect
 import lzma
-import os
 import struct
 import zlib
 from dataclasses import dataclass
 
 from nbdserver.backends.base import Backend
-from nbdserver.backends.identity import digest, file_identity
-from nbdserver.formats._image import ImageFormatError, pread_exact
+from nbdserver.backends.identity import digest
+from nbdserver.formats._image import ImageFile, ImageFormatError, as_image, pread_exact
 from nbdserver.lru import BoundedCache
 
 HEADER_MAGIC = b"\xfd7zXZ\x00"
@@ -116,13 +115,15 @@ class XzBackend(Backend):
 
     def __init__(
         self,
-        path: str,
+        source: str | ImageFile,
         max_block: int = DEFAULT_MAX_BLOCK,
         cache_blocks: int = DEFAULT_CACHE_BLOCKS,
     ) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        """``source``: a path, or an ``ImageFile`` over any backend (closed with this)."""
+        self._img = as_image(source)
+        path = self._img.name
         try:
-            self._blocks = self._read_streams(os.fstat(self._fd).st_size)
+            self._blocks = self._read_streams(self._img.size())
             biggest = max((b.data_size for b in self._blocks), default=0)
             if biggest > max_block:
                 raise ImageFormatError(
@@ -133,9 +134,9 @@ class XzBackend(Backend):
             last = self._blocks[-1] if self._blocks else None
             self._size = last.data_offset + last.data_size if last else 0
             self._cache: BoundedCache[int, bytes] = BoundedCache(cache_blocks)
-            self.identity = digest("xz", file_identity(self._fd, path, True))
+            self.identity = digest("xz", self._img.identity)
         except BaseException:
-            os.close(self._fd)
+            self._img.close()
             raise
 
     # -- the index -------------------------------------------------------------------------
@@ -159,7 +160,7 @@ class XzBackend(Backend):
         return out
 
     def _skip_padding(self, end: int) -> int:
-        while end >= 4 and pread_exact(self._fd, 4, end - 4, "stream padding") == bytes(4):
+        while end >= 4 and pread_exact(self._img, 4, end - 4, "stream padding") == bytes(4):
             end -= 4
         if end % 4:
             raise ImageFormatError("xz file size is not a multiple of four")
@@ -168,7 +169,7 @@ class XzBackend(Backend):
     def _read_stream(self, end: int) -> tuple[int, list[tuple[int, int, int, bytes]]]:
         """The stream ending at ``end``: its start and its blocks (file offset, unpadded size,
         uncompressed size, stream flags)."""
-        footer = pread_exact(self._fd, _STREAM_FOOTER, end - _STREAM_FOOTER, "stream footer")
+        footer = pread_exact(self._img, _STREAM_FOOTER, end - _STREAM_FOOTER, "stream footer")
         if footer[10:] != FOOTER_MAGIC or _crc(footer[4:10]) != footer[:4]:
             raise ImageFormatError("not an xz file (stream footer is missing or corrupt)")
         flags = footer[8:10]
@@ -176,12 +177,12 @@ class XzBackend(Backend):
         index_at = end - _STREAM_FOOTER - index_size
         if index_size > _MAX_INDEX or index_at < _STREAM_HEADER:
             raise ImageFormatError("xz index is larger than the file")
-        records = parse_index(pread_exact(self._fd, index_size, index_at, "index"))
+        records = parse_index(pread_exact(self._img, index_size, index_at, "index"))
         blocks_size = sum(_pad4(unpadded) for unpadded, _ in records)
         start = index_at - blocks_size - _STREAM_HEADER
         if start < 0:
             raise ImageFormatError("xz blocks listed in the index do not fit in the file")
-        header = pread_exact(self._fd, _STREAM_HEADER, start, "stream header")
+        header = pread_exact(self._img, _STREAM_HEADER, start, "stream header")
         if header[:6] != HEADER_MAGIC or header[6:8] != flags or _crc(flags) != header[8:]:
             raise ImageFormatError("xz stream header is missing or disagrees with its footer")
         blocks, pos = [], start + _STREAM_HEADER
@@ -194,7 +195,7 @@ class XzBackend(Backend):
 
     def _decompress(self, block: Block) -> bytes:
         """The block framed as a one-block stream, decoded (header CRC and check verified)."""
-        raw = pread_exact(self._fd, _pad4(block.unpadded_size), block.file_offset, "xz block")
+        raw = pread_exact(self._img, _pad4(block.unpadded_size), block.file_offset, "xz block")
         index = b"\0" + _encode_vli(1)
         index += _encode_vli(block.unpadded_size) + _encode_vli(block.data_size)
         index += bytes(_pad4(len(index)) - len(index))
@@ -241,4 +242,4 @@ class XzBackend(Backend):
             done += n
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._img.close()

@@ -1,6 +1,8 @@
 """Python plugins served to real clients: the example plugin through nbdinfo, qemu-io and
-nbdcopy; read-only and copy-on-write composed over a plugin; and the core refusing invalid
-requests before a plugin sees them, with a plugin's exception answered as EIO."""
+nbdcopy; read-only and copy-on-write composed over a plugin; the core refusing invalid
+requests before a plugin sees them, with a plugin's exception answered as EIO; ``--plugin``
+with ``key=value`` parameters (examples/plugin_file.py), ``--format qcow2`` and copy-on-write
+over a plugin that serves a qcow2 file's bytes; bad plugins refused in one line."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -156,3 +159,91 @@ def test_the_core_refuses_bad_requests_before_the_plugin_and_a_plugin_bug_is_eio
     finally:
         client.close()
         srv.thread.join(10)
+
+
+FILE_PLUGIN = REPO / "examples" / "plugin_file.py"
+
+
+def serve_once(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "nbdserver", "serve", "--bind", "127.0.0.1", "--port", "0"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def one_line_refusal(res: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nbdserver: "), res.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.fixture
+def vm_qcow2(tmp_path: Path) -> tuple[Path, Path]:
+    """A raw image and its compressed qcow2 copy (qemu-img made)."""
+    raw = tmp_path / "vm.raw"
+    raw.write_bytes(os.urandom(MiB) + bytes(MiB) + os.urandom(512 * 1024) + bytes(2 * MiB))
+    image = tmp_path / "vm.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(raw), str(image)],
+                   check=True, timeout=60)  # fmt: skip
+    return raw, image
+
+
+def test_plugin_parameters_reach_config_and_format_qcow2_reads_through_a_plugin(
+    nbdserver: NbdServerFactory, vm_qcow2: tuple[Path, Path]
+) -> None:
+    """--plugin FILE.py file=PATH: config() gets the parameter; --format qcow2 over the plugin's
+    bytes serves the disk inside, as qemu reads it."""
+    raw, image = vm_qcow2
+    srv = nbdserver("--plugin", str(FILE_PLUGIN), f"file={image}", "--format", "qcow2",
+                    image=None, size=None)  # fmt: skip
+    res = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", srv.uri, str(image)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", srv.uri, str(raw)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_copy_on_write_over_a_qcow2_served_by_a_plugin_never_writes_the_file(
+    nbdserver: NbdServerFactory, vm_qcow2: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, image = vm_qcow2
+    before = image.read_bytes()
+    srv = nbdserver("--backend", "plugin", "--format", "qcow2", "--copy-on-write", "--cow-dir",
+                    str(tmp_path), "--cache-size", "8M", str(FILE_PLUGIN), f"file={image}",
+                    image=None, size=None)  # fmt: skip
+    done = qemu_io(srv.uri, "write -P 0x3c 1536k 64k", "read -P 0x3c 1536k 64k")
+    assert done.returncode == 0 and "verification failed" not in done.stdout, done.stdout
+    assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("source", "args", "words"),
+    [
+        ("def open(readonly, size):\n    return (\n", [],
+         ["failed to load", "syntax error", "syntax"]),
+        ("def open(r, s):\n    return 1\ndef size(h):\n    return 4096\n", [],
+         ["lacks the required pread"]),
+        ("def open(r, s):\n    return 1\ndef size(h):\n    return 4096\ndef pread(h, b, o):\n"
+         "    pass\n", ["k=v"], ["takes no parameters", "k=v"]),
+        (None, ["frobnicate=1"], ["refused its configuration", "frobnicate"]),
+        (None, [], ["refused its configuration", "file=PATH is required"]),
+        (None, ["notkeyvalue"], ["not KEY=VALUE"]),
+    ],
+    ids=["syntax-error", "no-pread", "no-config", "unknown-key", "missing-key", "not-key-value"],
+)  # fmt: skip
+def test_a_bad_plugin_or_parameter_is_a_one_line_error_at_start(
+    tmp_path: Path, source: str | None, args: list[str], words: list[str]
+) -> None:
+    plugin = FILE_PLUGIN
+    if source is not None:
+        plugin = tmp_path / "bad.py"
+        plugin.write_text(source)
+    res = serve_once("--plugin", str(plugin), *args)
+    one_line_refusal(res, *[w for w in words if w != "syntax"])
+    if "syntax" in words:
+        assert "bad.py:2" in res.stderr or "bad.py:3" in res.stderr, res.stderr
+
+
+def test_key_value_arguments_without_a_plugin_are_refused(tmp_path: Path) -> None:
+    one_line_refusal(serve_once(str(tmp_path / "a.img"), "k=v"), "one IMAGE only", "--plugin")

@@ -1,6 +1,7 @@
 """``nbdserver serve s3://bucket/key`` against moto's S3 server, started here on 127.0.0.1:
 qemu-img compares what is served with the object; the endpoint comes from ``--s3-endpoint`` or
-``AWS_ENDPOINT_URL``; a missing key or bucket is a one-line refusal naming the status."""
+``AWS_ENDPOINT_URL``; a missing key or bucket is a one-line refusal naming the status; a qcow2
+object is served as the disk inside with ``--format qcow2``."""
 
 from __future__ import annotations
 
@@ -132,3 +133,21 @@ def test_an_unreachable_store_fails_reads_with_eio_and_the_server_stays_up(
     assert "Input/output error" in res.stdout + res.stderr, res
     assert srv.proc.poll() is None
     srv.wait_log("giving up")
+
+
+def test_a_compressed_qcow2_object_is_served_as_the_disk_inside(
+    nbdserver: NbdServerFactory, endpoint: str, image: Path
+) -> None:
+    """--format qcow2 over s3:// reads the container through the S3 backend (cache under it)."""
+    qcow2 = image.parent / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(image), str(qcow2)],
+                   check=True, timeout=60)  # fmt: skip
+    client = botocore_session.get_session().create_client("s3", endpoint_url=endpoint)
+    try:
+        client.put_object(Bucket="images", Key="golden/disk.qcow2", Body=qcow2.read_bytes())
+    finally:
+        client.close()
+    srv = nbdserver("s3://images/golden/disk.qcow2", "--s3-endpoint", endpoint, "--format",
+                    "qcow2", "--cache-size", "4M", image=None)  # fmt: skip
+    res = compare(srv.uri, image)
+    assert res.returncode == 0, res.stdout + res.stderr

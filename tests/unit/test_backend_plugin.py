@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from nbdserver.backends.base import Backend, Extent
-from nbdserver.backends.plugin import PluginBackend, load_plugin, open_plugin
+from nbdserver.backends.plugin import PluginBackend, configure, load_plugin, open_plugin
 from nbdserver.backends.registry import kind_for
 from nbdserver.errors import ConfigError
 
@@ -224,9 +224,10 @@ def test_a_missing_or_broken_plugin_file_is_a_config_error(tmp_path: Path) -> No
         open_plugin(str(broken), None, True)
 
 
-@pytest.fixture
-def installed_plugin(tmp_path: Path) -> Iterator[str]:
-    """A package on sys.path that declares a class as a ``kube_nbd.plugins`` entry point."""
+@pytest.fixture(params=["nbdserver.plugins", "kube_nbd.plugins"])
+def installed_plugin(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A package on sys.path that declares a class as an entry point of the issue's group
+    (``nbdserver.plugins``) or of the older ``kube_nbd.plugins``."""
     (tmp_path / "zeroplug.py").write_text(
         textwrap.dedent(
             """
@@ -243,7 +244,7 @@ def installed_plugin(tmp_path: Path) -> Iterator[str]:
     dist = tmp_path / "zeroplug-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: zeroplug\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[kube_nbd.plugins]\nzeroes = zeroplug:Zeroes\n")
+    (dist / "entry_points.txt").write_text(f"[{request.param}]\nzeroes = zeroplug:Zeroes\n")
     sys.path.insert(0, str(tmp_path))
     try:
         yield "zeroes"
@@ -258,3 +259,54 @@ def test_an_installed_entry_point_names_a_plugin_class(installed_plugin: str) ->
     assert read(b, 0, 4) == bytes(4)
     with pytest.raises(ConfigError, match="zeroes"):
         open_plugin("not-installed", None, True)
+
+
+def test_module_colon_attribute_names_a_plugin_and_a_bad_one_is_a_config_error(
+    installed_plugin: str,
+) -> None:
+    b = open_plugin("zeroplug:Zeroes", 4096, True)  # the class, instantiated once
+    assert b.size() == 4096 and read(b, 0, 8) == bytes(8)
+    with pytest.raises(ConfigError, match="has no 'Nope'"):
+        load_plugin("zeroplug:Nope")
+    with pytest.raises(ConfigError, match="failed to import"):
+        load_plugin("no_such_module_here:X")
+
+
+def test_parameters_go_to_config_in_order_then_config_complete() -> None:
+    calls: list[tuple[str, ...]] = []
+    plugin = minimal(
+        config=lambda k, v: calls.append(("config", k, v)),
+        config_complete=lambda: calls.append(("complete",)),
+        open=lambda readonly, size: calls.append(("open",)),
+    )
+    configure(plugin, "p", (("file", "/a"), ("mode", "x"), ("file", "/b")))
+    PluginBackend(plugin, "p", True, None)
+    assert calls == [("config", "file", "/a"), ("config", "mode", "x"), ("config", "file", "/b"),
+                     ("complete",), ("open",)]  # fmt: skip
+
+
+def test_parameters_to_a_plugin_without_config_or_that_it_rejects_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="takes no parameters"):
+        configure(minimal(), "p", (("k", "v"),))
+    configure(minimal(), "p", ())  # no parameters, no config: fine
+
+    def config(key: str, value: str) -> None:
+        raise KeyError(key)
+
+    with pytest.raises(ConfigError, match="refused its configuration: KeyError"):
+        configure(minimal(config=config), "p", (("k", "v"),))
+
+
+def test_plugin_parameters_from_the_command_line_and_export_specs() -> None:
+    from nbdserver.config.assemble import assemble_from_argv
+    from nbdserver.config.specs import parse_export_spec
+
+    cfg = assemble_from_argv(["--plugin", "p.py", "a=1", "--port", "0", "b=x=y"])
+    e = cfg.exports[0]
+    assert (e.backend, e.path, e.plugin_params) == ("plugin", "p.py", (("a", "1"), ("b", "x=y")))
+    e = parse_export_spec("d=p.py,backend=plugin,plugin.file=/x,ro")
+    assert e.plugin_params == (("file", "/x"),) and e.read_only
+    with pytest.raises(ConfigError, match="for a plugin"):
+        parse_export_spec("d=/img,plugin.file=/x")
+    with pytest.raises(ConfigError, match="exclude each other"):
+        assemble_from_argv(["--plugin", "p.py", "--backend", "file"])

@@ -29,8 +29,8 @@ def test_an_export_spec_takes_the_same_options() -> None:
 
 @pytest.mark.parametrize(
     ("argv", "words"),
-    [([URL, "--format", "qcow2"], "not served from a URL"),
-     ([URL, "--size", "1G"], "never created"),
+    [([URL, "--size", "1G"], "never created"),
+     ([URL, "--format", "qcow2", "--size", "1G"], "never created|does not apply"),
      ([URL, "--remote-timeout", "0"], "remote timeout"),
      (["/img", "--cache-size", "-1"], "bad size")],
 )  # fmt: skip

@@ -1,11 +1,13 @@
 """The qcow2 ``Backend``: reads through L1/L2 (data, zero, compressed, unallocated -> backing
 file or zeroes; with extended L2 entries per subcluster), block status from the metadata, and
-writes that allocate whole clusters at the end of the file with refcounts kept exact.
+writes that allocate whole clusters (reused ones first, else at the end of the file) with
+refcounts kept exact. The container file is an ``ImageFile``: a local file (read and write)
+or any backend's bytes (read-only).
 
-Write order, per request, all through one descriptor (so a killed process leaves them in this
-order in the page cache): refcounts, then data, then (for a new L2 table) the table and its L1
-entry, then the L2 entry. FLUSH is fsync of that descriptor; there is no fsync between the steps,
-so only a power loss between FLUSHes can leave them out of order on disk. An image with
+Write order (crash and power-loss safe, see ``refcounts``): a new cluster's refcount is on disk
+before it is handed out; then data, then (for a new L2 table) the zeroed table, a sync, and its
+L1 entry; then the L2 entry; a dropped reference is counted down or reused only after the next
+sync. FLUSH is fsync of the file, FUA fdatasync. An image with
 internal snapshots, a dirty (lazy-refcount) or corrupt bit, or sub-byte refcounts opens
 read-only only; a backing file is always opened read-only.
 
@@ -16,6 +18,7 @@ location (``open_qcow2`` does, once, at open).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import struct
 import threading
@@ -23,7 +26,8 @@ from array import array
 
 from nbdserver.backends.base import Backend, Extent, append_extent
 from nbdserver.backends.file import FileBackend
-from nbdserver.backends.identity import digest, file_identity
+from nbdserver.backends.identity import digest
+from nbdserver.formats._image import ImageFile, LocalImage
 from nbdserver.formats.probe import QCOW2_MAGIC
 from nbdserver.formats.qcow2 import header as hdr
 from nbdserver.formats.qcow2.header import Header, Qcow2Error
@@ -52,38 +56,37 @@ class Qcow2Backend(Backend):
     can_extents = True
     can_multi_conn = True
 
-    def __init__(self, path: str, read_only: bool, backing: Backend | None = None,
+    def __init__(self, image: ImageFile, read_only: bool, backing: Backend | None = None,
                  backing_files: tuple[str, ...] = ()) -> None:  # fmt: skip
-        """``backing``: the opened backing file; ``backing_files``: every file of its chain."""
-        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        try:
-            self._setup(fd, path, read_only, backing, backing_files)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def _setup(self, fd: int, path: str, read_only: bool, backing: Backend | None,
-               backing_files: tuple[str, ...]) -> None:  # fmt: skip
-        file_size = os.fstat(fd).st_size
-        h = hdr.parse(os.pread(fd, 2 * 1024 * 1024, 0), file_size)
-        self._fd, self.h, self.path = fd, h, path
+        """``image``: the container file (opened writable unless ``read_only``); ``backing``:
+        the opened backing file; ``backing_files``: every file of its chain."""
+        file_size = image.size()
+        h = hdr.parse(image.read(2 * 1024 * 1024, 0), file_size)
+        self._img, self.h, self.path = image, h, image.name
+        # The read and write paths call these per cluster run: a local file's descriptor goes
+        # straight to os.preadv/os.pwrite (no Python frame between), any other image through
+        # its methods.
+        self._fd = image.fd
+        self._readinto = image.readinto
+        self._write = functools.partial(os.pwrite, image.fd) if image.fd >= 0 else image.write
         self._cs, self._cb = h.cluster_size, h.cluster_bits
         self._backing = backing
         self._backing_size = backing.size() if backing is not None else 0
         self._lock = threading.Lock()
+        self._closed = False
         self._refs: Refcounts | None = None
         if not read_only:
             why = _why_read_only(h)
             if why:
-                raise Qcow2Error(f"{path}: {why}; serve it with --read-only", errno.EROFS)
-            self._refs = Refcounts(fd, h, file_size)
-        self._t = Tables(fd, h, self._refs.end if self._refs else file_size)
+                raise Qcow2Error(f"{image.name}: {why}; serve it with --read-only", errno.EROFS)
+            self._refs = Refcounts(image, h, file_size)
+        self._t = Tables(image, h, self._refs.end if self._refs else file_size)
         self.can_write = self.can_trim = self.can_zero = not read_only
         self._cleared_autoclear = h.autoclear == 0
         self.backing_files = backing_files
         files = [os.stat(p) for p in backing_files]
         self.identity = digest(
-            "qcow2", file_identity(fd, path, read_only),
+            "qcow2", image.identity,
             *[(s.st_ino, s.st_size, s.st_mtime_ns) for s in files],
         )  # fmt: skip
 
@@ -136,12 +139,12 @@ class Qcow2Backend(Backend):
         for kind, guest, n, where in segments:
             view = buf[guest - offset : guest - offset + n]
             if kind == NORMAL:
-                got = os.preadv(self._fd, [view], where)
-                while 0 < got < n:
-                    more = os.preadv(self._fd, [view[got:]], where + got)
-                    if more == 0:
-                        break
-                    got += more
+                if self._fd >= 0:
+                    got = os.preadv(self._fd, [view], where)
+                    if 0 < got < n:
+                        got += self._readinto(view[got:], where + got)
+                else:
+                    got = self._readinto(view, where)
                 if got < n:  # the file ends inside the cluster: the rest was never written
                     view[got:] = bytes(n - got)
             elif kind == COMPRESSED_KIND:
@@ -215,14 +218,14 @@ class Qcow2Backend(Backend):
                 self._write_cluster(guest >> self._cb, within, view[pos : pos + n])
                 pos += n
         if fua:
-            os.fdatasync(self._fd)
+            self._img.datasync()
 
     def _write_cluster(self, cluster: int, within: int, piece: memoryview) -> None:
         entry, bitmap = self._t.entry(cluster)
         kind = self._t.kind(entry)
         whole = not self._t.ext or bitmap & ALL_ALLOCATED == ALL_ALLOCATED
         if kind == NORMAL and entry & COPIED and whole:
-            os.pwrite(self._fd, piece, (entry & OFFSET_MASK) + within)
+            self._write(piece, (entry & OFFSET_MASK) + within)
             return
         if len(piece) == self._cs:
             content: bytes | bytearray | memoryview = piece
@@ -233,9 +236,9 @@ class Qcow2Backend(Backend):
             old[within : within + len(piece)] = piece
             content = old
         assert self._refs is not None
-        host = self._refs.alloc(1)
+        host = self._refs.take()
         self._t.file_end = self._refs.end
-        os.pwrite(self._fd, content, host)
+        self._write(content, host)
         self._set_entry(cluster, host | COPIED, ALL_ALLOCATED)
         self._release(entry, kind)
 
@@ -247,21 +250,22 @@ class Qcow2Backend(Backend):
             raise Qcow2Error("shared L2 table (internal snapshot): cannot write in place")
         if table is None:
             assert self._refs is not None
-            offset = self._refs.alloc(1)
+            offset = self._refs.take()
             self._t.file_end = self._refs.end
-            os.pwrite(self._fd, bytes(self._cs), offset)
+            self._write(bytes(self._cs), offset)
+            self._img.datasync()  # the zeroed table is on disk before the L1 entry names it
             table = array("Q", bytes(self._cs))
             self._t.cache_l2(offset, table)
             self._t.l1[l1_index] = offset | COPIED
             l1_at = self.h.l1_offset + l1_index * 8
-            os.pwrite(self._fd, struct.pack(">Q", offset | COPIED), l1_at)
+            self._write(struct.pack(">Q", offset | COPIED), l1_at)
         slot = cluster & ((1 << self._t.l2_bits) - 1)
         if self._t.ext:
             table[2 * slot], table[2 * slot + 1] = value, bitmap
-            os.pwrite(self._fd, struct.pack(">QQ", value, bitmap), offset + slot * 16)
+            self._write(struct.pack(">QQ", value, bitmap), offset + slot * 16)
         else:
             table[slot] = value
-            os.pwrite(self._fd, struct.pack(">Q", value), offset + slot * 8)
+            self._write(struct.pack(">Q", value), offset + slot * 8)
 
     def _release(self, entry: int, kind: int) -> None:
         """Drop the reference ``entry`` held (after nothing points at it any more)."""
@@ -270,14 +274,14 @@ class Qcow2Backend(Backend):
             host, length = self._t.compressed_span(entry)
             first = host & ~(self._cs - 1)
             count = (host + length - 1 - first) // self._cs + 1
-            self._refs.release(first, min(count, max(1, (self._t.file_end - first) // self._cs)))
+            self._refs.drop(first, min(count, max(1, (self._t.file_end - first) // self._cs)))
         elif entry & OFFSET_MASK and kind in (NORMAL, ZERO):
-            self._refs.release(entry & OFFSET_MASK)
+            self._refs.drop(entry & OFFSET_MASK)
 
     def _before_write(self) -> None:
         """Once: clear autoclear feature bits (bitmaps we do not update become stale)."""
         if not self._cleared_autoclear:
-            os.pwrite(self._fd, bytes(8), hdr.AUTOCLEAR_OFFSET)
+            self._write(bytes(8), hdr.AUTOCLEAR_OFFSET)
             self._cleared_autoclear = True
 
     def _drop_clusters(self, offset: int, length: int, zero: bool) -> None:
@@ -314,7 +318,7 @@ class Qcow2Backend(Backend):
             if stop > start:
                 self.pwrite(bytes(stop - start), start, False)
         if fua:
-            os.fdatasync(self._fd)
+            self._img.datasync()
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         if self._backing is not None and self.h.version < 3:
@@ -323,18 +327,31 @@ class Qcow2Backend(Backend):
             self._before_write()
             self._drop_clusters(offset, length, zero=self._backing is not None)
         if fua:
-            os.fdatasync(self._fd)
+            self._img.datasync()
 
     def flush(self) -> None:
-        if self.can_write:
-            os.fsync(self._fd)
+        if not self.can_write:
+            return
+        assert self._refs is not None
+        with self._lock:
+            dropped = self._refs.pending()
+        self._img.sync()
+        with self._lock:  # the L2 entries that dropped them are on disk: reusable now
+            self._refs.synced(dropped)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self._backing is not None:
-            self._backing.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._refs is not None:
+                with self._lock:
+                    self._img.sync()
+                    self._refs.close()
+        finally:
+            self._img.close()
+            if self._backing is not None:
+                self._backing.close()
 
 
 def _why_read_only(h: Header) -> str | None:
@@ -349,33 +366,47 @@ def _why_read_only(h: Header) -> str | None:
     return None
 
 
-def open_qcow2(path: str, read_only: bool, allow_outside: bool = False,
+def open_qcow2(source: str | ImageFile, read_only: bool, allow_outside: bool = False,
                _chain: tuple[str, ...] = ()) -> Backend:  # fmt: skip
-    """The qcow2 image at ``path`` with its backing chain, each backing file read-only, named
-    relative to the image that names it, inside the top image's directory unless
-    ``allow_outside``; a loop or a chain deeper than 16 is refused."""
+    """The qcow2 image at ``source`` (a path, or an ``ImageFile`` over any backend) with its
+    backing chain, each backing file read-only, named relative to the image that names it,
+    inside the top image's directory unless ``allow_outside``; a loop or a chain deeper than 16
+    is refused. An image that is not a local file is read-only and may have no backing file:
+    its name could only be resolved against the URL or plugin it came from, and following it
+    would let the image choose what else the server fetches."""
+    if not isinstance(source, str):
+        if not read_only and not source.writable:
+            read_only = True
+        h = hdr.parse(source.read(2 * 1024 * 1024, 0), source.size())
+        if h.backing_name is not None:
+            raise Qcow2Error(
+                f"{source.name} names a backing file ({h.backing_name!r}), which is followed "
+                "only for a local image; flatten it (qemu-img convert -O qcow2) or download it"
+            )
+        return Qcow2Backend(source, read_only)
+    path = source
     real = os.path.realpath(path)
     if real in _chain:
         raise Qcow2Error(f"backing chain loops back to {path}", errno.ELOOP)
     if len(_chain) > MAX_CHAIN:
         raise Qcow2Error(f"backing chain is deeper than {MAX_CHAIN}", errno.ELOOP)
     chain = (*_chain, real)
-    with open(path, "rb") as f:
-        head = f.read(2 * 1024 * 1024)
-    h = hdr.parse(head, os.stat(path).st_size)
+    image = LocalImage(path, not read_only)
     backing: Backend | None = None
-    if h.backing_name is not None:
-        backing = _open_backing(path, h, chain, allow_outside)
-    files: tuple[str, ...] = ()
-    if isinstance(backing, Qcow2Backend):
-        files = (backing.path, *backing.backing_files)
-    elif isinstance(backing, FileBackend):
-        files = (backing.path,)
     try:
-        return Qcow2Backend(path, read_only, backing, files)
+        h = hdr.parse(image.read(2 * 1024 * 1024, 0), image.size())
+        if h.backing_name is not None:
+            backing = _open_backing(path, h, chain, allow_outside)
+        files: tuple[str, ...] = ()
+        if isinstance(backing, Qcow2Backend):
+            files = (backing.path, *backing.backing_files)
+        elif isinstance(backing, FileBackend):
+            files = (backing.path,)
+        return Qcow2Backend(image, read_only, backing, files)
     except BaseException:
         if backing is not None:
             backing.close()
+        image.close()
         raise
 
 

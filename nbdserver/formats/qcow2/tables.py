@@ -7,12 +7,12 @@ backend's lock around every call here.
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from array import array
 from collections import OrderedDict
 
+from nbdserver.formats._image import ImageFile
 from nbdserver.formats.qcow2.header import Header, Qcow2Error
 
 try:  # optional extra "zstd": refused clearly at open without it
@@ -43,18 +43,18 @@ def be_array(raw: bytes) -> array[int]:
 
 
 class Tables:
-    def __init__(self, fd: int, header: Header, file_end: int) -> None:
+    def __init__(self, image: ImageFile, header: Header, file_end: int) -> None:
         if header.compression_type == 1 and zstandard is None:
             raise Qcow2Error(
                 "this qcow2 image uses zstd compression: install nbdserver's 'zstd' extra "
                 "(the zstandard package)"
             )
-        self._fd = fd
+        self._img = image
         self.h = header
         self.cs = header.cluster_size
         self.ext = header.extended_l2
         self.l2_bits = header.cluster_bits - (4 if self.ext else 3)
-        self.l1 = be_array(os.pread(fd, header.l1_size * 8, header.l1_offset))
+        self.l1 = be_array(_whole(image, header.l1_size * 8, header.l1_offset, "L1 table"))
         self.file_end = file_end  # the backend moves it as the file grows
         self._l2: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_max = max(16, _CACHE_BYTES // self.cs)
@@ -69,7 +69,7 @@ class Tables:
         if table is None:
             if offset % self.cs or offset + self.cs > self.file_end:
                 raise Qcow2Error(f"L2 table at {offset:#x} lies past the end of the file")
-            table = be_array(os.pread(self._fd, self.cs, offset))
+            table = be_array(_whole(self._img, self.cs, offset, "L2 table"))
             self._l2[offset] = table
             if len(self._l2) > self._l2_max:
                 self._l2.popitem(last=False)
@@ -117,7 +117,7 @@ class Tables:
         host, length = self.compressed_span(entry)
         if host >= self.file_end:
             raise Qcow2Error(f"compressed cluster at {host:#x} lies past the end of the file")
-        data = os.pread(self._fd, min(length, self.file_end - host), host)
+        data = self._img.read(min(length, self.file_end - host), host)
         try:
             if self.h.compression_type == 1:
                 out = zstandard.ZstdDecompressor().decompressobj().decompress(data)[: self.cs]
@@ -137,3 +137,10 @@ class Tables:
 
     def cache_l2(self, offset: int, table: array[int]) -> None:
         self._l2[offset] = table
+
+
+def _whole(image: ImageFile, length: int, offset: int, what: str) -> bytes:
+    data = image.read(length, offset)
+    if len(data) < length:
+        raise Qcow2Error(f"{what} at {offset:#x} runs past the end of the file")
+    return data
