@@ -197,6 +197,50 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
                    help="address of the metrics endpoint (default: as --bind)")  # fmt: skip
 
 
+# -- nbdserver import (the operator's import Job runs exactly this command line)
+
+
+def add_import_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("source", metavar="SOURCE", help="http(s):// or s3://BUCKET/KEY URL, or a file")
+    s.add_argument("dest", metavar="DEST", help="file to create, or an existing block device")
+    s.add_argument(
+        "--format",
+        "-f",
+        choices=FORMATS,
+        default="raw",
+        help="SOURCE's format (default raw; a header naming another format is refused)",
+    )
+    s.add_argument(
+        "--output-format",
+        choices=("raw", "same"),
+        default="same",
+        help="same (default): SOURCE's bytes verbatim; raw: its disk, converted locally",
+    )
+    s.add_argument("--sha256", metavar="HEX", help="SHA-256 of SOURCE's bytes, checked at the end")
+    s.add_argument(
+        "--progress",
+        nargs="?",
+        const="bar",
+        choices=("bar", "json"),
+        help="a bar on a terminal's stderr (default), or JSON lines on stdout",
+    )
+    s.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="staging and (for a block device DEST) the resume record (default: DEST's dir)",
+    )
+    s.add_argument("--ca-bundle", metavar="FILE", help="CA certificates (PEM) for https://")
+    s.add_argument("--s3-endpoint", metavar="URL", help="an S3-compatible store for s3://")
+    s.add_argument(
+        "--remote-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds one request may take, retries included (default 30)",
+    )
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
 class _Parser(argparse.ArgumentParser):
     """Refusals are one line naming the flag, exit 2, as every other configuration error."""
 
@@ -214,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve IMAGE (a file or a block device) and/or the --export entries.",
     )
     add_arguments(serve)
+    imp = sub.add_parser(
+        "import",
+        help="copy an image from a URL or file into a file or block device",
+        description="Import SOURCE into DEST, resumably (DEST.import.json), verified, with "
+        "progress.",
+    )
+    add_import_arguments(imp)
     return p
 
 

@@ -1,0 +1,74 @@
+"""What ``nbdserver import`` reads: a URL through the serving backends, or a local file.
+
+Why the backends: they already hold the one Range-request path, the retry loop within
+``--remote-timeout``, redirects, TLS verification and the botocore client; a second client would
+fail differently. A transient failure at open (``RemoteUnavailable``) is retried here within
+the same deadline, since an import, unlike a server start, has nobody waiting to fix a flag.
+
+Must not: write anything, or decide what a failure means for the import (``run`` does).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+from nbdserver.backends._retry import Transient, within
+from nbdserver.backends.base import RemoteOptions
+from nbdserver.backends.registry import is_remote, kind_for
+from nbdserver.errors import ConfigError, RemoteUnavailable
+
+
+class Source(Protocol):
+    """The few calls an import makes; the http and s3 backends have them."""
+
+    validator: str  # changes when the object does; "" = nothing says it is the same
+
+    def size(self) -> int: ...
+
+    def pread(self, buf: memoryview, offset: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalSource:
+    """A local file read with ``os.pread``; its validator is its size, mtime and inode."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        st = os.fstat(self._fd)
+        self._size = st.st_size
+        self.validator = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        got = os.preadv(self._fd, [buf], offset)
+        if got != len(buf):
+            raise OSError(5, f"short read: {got} of {len(buf)} bytes at {offset}")
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def open_source(url: str, options: RemoteOptions) -> Source:
+    """The source at ``url``; a transient failure at open is retried within the deadline
+    (then ``OSError(EIO)``), a refusal (404, 403, bad URL) is a ``ConfigError`` at once."""
+    if not is_remote(url):
+        return LocalSource(url)
+    kind = kind_for("auto", url)
+    assert kind.open_remote is not None
+    open_remote = kind.open_remote
+
+    def attempt(remaining: float) -> Source:
+        try:
+            backend = open_remote(url, options)
+        except RemoteUnavailable as exc:
+            raise Transient(str(exc).removeprefix(f"{url}: ")) from None
+        return backend  # type: ignore[return-value]  # http/s3 backends carry a validator
+
+    return within(options.timeout, url, attempt)
