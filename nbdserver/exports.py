@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from nbdserver.backends.base import Backend, RemoteOptions
 from nbdserver.backends.registry import NAMES as BACKENDS
-from nbdserver.backends.registry import kind_for
+from nbdserver.backends.registry import kind_for, open_remote
 from nbdserver.config.model import CowMode, ExportConfig
 from nbdserver.errors import ConfigError
 from nbdserver.filters.access import CapsFilter, ReadOnlyFilter
@@ -88,8 +88,8 @@ def _open_base(cfg: ExportConfig) -> Backend:
     kind = kind_for(cfg.backend, cfg.path)
     if kind.open_remote is not None:  # a URL: no file checks; read-only, any overlay above
         assert cfg.path is not None
-        return kind.open_remote(
-            cfg.path, RemoteOptions(cfg.ca_bundle, cfg.remote_timeout, cfg.s3_endpoint)
+        return open_remote(
+            kind, cfg.path, RemoteOptions(cfg.ca_bundle, cfg.remote_timeout, cfg.s3_endpoint)
         )
     if cfg.format is None and kind.needs_path and cfg.path and not cfg.temporary:
         found = probe.detect_path(cfg.path)

@@ -136,7 +136,8 @@ def _status(exc: Any) -> int:
 
 def _describe(exc: Any) -> str:
     code = exc.response.get("Error", {}).get("Code", "")
-    return f"HTTP {_status(exc)} {code}".rstrip()
+    status = _status(exc)
+    return f"HTTP {status} {code if code != str(status) else ''}".rstrip()
 
 
 def _botocore() -> Any:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from nbdserver.backends.base import Backend, RemoteOptions
 from nbdserver.backends.block import is_block_device
-from nbdserver.errors import ConfigError, NBDServerError
+from nbdserver.errors import ConfigError, NBDServerError, RemoteUnavailable
 from nbdserver.formats import probe
 from nbdserver.formats.registry import RAW
 from nbdserver.importer import state as records
@@ -80,8 +80,8 @@ def run_import(req: ImportRequest, progress: Progress) -> Outcome:
         )
     try:
         source = open_source(req.source, req.remote)
-    except OSError as exc:
-        raise ImportFailed(exc.strerror or str(exc)) from None
+    except RemoteUnavailable as exc:  # retried already: a later rerun may get through
+        raise ImportFailed(str(exc)) from None
     try:
         return _import(req, plan, previous, source, progress)
     finally:

@@ -2,8 +2,8 @@
 
 Why the backends: they already hold the one Range-request path, the retry loop within
 ``--remote-timeout``, redirects, TLS verification and the botocore client; a second client would
-fail differently. A transient failure at open (``RemoteUnavailable``) is retried here within
-the same deadline, since an import, unlike a server start, has nobody waiting to fix a flag.
+fail differently. A transient failure at open is retried within the same deadline (by
+``nbdserver.backends.registry.open_remote``, as for ``serve``).
 
 Must not: write anything, or decide what a failure means for the import (``run`` does).
 """
@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from nbdserver.backends._retry import Transient, within
 from nbdserver.backends.base import RemoteOptions
-from nbdserver.backends.registry import is_remote, kind_for
-from nbdserver.errors import ConfigError, RemoteUnavailable
+from nbdserver.backends.registry import is_remote, kind_for, open_remote
+from nbdserver.errors import ConfigError
 
 
 class Source(Protocol):
@@ -57,18 +56,8 @@ class LocalSource:
 
 def open_source(url: str, options: RemoteOptions) -> Source:
     """The source at ``url``; a transient failure at open is retried within the deadline
-    (then ``OSError(EIO)``), a refusal (404, 403, bad URL) is a ``ConfigError`` at once."""
+    (then ``RemoteUnavailable``), a refusal (404, 403, bad URL) is a ``ConfigError`` at once."""
     if not is_remote(url):
         return LocalSource(url)
-    kind = kind_for("auto", url)
-    assert kind.open_remote is not None
-    open_remote = kind.open_remote
-
-    def attempt(remaining: float) -> Source:
-        try:
-            backend = open_remote(url, options)
-        except RemoteUnavailable as exc:
-            raise Transient(str(exc).removeprefix(f"{url}: ")) from None
-        return backend  # type: ignore[return-value]  # http/s3 backends carry a validator
-
-    return within(options.timeout, url, attempt)
+    backend = open_remote(kind_for("auto", url), url, options)
+    return backend  # type: ignore[return-value]  # http/s3 backends carry a validator
