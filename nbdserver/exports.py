@@ -61,7 +61,7 @@ def stack(
             inner = ReadOnlyFilter(inner)
         return inner if stats is None else StatsFilter(inner, stats)
     if cfg.cache_size:
-        inner = CacheFilter(inner, cfg.cache_size)
+        inner = CacheFilter(inner, cfg.cache_size, cache_dir=cfg.cache_dir)
     if cfg.cow is CowMode.CONNECTION:
         return inner  # every layer above the base is per connection
     if cfg.cow in (CowMode.SHARED, CowMode.PERSISTENT):

@@ -63,6 +63,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         help="keep up to SIZE (256M) of IMAGE's reads in memory, in 1M blocks (for URLs)",
     )
     s.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="keep the --cache-size blocks in a file in DIR instead of memory",
+    )
+    s.add_argument(
         "--ca-bundle",
         metavar="FILE",
         help="CA certificates (PEM) verifying an https:// IMAGE (default: the system's)",
@@ -91,8 +96,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=PATH[,opt=val...]",
         help="another export (PATH memory: RAM); opts: size, ro, description, backend, format, "
-        "backing-anywhere, cache-size, ca-bundle, remote-timeout, s3-endpoint, connections, "
-        "idle-timeout, tls, cow, cow-dir, allow, qos-*",
+        "backing-anywhere, cache-size, cache-dir, ca-bundle, remote-timeout, s3-endpoint, "
+        "connections, idle-timeout, tls, cow, cow-dir, allow, qos-*",
     )
     s.add_argument(
         "--bind", "-b", help="address to listen on (default: every address, IPv6 and IPv4)"
@@ -281,6 +286,7 @@ def _image_export(args: argparse.Namespace) -> tuple[ExportConfig, ...]:
         format=args.format,
         backing_anywhere=args.backing_anywhere,
         cache_size=parse_size(args.cache_size) if args.cache_size else 0,
+        cache_dir=args.cache_dir,
         ca_bundle=args.ca_bundle,
         remote_timeout=args.remote_timeout if args.remote_timeout is not None else 30.0,
         s3_endpoint=args.s3_endpoint,
