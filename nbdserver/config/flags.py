@@ -250,7 +250,8 @@ class _Parser(argparse.ArgumentParser):
     """Refusals are one line naming the flag, exit 2, as every other configuration error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"nbdserver: {message} (see nbdserver serve --help)\n")
+        where = self.prog if " " in self.prog else "nbdserver serve"  # a subcommand's own
+        self.exit(2, f"nbdserver: {message} (see {where} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

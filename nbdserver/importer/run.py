@@ -98,7 +98,8 @@ def _plan(req: ImportRequest) -> _Plan:
         raise ConfigError(f"{req.dest} is a block device: give --work-dir for the import state")
     work_dir = req.work_dir or os.path.dirname(os.path.abspath(req.dest))
     if not os.path.isdir(work_dir):
-        raise ConfigError(f"--work-dir {work_dir}: not a directory")
+        what = f"--work-dir {work_dir}" if req.work_dir else f"{req.dest}: the directory"
+        raise ConfigError(f"{what} does not exist")
     name = os.path.basename(req.dest)
     record = os.path.join(work_dir, name) + ".import.json" if block else req.dest + ".import.json"
     convert = req.output_format == RAW and req.format != RAW
@@ -138,6 +139,9 @@ def _import(
             else f"a partial import of {previous.source} was here: starting over"
         )
         log.warning("%s: %s", req.dest, note)
+    if start and _shorter(plan.download, start):
+        start, note = 0, f"{plan.download} lost what was written: starting over"
+        log.warning("%s", note)
     _check_header(req, source, size)
     target = open_dest(plan.download, size, fresh=start == 0)
     try:
@@ -150,6 +154,15 @@ def _import(
     if plan.convert:
         os.unlink(plan.download)  # after the record: a kill before it converts again
     return Outcome(f"imported {size} bytes from {req.source}", digest, size)
+
+
+def _shorter(path: str, length: int) -> bool:
+    """Whether the file a download continues holds fewer than ``length`` bytes (removed or cut
+    since): continuing would hash and keep bytes that were never fetched."""
+    try:
+        return not is_block_device(path) and os.stat(path).st_size < length
+    except FileNotFoundError:
+        return True
 
 
 def _check_header(req: ImportRequest, source: Source, size: int) -> None:

@@ -11,6 +11,7 @@ Must not: write anything, or decide what a failure means for the import (``run``
 from __future__ import annotations
 
 import os
+import stat
 from typing import Protocol
 
 from nbdserver.backends.base import RemoteOptions
@@ -31,7 +32,8 @@ class Source(Protocol):
 
 
 class LocalSource:
-    """A local file read with ``os.pread``; its validator is its size, mtime and inode."""
+    """A local file or block device read with ``os.pread``; its validator is its size, mtime
+    and inode."""
 
     def __init__(self, path: str) -> None:
         try:
@@ -39,8 +41,11 @@ class LocalSource:
         except OSError as exc:
             raise ConfigError(f"{path}: {exc.strerror}") from None
         st = os.fstat(self._fd)
-        self._size = st.st_size
-        self.validator = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            os.close(self._fd)
+            raise ConfigError(f"{path}: not a regular file or block device")
+        self._size = os.lseek(self._fd, 0, os.SEEK_END)  # a block device's st_size is 0
+        self.validator = f"{self._size}:{st.st_mtime_ns}:{st.st_ino}"
 
     def size(self) -> int:
         return self._size

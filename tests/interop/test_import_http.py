@@ -224,3 +224,29 @@ def test_bad_usage_is_exit_2_with_one_line(origin: Origin, tmp_path: Path) -> No
     one_line_failure(
         run_import(origin.url("disk.img"), str(dest), "--format", "nope"), 2, "--format"
     )
+
+
+def test_a_dest_cut_short_between_attempts_is_imported_again_from_the_start(
+    origin: Origin, image: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "out.img"
+    origin.delay = 0.4
+    proc = start_import(origin.url("disk.img"), str(dest))
+    try:
+        wait_for_progress(dest, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    origin.delay = 0.0
+    os.truncate(dest, 0)  # what was written is gone: the record must not be trusted
+    res = run_import(origin.url("disk.img"), str(dest))
+    assert res.returncode == 0, res.stderr
+    assert "lost what was written: starting over" in res.stderr
+    compare(dest, image)
+
+
+def test_refusals_of_where_things_are_are_one_line(origin: Origin, tmp_path: Path) -> None:
+    one_line_failure(run_import(str(tmp_path), str(tmp_path / "o.img")), 2, "not a regular file")
+    missing = tmp_path / "nowhere" / "o.img"
+    one_line_failure(run_import(origin.url("disk.img"), str(missing)), 2, "does not exist")
+    one_line_failure(run_import(str(tmp_path / "none.img"), str(tmp_path / "o.img")), 2, "none.img")
