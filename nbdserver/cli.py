@@ -68,6 +68,14 @@ def import_(args: argparse.Namespace) -> int:
         work_dir=args.work_dir,
         remote=RemoteOptions(args.ca_bundle, args.remote_timeout, args.s3_endpoint),
     )
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        # Raised where the import is: the record on disk stays what it was (it is replaced
+        # atomically), and the final progress line says why the import stopped.
+        raise ImportFailed(f"interrupted by {signal.Signals(signum).name}: a rerun resumes")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     try:
         outcome = run_import(request, progress)
     except ConfigError as exc:

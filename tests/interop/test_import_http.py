@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import pytest
 
 from tests.http_origin import Origin
 from tests.import_helpers import (
+    COMMAND,
+    REPO,
     one_line_failure,
     progress_lines,
     record,
@@ -250,3 +253,49 @@ def test_refusals_of_where_things_are_are_one_line(origin: Origin, tmp_path: Pat
     missing = tmp_path / "nowhere" / "o.img"
     one_line_failure(run_import(origin.url("disk.img"), str(missing)), 2, "does not exist")
     one_line_failure(run_import(str(tmp_path / "none.img"), str(tmp_path / "o.img")), 2, "none.img")
+
+
+def test_sigterm_ends_with_a_failed_line_and_a_rerun_resumes(
+    origin: Origin, image: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "out.img"
+    origin.delay = 0.4
+    proc = start_import(origin.url("disk.img"), str(dest), "--progress", "json")
+    try:
+        done = wait_for_progress(dest, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    last = progress_lines(out)[-1]
+    assert last["phase"] == "failed" and "interrupted by SIGTERM" in last["message"], last
+    assert err.strip().splitlines()[-1].startswith("nbdserver: interrupted by SIGTERM"), err
+    origin.delay = 0.0
+    res = run_import(origin.url("disk.img"), str(dest))
+    assert res.returncode == 0 and "resuming at byte" in res.stderr, res.stderr
+    assert record(dest)["complete"] is True and done > 0
+    compare(dest, image)
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal(origin: Origin, tmp_path: Path) -> None:
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen([*COMMAND, origin.url("disk.img"), str(tmp_path / "o.img"),
+                                 "--progress"], stderr=follower, cwd=REPO)  # fmt: skip
+        os.close(follower)
+        follower = -1
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        assert proc.wait(60) == 0, drawn
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert b"\r[" in drawn and b"100.0%" in drawn and b"done" in drawn, drawn
