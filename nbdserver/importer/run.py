@@ -27,11 +27,12 @@ from nbdserver.importer import state as records
 from nbdserver.importer.convert import copy_raw, open_image
 from nbdserver.importer.dest import CHUNK, open_dest, write
 from nbdserver.importer.progress import Progress
-from nbdserver.importer.source import Source, open_source
+from nbdserver.importer.source import Source, chunks, open_source
 from nbdserver.importer.state import ImportState
 
 log = logging.getLogger("nbdserver.import")
 SAVE_INTERVAL = 1.0  # seconds between resume records (each costs a sync of DEST)
+AHEAD = 2  # requests in flight: the next one crosses the link while this one is hashed
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -206,12 +207,11 @@ def _download(
     records.save(plan.record, fresh.advanced(start))
     p.phase("downloading", start, size, note)
     saved = time.monotonic()
-    for offset in range(start, size, CHUNK):
-        view = memoryview(buf)[: min(CHUNK, size - offset)]
-        source.pread(view, offset)
+    done = start
+    for view in chunks(source, start, size, CHUNK, AHEAD):
         hasher.update(view)
-        write(target, view, offset)
-        done = offset + len(view)
+        write(target, view, done)
+        done += len(view)
         if time.monotonic() - saved >= SAVE_INTERVAL or done == size:
             target.flush()  # the record may count only bytes that are on disk
             records.save(plan.record, fresh.advanced(done))

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from nbdserver.backends.base import RemoteOptions
@@ -66,3 +69,31 @@ def open_source(url: str, options: RemoteOptions) -> Source:
         return LocalSource(url)
     backend = open_remote(kind_for("auto", url), url, options)
     return backend  # type: ignore[return-value]  # http/s3 backends carry a validator
+
+
+def chunks(source: Source, start: int, end: int, chunk: int, ahead: int) -> Iterator[memoryview]:
+    """The bytes of ``source`` from ``start`` to ``end`` in order, ``chunk`` bytes at a time,
+    with up to ``ahead`` requests in flight at once (each backend thread has its own
+    connection): one stream pays a round trip per request and leaves the link idle while the
+    caller hashes and writes. A failed request raises when its chunk's turn comes; leaving
+    early cancels what has not started."""
+    pool = ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="import-fetch")
+    pending: deque[tuple[bytearray, Future[None]]] = deque()
+    offsets = iter(range(start, end, chunk))
+
+    def submit() -> None:
+        offset = next(offsets, None)
+        if offset is not None:
+            buf = bytearray(min(chunk, end - offset))
+            pending.append((buf, pool.submit(source.pread, memoryview(buf), offset)))
+
+    try:
+        for _ in range(ahead):
+            submit()
+        while pending:
+            buf, fetched = pending.popleft()
+            fetched.result()
+            submit()
+            yield memoryview(buf)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

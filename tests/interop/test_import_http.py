@@ -93,7 +93,7 @@ def test_a_killed_import_resumes_with_a_range_from_where_it_stopped(
     origin: Origin, image: Path, tmp_path: Path
 ) -> None:
     dest = tmp_path / "out.img"
-    origin.delay = 0.4  # slow enough to be killed half-way
+    origin.delay = 0.6  # slow enough to be killed half-way
     proc = start_import(origin.url("disk.img"), str(dest), "--sha256", sha256(image))
     try:
         done = wait_for_progress(dest, proc)
@@ -117,7 +117,7 @@ def test_a_source_changed_between_attempts_is_imported_again_from_the_start(
     origin: Origin, image: Path, tmp_path: Path
 ) -> None:
     dest = tmp_path / "out.img"
-    origin.delay = 0.4
+    origin.delay = 0.6
     proc = start_import(origin.url("disk.img"), str(dest))
     try:
         wait_for_progress(dest, proc)
@@ -233,7 +233,7 @@ def test_a_dest_cut_short_between_attempts_is_imported_again_from_the_start(
     origin: Origin, image: Path, tmp_path: Path
 ) -> None:
     dest = tmp_path / "out.img"
-    origin.delay = 0.4
+    origin.delay = 0.6
     proc = start_import(origin.url("disk.img"), str(dest))
     try:
         wait_for_progress(dest, proc)
@@ -259,7 +259,7 @@ def test_sigterm_ends_with_a_failed_line_and_a_rerun_resumes(
     origin: Origin, image: Path, tmp_path: Path
 ) -> None:
     dest = tmp_path / "out.img"
-    origin.delay = 0.4
+    origin.delay = 0.6
     proc = start_import(origin.url("disk.img"), str(dest), "--progress", "json")
     try:
         done = wait_for_progress(dest, proc)
