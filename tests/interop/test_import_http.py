@@ -9,11 +9,13 @@ import os
 import pty
 import shutil
 import signal
+import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.http_origin import Origin
 from tests.import_helpers import (
@@ -299,3 +301,33 @@ def test_the_progress_bar_is_drawn_on_a_terminal(origin: Origin, tmp_path: Path)
         if follower >= 0:
             os.close(follower)
     assert b"\r[" in drawn and b"100.0%" in drawn and b"done" in drawn, drawn
+
+
+def test_vmdk_and_xz_sources_imported_as_raw_are_their_disks(image: Path, tmp_path: Path) -> None:
+    vmdk = image.parent / "disk.vmdk"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(image), str(vmdk)],
+                   check=True)  # fmt: skip
+    subprocess.run(["xz", "-k", "-0", "-T1", "--block-size=4MiB", str(image)], check=True)
+    with Origin(image.parent) as o:
+        for name, fmt in (("disk.vmdk", "vmdk"), ("disk.img.xz", "xz")):
+            dest = tmp_path / f"{fmt}.img"
+            res = run_import(o.url(name), str(dest), "--format", fmt, "--output-format", "raw")
+            assert res.returncode == 0, res.stderr
+            compare(dest, image)
+
+
+def test_an_https_source_is_imported_when_the_ca_bundle_vouches_for_it(
+    image: Path, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(ctx)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    with Origin(image.parent, tls=ctx) as o:
+        url = o.url("disk.img", host="localhost")
+        one_line_failure(run_import(url, str(tmp_path / "a.img")), 2, "certificate")
+        dest = tmp_path / "b.img"
+        res = run_import(url, str(dest), "--ca-bundle", str(bundle))
+        assert res.returncode == 0, res.stderr
+        compare(dest, image)
