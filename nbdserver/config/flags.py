@@ -227,7 +227,8 @@ def add_import_arguments(s: argparse.ArgumentParser) -> None:
         nargs="?",
         const="bar",
         choices=("bar", "json"),
-        help="a bar on a terminal's stderr (default), or JSON lines on stdout",
+        help="a bar on a terminal's stderr (default), or JSON lines on stdout (a bare "
+        "--progress goes after SOURCE DEST, or it takes SOURCE for its value)",
     )
     s.add_argument(
         "--work-dir",
