@@ -51,10 +51,18 @@ class CacheFilter(Filter):
         pos = 0
         while pos < len(buf):
             index, skip = divmod(offset + pos, self._block)
-            data = self._blocks.get(index, functools.partial(self._fetch, index))
-            n = min(len(data) - skip, len(buf) - pos)
-            buf[pos : pos + n] = data[skip : skip + n]
+            n = min(self._block - skip, len(buf) - pos)  # the core keeps reads inside the image
+            self._copy(index, skip, buf[pos : pos + n])
             pos += n
+
+    def _copy(self, index: int, skip: int, view: memoryview) -> None:
+        """``view`` from block ``index`` at ``skip``: from the disk slot directly when held
+        there, else from the block (fetched if missing)."""
+        blocks = self._blocks
+        if isinstance(blocks, DiskBlocks) and blocks.read_into(index, skip, view):
+            return
+        data = blocks.get(index, functools.partial(self._fetch, index))
+        view[:] = data[skip : skip + len(view)]
 
     def _fetch(self, index: int) -> bytes:
         start = index * self._block

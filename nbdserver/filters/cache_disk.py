@@ -36,6 +36,19 @@ class DiskBlocks:
         self._where: OrderedDict[int, tuple[int, int]] = OrderedDict()  # index: (slot, length)
         self._lock = threading.Lock()
 
+    def read_into(self, index: int, skip: int, view: memoryview) -> bool:
+        """Fill ``view`` from block ``index`` at ``skip`` if the block is held (only the bytes
+        asked for are read: a 4 KiB hit costs a 4 KiB read); False if it is not."""
+        with self._lock:
+            held = self._where.get(index)
+            if held is None:
+                return False
+            self._where.move_to_end(index)
+            got = os.preadv(self._fd, [view], held[0] * self._block + skip)
+        if got != len(view):
+            raise OSError(5, f"cache file: short read of block {index}")
+        return True
+
     def get(self, index: int, fetch: Callable[[], bytes]) -> bytes:
         """Block ``index``, from its slot, else ``fetch()``ed and kept."""
         held = self._read(index)
