@@ -72,6 +72,9 @@ def run_import(req: ImportRequest, progress: Progress) -> Outcome:
     """Import ``req.source`` into ``req.dest``; what happened, on success."""
     plan = _plan(req)
     previous = records.load(plan.record)
+    if previous is not None and previous.complete and not os.path.exists(req.dest):
+        log.warning("%s: gone since it was imported: importing again", req.dest)
+        previous = None  # the record describes a file that is no longer there
     if previous is not None and previous.complete:
         return _already(req, plan, previous)
     if previous is None and os.path.exists(req.dest) and not is_block_device(req.dest):

@@ -89,6 +89,10 @@ def test_a_rerun_after_success_is_a_no_op_that_asks_the_origin_nothing(
     assert res.returncode == 0, res.stderr
     assert progress_lines(res.stdout)[-1]["message"] == "already imported"
     assert len(origin.requests) == asked
+    dest.unlink()  # DEST gone, its record left behind: imported again, not "already"
+    again = run_import(origin.url("disk.img"), str(dest))
+    assert again.returncode == 0 and "importing again" in again.stderr, again.stderr
+    assert dest.stat().st_size == SIZE
 
 
 def test_a_killed_import_resumes_with_a_range_from_where_it_stopped(
