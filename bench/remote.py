@@ -3,12 +3,12 @@ reading the same file from the same local nginx, as ratios.
 
     .venv/bin/python -m bench.remote [--image-size 256M] [--runtime 5] [--markdown FILE]
 
-For each pair (nbdserver alone / nbdkit curl alone; nbdserver ``--cache-size`` / nbdkit
-``--filter=cache``) and each workload (sequential 1 MiB reads at depth 8, random 4 KiB reads at
-depth 32): a fresh server is timed cold, then, after one whole sequential pass has filled its
-cache, warm. Ratios are nbdserver/nbdkit (above 1.00x: nbdserver is faster). nbdkit's cache
-filter keeps blocks in a temporary file (page cache), nbdserver's in memory: the closest pair
-each has.
+For each pair (nbdserver alone / nbdkit curl alone; nbdserver ``--cache-size`` in memory /
+nbdkit ``--filter=cache``; nbdserver ``--cache-size --cache-dir`` / the same nbdkit) and each
+workload (sequential 1 MiB reads at depth 8, random 4 KiB reads at depth 32): a fresh server is
+timed cold, then, after one whole sequential pass has filled its cache, warm. Ratios are
+nbdserver/nbdkit (above 1.00x: nbdserver is faster). nbdkit's cache filter keeps blocks in a
+temporary file (page cache), as ``--cache-dir`` does; the memory cache is the other flavour.
 
 What it must not do: reach anything but 127.0.0.1, or leave nginx or a server running.
 """
@@ -91,23 +91,27 @@ def fill(uri: str) -> None:
     subprocess.run(["nbdcopy", uri, "null:"], check=True, timeout=600)
 
 
-def pairs(url: str, nbdserver: str, cache: str) -> list[tuple[str, RemoteSpec, RemoteSpec]]:
+def pairs(
+    url: str, nbdserver: str, cache: str, cache_dir: Path
+) -> list[tuple[str, RemoteSpec, RemoteSpec]]:
     cached = ("--cache-size", cache)
     nbdkit_cache = (f"cache-max-size={cache}", "cache-on-read=true")
+    nbdkit_cached = RemoteSpec(
+        "nbdkit", "nbdkit", url=url, extra_args=("--filter=cache",), params=nbdkit_cache
+    )
     return [
         (
             "uncached",
             RemoteSpec("nbdserver", nbdserver, url=url),
             RemoteSpec("nbdkit", "nbdkit", url=url),
         ),
-        (
-            f"cache {cache}",
-            RemoteSpec("nbdserver", nbdserver, url=url, extra_args=cached),
-            RemoteSpec(
-                "nbdkit", "nbdkit", url=url, extra_args=("--filter=cache",), params=nbdkit_cache
-            ),
-        ),
-    ]
+        (f"cache {cache}", RemoteSpec("nbdserver", nbdserver, url=url, extra_args=cached),
+         nbdkit_cached),
+        (f"disk cache {cache}",
+         RemoteSpec("nbdserver", nbdserver, url=url,
+                    extra_args=(*cached, "--cache-dir", str(cache_dir))),
+         nbdkit_cached),
+    ]  # fmt: skip
 
 
 def measure(spec: RemoteSpec, w: Workload, size: int, runtime: float, d: Path) -> tuple[float, ...]:
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(os.urandom(1 << 20))
         with nginx(d / "www", d) as port:
             url = f"http://{HOST}:{port}/disk.img"
-            for setup, ours, theirs in pairs(url, args.nbdserver, args.cache_size):
+            (d / "cache").mkdir()
+            for setup, ours, theirs in pairs(url, args.nbdserver, args.cache_size, d / "cache"):
                 for w in WORKLOADS:
                     a = measure(ours, w, args.image_size, args.runtime, d)
                     b = measure(theirs, w, args.image_size, args.runtime, d)

@@ -1,7 +1,7 @@
-"""The ``nbdserver`` command line: read the configuration (``nbdserver.config``), set up logging
-and signals, run the server. Exit status 0 after a clean stop (SIGTERM/SIGINT), 2 for a bad
-command line, configuration or environment (one line naming the flag, no traceback), 1 for
-anything else. SIGHUP re-reads ``--config`` (``Server.reload``).
+"""The ``nbdserver`` command line: read the configuration (``nbdserver.config``), set up logging and
+signals, run the server; or run one import (``nbdserver.importer``). Exit status 0 after a clean
+stop (SIGTERM/SIGINT), 2 for a bad command line, configuration or environment (one line naming the
+flag, no traceback), 1 for anything else. SIGHUP re-reads ``--config`` (``Server.reload``).
 
 Must not contain server logic: everything it does is reachable from Python through
 ``nbdserver.server.Server`` as well.
@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
 
+from nbdserver.backends.base import RemoteOptions
 from nbdserver.config import ServerConfig, assemble, read_file
 from nbdserver.config.flags import build_parser, read_layer
 from nbdserver.errors import ConfigError
+from nbdserver.importer.progress import Progress
+from nbdserver.importer.run import ImportFailed, ImportRequest, run_import
 from nbdserver.server import Server
 
 log = logging.getLogger("nbdserver")
@@ -50,6 +54,43 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_(args: argparse.Namespace) -> int:
+    """``nbdserver import``: 0 imported (or already), 2 refused, 1 failed (a rerun may do)."""
+    if not (math.isfinite(args.remote_timeout) and args.remote_timeout > 0):
+        raise ConfigError("--remote-timeout must be a positive number of seconds")
+    progress = Progress(args.progress)
+    request = ImportRequest(
+        source=args.source,
+        dest=args.dest,
+        format=args.format,
+        output_format=args.output_format,
+        sha256=args.sha256,
+        work_dir=args.work_dir,
+        remote=RemoteOptions(args.ca_bundle, args.remote_timeout, args.s3_endpoint),
+    )
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        # Raised where the import is: the record on disk stays what it was (it is replaced
+        # atomically), and the final progress line says why the import stopped.
+        raise ImportFailed(f"interrupted by {signal.Signals(signum).name}: a rerun resumes")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        outcome = run_import(request, progress)
+    except ConfigError as exc:
+        progress.finish("failed", str(exc))
+        raise
+    except (ImportFailed, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        progress.finish("failed", why)
+        print(f"nbdserver: {why}", file=sys.stderr)
+        return 1
+    progress.finish("done", outcome.message, outcome.sha256, outcome.size)
+    log.info("%s: %s", args.dest, outcome.message)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -61,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "import":
+            return import_(args)
     except ConfigError as e:
         print(f"nbdserver: {e}", file=sys.stderr)
         return 2

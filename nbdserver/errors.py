@@ -19,6 +19,11 @@ class ConfigError(NBDServerError):
     """Bad command line or export configuration: reported to the operator, never to a client."""
 
 
+class RemoteUnavailable(ConfigError):
+    """A remote image could not be reached at open for a reason that may pass (a 5xx, a reset,
+    a timeout): ``serve`` refuses to start as for any ``ConfigError``; ``import`` retries it."""
+
+
 class ConnectionClosed(NBDServerError):
     """The peer went away or the connection must end; ``reason`` goes to the log."""
 

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from nbdserver.backends.base import Backend, BackendKind, RemoteOptions
 from nbdserver.backends.registry import NAMES as BACKENDS
-from nbdserver.backends.registry import kind_for
+from nbdserver.backends.registry import kind_for, open_remote
 from nbdserver.config.model import CowMode, ExportConfig
 from nbdserver.errors import ConfigError
 from nbdserver.filters.access import CapsFilter, ReadOnlyFilter
@@ -63,7 +63,7 @@ def stack(
             inner = ReadOnlyFilter(inner)
         return inner if stats is None else StatsFilter(inner, stats)
     if cfg.cache_size and not _cache_under_format(cfg):
-        inner = CacheFilter(inner, cfg.cache_size)
+        inner = CacheFilter(inner, cfg.cache_size, cache_dir=cfg.cache_dir)
     if cfg.cow is CowMode.CONNECTION:
         return inner  # every layer above the base is per connection
     if cfg.cow in (CowMode.SHARED, CowMode.PERSISTENT):
@@ -90,8 +90,8 @@ def _open_base(cfg: ExportConfig) -> Backend:
     kind = kind_for(cfg.backend, cfg.path)
     if kind.open_remote is not None:  # a URL: no file checks; read-only, any overlay above
         assert cfg.path is not None
-        return kind.open_remote(
-            cfg.path, RemoteOptions(cfg.ca_bundle, cfg.remote_timeout, cfg.s3_endpoint)
+        return open_remote(
+            kind, cfg.path, RemoteOptions(cfg.ca_bundle, cfg.remote_timeout, cfg.s3_endpoint)
         )
     if cfg.format is None and kind.needs_path and cfg.path and not cfg.temporary:
         found = probe.detect_path(cfg.path)
@@ -148,13 +148,13 @@ def _open_format(cfg: ExportConfig, read_only: bool) -> Backend:
     else:
         kind = kind_for(cfg.backend, cfg.path)
         if kind.open_remote is not None:
-            base = kind.open_remote(
-                cfg.path, RemoteOptions(cfg.ca_bundle, cfg.remote_timeout, cfg.s3_endpoint)
+            base = open_remote(
+                kind, cfg.path, RemoteOptions(cfg.ca_bundle, cfg.remote_timeout, cfg.s3_endpoint)
             )
         else:
             base = _open_kind(kind, cfg, cfg.path, None, True)
         if cfg.cache_size:
-            base = CacheFilter(base, cfg.cache_size)
+            base = CacheFilter(base, cfg.cache_size, cache_dir=cfg.cache_dir)
         source = BackendImage(base, cfg.path)
     try:
         if fmt.confined:

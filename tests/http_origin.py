@@ -5,12 +5,12 @@ connections, ``Range: bytes=A-B`` (206 with ``Content-Range``), an ``ETag`` and
 ``Last-Modified`` (an ``If-Match`` of another ETag answers 412).
 
 Faults, taken by the next GET requests in turn: ``fail(n, "503")``; ``fail(n, "reset")`` (the
-connection is closed with an RST); ``fail(n, "slow")`` (no answer until ``slow`` seconds pass
-or the origin stops). ``status[path] = 403`` answers a path with that status; ``ranges = False``
-ignores Range (200 and the whole file). ``requests`` records every (path, Range header) served,
-for counting. Use as a context manager: leaving it stops the server, its threads and any slow
-answer.
-"""
+connection is closed with an RST); ``fail(n, "slow")`` (no answer until ``slow`` seconds pass or the
+origin stops). ``status[path] = 403`` answers a path with that status; ``ranges = False`` ignores
+Range (200 and the whole file); ``redirects[path] = (301, "/other")`` answers a path with that
+redirect; ``delay`` seconds pass before each answer with data (an origin slow enough to kill a
+download half-way). ``requests`` records every (path, Range header) served, for counting. Use as a
+context manager: leaving it stops the server, its threads and any slow answer."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ class Origin:
         self.root = root
         self.status: dict[str, int] = {}
         self.ranges = True
+        self.redirects: dict[str, tuple[int, str]] = {}
+        self.delay = 0.0
         self.slow = slow
         self.requests: list[tuple[str, str]] = []
         self._faults: list[str] = []
@@ -103,6 +105,9 @@ def _handler(origin: Origin) -> type[BaseHTTPRequestHandler]:
             if fault == "503":
                 return self._send(503, b"busy\n", {})
             path = self.path.lstrip("/")
+            if path in origin.redirects:
+                status, location = origin.redirects[path]
+                return self._send(status, b"moved\n", {"Location": location})
             if path in origin.status:
                 return self._send(origin.status[path], b"no\n", {})
             file = origin.root / path
@@ -119,6 +124,8 @@ def _handler(origin: Origin) -> type[BaseHTTPRequestHandler]:
             match = self.headers.get("If-Match")
             if match is not None and match != headers["ETag"]:
                 return self._send(412, b"changed\n", {})
+            if origin.delay and origin._stopped.wait(origin.delay):
+                return
             rng = self.headers.get("Range", "")
             origin._record(path, rng)
             found = _RANGE.fullmatch(rng)

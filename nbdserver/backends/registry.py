@@ -11,7 +11,9 @@ configuration model (the caller passes plain values).
 from __future__ import annotations
 
 from nbdserver.backends import block, file, http, memory, plugin, s3
-from nbdserver.backends.base import BackendKind
+from nbdserver.backends._retry import Transient, within
+from nbdserver.backends.base import Backend, BackendKind, RemoteOptions
+from nbdserver.errors import RemoteUnavailable
 
 # One line per backend; ``auto`` asks them in this order.
 KINDS: dict[str, BackendKind] = {
@@ -31,3 +33,22 @@ def kind_for(name: str, path: str | None) -> BackendKind:
         return KINDS[name]
     assert path is not None
     return next(k for k in KINDS.values() if k.needs_path and k.claims(path))
+
+
+def open_remote(kind: BackendKind, url: str, options: RemoteOptions) -> Backend:
+    """``url`` opened by ``kind``; a transient failure at open (a 5xx, a reset, a timeout) is
+    retried with backoff within ``options.timeout``, then raised as ``RemoteUnavailable``, as
+    a read would be: an object store that throttles at start is no reason to refuse."""
+    assert kind.open_remote is not None
+    opener = kind.open_remote
+
+    def attempt(remaining: float) -> Backend:
+        try:
+            return opener(url, options)
+        except RemoteUnavailable as exc:
+            raise Transient(str(exc).removeprefix(f"{url}: ")) from None
+
+    try:
+        return within(options.timeout, url, attempt)
+    except OSError as exc:
+        raise RemoteUnavailable(exc.strerror or str(exc)) from None

@@ -11,8 +11,10 @@ are off: ``nbdserver.backends._retry`` retries 5xx, throttling, resets and timeo
 ``--remote-timeout``, as for HTTP, then fails that request with ``EIO``.
 
 At open, HeadObject gives the size and validators; 403, 404 or a missing bucket are a one-line
-refusal naming the status. Identity: ``s3-`` + hash of endpoint, URL, size and ETag; the ETag is
-sent as ``IfMatch`` so an object replaced while served fails its reads instead of mixing.
+refusal naming the status (``RemoteUnavailable`` for a transient one). ``validator`` (size and ETag)
+tells ``nbdserver import`` whether a partial download is of the same object. Identity: ``s3-`` +
+hash of endpoint, URL, size and ETag; the ETag is sent as ``IfMatch`` so an object replaced while
+served fails its reads instead of mixing.
 
 Must not: write, cache, or reach any endpoint but the one configured.
 """
@@ -26,7 +28,7 @@ from urllib.parse import urlsplit
 from nbdserver.backends._retry import Transient, within
 from nbdserver.backends.base import Backend, BackendKind, BlockSize, RemoteOptions
 from nbdserver.backends.identity import digest
-from nbdserver.errors import ConfigError
+from nbdserver.errors import ConfigError, RemoteUnavailable
 
 _TRANSIENT = (429, 500, 502, 503, 504)
 _POOL = 32  # botocore's connection pool: at least one per serving thread
@@ -54,6 +56,7 @@ class S3Backend(Backend):
         head = self._head()
         self._size = int(head["ContentLength"])
         self._etag = str(head.get("ETag", ""))
+        self.validator = f"{self._size}:{self._etag or head.get('LastModified', '')}"
         endpoint = self._client.meta.endpoint_url
         self.identity = digest("s3", endpoint, url, self._size, self._etag)
 
@@ -120,7 +123,7 @@ class S3Backend(Backend):
         try:
             return self._call("head_object", Bucket=self._bucket, Key=self._key)
         except Transient as exc:
-            raise ConfigError(f"{self._url}: {exc}") from None
+            raise RemoteUnavailable(f"{self._url}: {exc}") from None
         except OSError as exc:
             raise ConfigError(str(exc.strerror)) from None
         except self._botocore.exceptions.NoCredentialsError:
@@ -133,7 +136,8 @@ def _status(exc: Any) -> int:
 
 def _describe(exc: Any) -> str:
     code = exc.response.get("Error", {}).get("Code", "")
-    return f"HTTP {_status(exc)} {code}".rstrip()
+    status = _status(exc)
+    return f"HTTP {status} {code if code != str(status) else ''}".rstrip()
 
 
 def _botocore() -> Any:

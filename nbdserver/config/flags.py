@@ -74,6 +74,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         help="keep up to SIZE (256M) of IMAGE's reads in memory, in 1M blocks (for URLs)",
     )
     s.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="keep the --cache-size blocks in a file in DIR instead of memory",
+    )
+    s.add_argument(
         "--ca-bundle",
         metavar="FILE",
         help="CA certificates (PEM) verifying an https:// IMAGE (default: the system's)",
@@ -102,8 +107,9 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=PATH[,opt=val...]",
         help="another export (PATH memory: RAM); opts: size, ro, description, backend, format, "
-        "backing-anywhere, cache-size, ca-bundle, remote-timeout, s3-endpoint, connections, "
-        "idle-timeout, tls, cow, cow-dir, allow, qos-*, plugin.KEY (a plugin's parameter)",
+        "backing-anywhere, cache-size, cache-dir, ca-bundle, remote-timeout, s3-endpoint, "
+        "connections, idle-timeout, tls, cow, cow-dir, allow, qos-*, plugin.KEY (a plugin's "
+        "parameter)",
     )
     s.add_argument(
         "--bind", "-b", help="address to listen on (default: every address, IPv6 and IPv4)"
@@ -208,11 +214,57 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
                    help="address of the metrics endpoint (default: as --bind)")  # fmt: skip
 
 
+# -- nbdserver import (the operator's import Job runs exactly this command line)
+
+
+def add_import_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("source", metavar="SOURCE", help="http(s):// or s3://BUCKET/KEY URL, or a file")
+    s.add_argument("dest", metavar="DEST", help="file to create, or an existing block device")
+    s.add_argument(
+        "--format",
+        "-f",
+        choices=FORMATS,
+        default="raw",
+        help="SOURCE's format (default raw; a header naming another format is refused)",
+    )
+    s.add_argument(
+        "--output-format",
+        choices=("raw", "same"),
+        default="same",
+        help="same (default): SOURCE's bytes verbatim; raw: its disk, converted locally",
+    )
+    s.add_argument("--sha256", metavar="HEX", help="SHA-256 of SOURCE's bytes, checked at the end")
+    s.add_argument(
+        "--progress",
+        nargs="?",
+        const="bar",
+        choices=("bar", "json"),
+        help="a bar on a terminal's stderr (default), or JSON lines on stdout (a bare "
+        "--progress goes after SOURCE DEST, or it takes SOURCE for its value)",
+    )
+    s.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="staging and (for a block device DEST) the resume record (default: DEST's dir)",
+    )
+    s.add_argument("--ca-bundle", metavar="FILE", help="CA certificates (PEM) for https://")
+    s.add_argument("--s3-endpoint", metavar="URL", help="an S3-compatible store for s3://")
+    s.add_argument(
+        "--remote-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds one request may take, retries included (default 30)",
+    )
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
 class _Parser(argparse.ArgumentParser):
     """Refusals are one line naming the flag, exit 2, as every other configuration error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"nbdserver: {message} (see nbdserver serve --help)\n")
+        where = self.prog if " " in self.prog else "nbdserver serve"  # a subcommand's own
+        self.exit(2, f"nbdserver: {message} (see {where} --help)\n")
 
 
 class _ServeParser(_Parser):
@@ -243,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve IMAGE (a file or a block device) and/or the --export entries.",
     )
     add_arguments(serve)
+    imp = sub.add_parser(
+        "import",
+        help="copy an image from a URL or file into a file or block device",
+        description="Import SOURCE into DEST, resumably (DEST.import.json), verified, with "
+        "progress.",
+    )
+    add_import_arguments(imp)
     return p
 
 
@@ -282,6 +341,7 @@ def _image_export(args: argparse.Namespace) -> tuple[ExportConfig, ...]:
         format=args.format,
         backing_anywhere=args.backing_anywhere,
         cache_size=parse_size(args.cache_size) if args.cache_size else 0,
+        cache_dir=args.cache_dir,
         ca_bundle=args.ca_bundle,
         remote_timeout=args.remote_timeout if args.remote_timeout is not None else 30.0,
         s3_endpoint=args.s3_endpoint,

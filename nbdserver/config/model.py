@@ -12,6 +12,7 @@ step do), or hold anything mutable.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 
 from nbdserver.acl import Acl
@@ -97,7 +98,8 @@ class ExportConfig:
     # None: raw, and an image whose header names a format is refused (never probed into one)
     format: str | None = None
     backing_anywhere: bool = False  # a qcow2 backing file may lie outside the image's directory
-    cache_size: int = 0  # bytes of read cache in memory (nbdserver.filters.cache); 0 = none
+    cache_size: int = 0  # bytes of read cache (nbdserver.filters.cache); 0 = none
+    cache_dir: str | None = None  # the read cache's blocks in a file here; None: in memory
     ca_bundle: str | None = None  # verifies an https:// image; None: the system's CA store
     remote_timeout: float = 30.0  # seconds one read of a URL may take, retries included
     s3_endpoint: str | None = None  # an S3-compatible store; None: AWS_ENDPOINT_URL or AWS
@@ -147,6 +149,10 @@ class ExportConfig:
     def _validate_remote(self) -> None:
         if self.cache_size < 0:
             raise ConfigError(f"cache size of {self.name!r} must not be negative")
+        if self.cache_dir is not None and not self.cache_size:
+            raise ConfigError(f"--cache-dir of {self.name!r} needs --cache-size (its bound)")
+        if self.cache_dir is not None and not os.path.isdir(self.cache_dir):
+            raise ConfigError(f"--cache-dir {self.cache_dir}: not a directory")
         if not (0 < self.remote_timeout < 1e9):
             raise ConfigError(f"remote timeout of {self.name!r} must be seconds > 0")
         if not self.remote:

@@ -66,6 +66,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], object]]] = {
     "format": ("format", str),
     "backing-anywhere": ("backing_anywhere", parse_bool),
     "cache-size": ("cache_size", parse_size),
+    "cache-dir": ("cache_dir", str),
     "ca-bundle": ("ca_bundle", str),
     "remote-timeout": ("remote_timeout", float),
     "s3-endpoint": ("s3_endpoint", str),

@@ -1,5 +1,6 @@
-"""A bounded read cache in memory: an LRU of aligned blocks, so a remote block is fetched about
-once however many clients and requests read it.
+"""A bounded read cache: an LRU of aligned blocks, in memory or (``cache_dir``) in a file on local
+disk (``nbdserver.filters.cache_disk``), so a remote block is fetched about once however many
+clients and requests read it.
 
 Why: over HTTP or S3 every read is a round trip; operating systems and guests read the same
 blocks (partition tables, superblocks, boot files) again and again.
@@ -20,28 +21,48 @@ import functools
 
 from nbdserver.backends.base import Backend
 from nbdserver.filters.base import Filter
+from nbdserver.filters.cache_disk import DiskBlocks
 from nbdserver.lru import BoundedCache
 
 DEFAULT_BLOCK = 1024 * 1024
 
 
 class CacheFilter(Filter):
-    """LRU cache of ``block``-sized reads, at most ``capacity`` bytes."""
+    """LRU cache of ``block``-sized reads, at most ``capacity`` bytes (in ``cache_dir`` when
+    given, else in memory)."""
 
-    def __init__(self, inner: Backend, capacity: int, block: int = DEFAULT_BLOCK) -> None:
+    def __init__(
+        self,
+        inner: Backend,
+        capacity: int,
+        block: int = DEFAULT_BLOCK,
+        cache_dir: str | None = None,
+    ) -> None:
         super().__init__(inner)
         self._block = block
         self._size = inner.size()
-        self._blocks: BoundedCache[int, bytes] = BoundedCache(max(1, capacity // block))
+        self._blocks: BoundedCache[int, bytes] | DiskBlocks = (
+            DiskBlocks(cache_dir, capacity, block)
+            if cache_dir is not None
+            else BoundedCache(max(1, capacity // block))
+        )
 
     def pread(self, buf: memoryview, offset: int) -> None:
         pos = 0
         while pos < len(buf):
             index, skip = divmod(offset + pos, self._block)
-            data = self._blocks.get(index, functools.partial(self._fetch, index))
-            n = min(len(data) - skip, len(buf) - pos)
-            buf[pos : pos + n] = data[skip : skip + n]
+            n = min(self._block - skip, len(buf) - pos)  # the core keeps reads inside the image
+            self._copy(index, skip, buf[pos : pos + n])
             pos += n
+
+    def _copy(self, index: int, skip: int, view: memoryview) -> None:
+        """``view`` from block ``index`` at ``skip``: from the disk slot directly when held
+        there, else from the block (fetched if missing)."""
+        blocks = self._blocks
+        if isinstance(blocks, DiskBlocks) and blocks.read_into(index, skip, view):
+            return
+        data = blocks.get(index, functools.partial(self._fetch, index))
+        view[:] = data[skip : skip + len(view)]
 
     def _fetch(self, index: int) -> bytes:
         start = index * self._block
@@ -70,3 +91,10 @@ class CacheFilter(Filter):
 
     def fileno(self) -> int | None:
         return None  # a sendfile would bypass the cache
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if isinstance(self._blocks, DiskBlocks):
+                self._blocks.close()

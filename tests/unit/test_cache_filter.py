@@ -1,9 +1,12 @@
-"""The read cache filter: each block fetched once, bounded by its capacity, never stale."""
+"""The read cache filter, in memory and on disk (``cache_dir``): each block fetched once,
+bounded by its capacity, never stale."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,24 +36,29 @@ def base() -> tuple[Counting, bytes]:
     return b, data
 
 
+FLAVOURS = pytest.mark.parametrize("where", [None, tempfile.gettempdir()], ids=["memory", "disk"])
+
+
 def read(backend: CacheFilter, offset: int, length: int) -> bytes:
     buf = bytearray(length)
     backend.pread(memoryview(buf), offset)
     return bytes(buf)
 
 
-def test_each_block_is_fetched_once_however_often_it_is_read() -> None:
+@FLAVOURS
+def test_each_block_is_fetched_once_however_often_it_is_read(where: str | None) -> None:
     inner, data = base()
-    cache = CacheFilter(inner, capacity=SIZE + BLOCK, block=BLOCK)
+    cache = CacheFilter(inner, capacity=SIZE + BLOCK, block=BLOCK, cache_dir=where)
     for _ in range(3):
         assert read(cache, 0, SIZE) == data
         assert read(cache, 5000, 3) == data[5000:5003]
     assert sorted(inner.reads) == [(i * BLOCK, BLOCK) for i in range(10)] + [(10 * BLOCK, 100)]
 
 
-def test_the_least_recently_used_block_is_dropped_past_the_capacity() -> None:
+@FLAVOURS
+def test_the_least_recently_used_block_is_dropped_past_the_capacity(where: str | None) -> None:
     inner, data = base()
-    cache = CacheFilter(inner, capacity=2 * BLOCK, block=BLOCK)
+    cache = CacheFilter(inner, capacity=2 * BLOCK, block=BLOCK, cache_dir=where)
     read(cache, 0, 1)  # block 0
     read(cache, BLOCK, 1)  # block 1
     read(cache, 0, 1)  # block 0 is now the most recent
@@ -62,9 +70,10 @@ def test_the_least_recently_used_block_is_dropped_past_the_capacity() -> None:
     assert inner.reads == [(BLOCK, BLOCK)]
 
 
-def test_a_write_through_the_cache_is_read_back_not_the_cached_block() -> None:
+@FLAVOURS
+def test_a_write_through_the_cache_is_read_back_not_the_cached_block(where: str | None) -> None:
     inner, data = base()
-    cache = CacheFilter(inner, capacity=SIZE, block=BLOCK)
+    cache = CacheFilter(inner, capacity=SIZE, block=BLOCK, cache_dir=where)
     assert read(cache, 0, 10) == data[:10]
     cache.pwrite(b"new", 4, False)
     assert read(cache, 0, 10) == data[:4] + b"new" + data[7:10]
@@ -83,10 +92,16 @@ def test_the_cache_offers_no_descriptor_to_sendfile_around_it() -> None:
         st.tuples(st.integers(0, SIZE - 1), st.integers(1, 3 * BLOCK)), min_size=1, max_size=20
     ),
     slots=st.integers(1, 4),
+    where=st.sampled_from([None, tempfile.gettempdir()]),
 )
-def test_any_reads_return_the_image_bytes(reads: list[tuple[int, int]], slots: int) -> None:
+def test_any_reads_return_the_image_bytes(
+    reads: list[tuple[int, int]], slots: int, where: str | None
+) -> None:
     inner, data = base()
-    cache = CacheFilter(inner, capacity=slots * BLOCK, block=BLOCK)
-    for offset, length in reads:
-        length = min(length, SIZE - offset)
-        assert read(cache, offset, length) == data[offset : offset + length]
+    cache = CacheFilter(inner, capacity=slots * BLOCK, block=BLOCK, cache_dir=where)
+    try:
+        for offset, length in reads:
+            length = min(length, SIZE - offset)
+            assert read(cache, offset, length) == data[offset : offset + length]
+    finally:
+        cache.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from nbdserver.config.assemble import assemble_from_argv
@@ -51,3 +53,17 @@ def test_an_s3_url_is_remote_and_takes_an_endpoint() -> None:
     assert e.remote and e.s3_endpoint == "http://minio:9000"
     spec = parse_export_spec("d=s3://b/k,s3-endpoint=http://127.0.0.1:9000")
     assert spec.remote and spec.s3_endpoint == "http://127.0.0.1:9000"
+
+
+def test_a_cache_dir_is_taken_by_flag_and_export_spec(tmp_path: Path) -> None:
+    (e,) = assemble_from_argv([URL, "--cache-size", "1G", "--cache-dir", str(tmp_path)]).exports
+    assert (e.cache_size, e.cache_dir) == (1 << 30, str(tmp_path))
+    spec = parse_export_spec(f"d={URL},cache-size=64M,cache-dir={tmp_path}")
+    assert spec.cache_dir == str(tmp_path)
+
+
+def test_a_cache_dir_needs_a_size_and_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs --cache-size"):
+        assemble_from_argv([URL, "--cache-dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="not a directory"):
+        assemble_from_argv([URL, "--cache-size", "1G", "--cache-dir", str(tmp_path / "none")])
