@@ -10,6 +10,7 @@ What it must not do: I/O, or import nbdserver. The server's command line is the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -137,10 +138,10 @@ def server_args(
 ) -> list[str]:
     """nbdserver's command line for this export (``nbdserver serve IMAGE --name NAME ...``);
     ``metrics`` is (port, bind address) of its Prometheus endpoint."""
-    # Always raw, said explicitly: a consumer may legitimately write a qcow2, VMDK or xz header
-    # at the start of its raw volume (a VM disk inside it, a copied image), and without
-    # --format the server refuses such a file at its next start.
-    args = ["serve", image, "--name", spec.name, "--port", str(NBD_PORT), "--format", "raw"]
+    # Always said explicitly, raw included: a consumer may legitimately write a qcow2, VMDK or
+    # xz header at the start of its raw volume (a VM disk inside it, a copied image), and
+    # without --format the server refuses such a file at its next start.
+    args = ["serve", image, "--name", spec.name, "--port", str(NBD_PORT), "--format", spec.format]
     if metrics is not None:
         args += ["--metrics-port", str(metrics[0]), "--metrics-bind", metrics[1]]
     if size and spec.size_bytes is not None:
@@ -265,6 +266,8 @@ def deployment(
     if spec.source_kind == "export":
         if base is None:
             raise ValueError("a clone's deployment needs its base export's spec")
+        # The overlay is kept over the base's image as the base serves it (its format).
+        spec = dataclasses.replace(spec, format=base.format, format_known=True)
         b = _backing(base, read_only=True)
         b.near = None if b.node else base.name
     else:
@@ -289,7 +292,8 @@ def deployment(
     b.mounts.append({"name": "tmp", "mountPath": "/tmp"})
     # --size creates or grows the image file, so only a writable source gets it; a clone
     # serves its base's file at the base's size.
-    sized = b.sized and not (spec.read_only or spec.copy_on_write)
+    # A non-raw image is never created or grown by the server (qemu-img makes one).
+    sized = b.sized and not (spec.read_only or spec.copy_on_write) and spec.format == "raw"
     client_ca = spec.tls is not None and spec.tls.client_certificate
     pod_security, container_security = _security(config.server_uid, b)
 

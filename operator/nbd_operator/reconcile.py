@@ -199,6 +199,8 @@ async def assess(ctx: Ctx, body: Mapping[str, Any]) -> Assessment:
     claim, base = await _check_source(ctx, spec)
     served_size = _served_size(spec, body, claim)
     if base is not None:
+        # A clone serves its base's image as the base reads it: same format.
+        spec = dataclasses.replace(spec, format=base.format, format_known=True)
         served_size = ((await _base_status(ctx, base)) or {}).get("sizeBytes")
         if not isinstance(served_size, int):
             raise InputMissing(

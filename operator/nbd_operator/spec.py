@@ -27,6 +27,10 @@ SOURCE_KINDS: tuple[SourceKind, ...] = (
     "export",
 )
 
+# The formats nbdserver serves (--format); the last two it reads only.
+FORMATS = ("raw", "qcow2", "vmdk", "xz")
+READ_ONLY_FORMATS = ("vmdk", "xz")
+
 PART_OF = "kube-nbd"
 MANAGED_BY = "nbd-operator"
 
@@ -69,6 +73,10 @@ class ExportSpec:
     source_kind: SourceKind
     source: Mapping[str, Any]
     size_bytes: int | None
+    # How the source's bytes are read (nbdserver --format). A clone has no format of its own:
+    # format_known stays False until the reconciler fills in its base's.
+    format: str = "raw"
+    format_known: bool = True
     read_only: bool = False
     copy_on_write: bool = False
     access_mode: str = "ReadWriteOnce"
@@ -149,6 +157,8 @@ def parse_spec(body: Mapping[str, Any]) -> ExportSpec:
         source_kind=kind,
         source=source_body,
         size_bytes=size_bytes,
+        format=str(spec.get("format") or "raw"),
+        format_known=kind != "export",
         read_only=bool(spec.get("readOnly", False)),
         copy_on_write=bool(spec.get("copyOnWrite", False)) or kind == "export",
         access_mode=str(spec.get("accessMode", "ReadWriteOnce")),
@@ -173,9 +183,22 @@ def parse_spec(body: Mapping[str, Any]) -> ExportSpec:
         raise SpecError(f"spec.size is required for a {kind} source")
     if kind == "memory" and (result.read_only or result.copy_on_write):
         raise SpecError("a memory export starts empty; readOnly and copyOnWrite make no sense")
+    _check_format(result, given=spec.get("format") is not None)
     if result.source_kind == "volumeClaimTemplate" and result.size_bytes is None:
         raise SpecError("spec.size is required for a volumeClaimTemplate source")
     return result
+
+
+def _check_format(spec: ExportSpec, *, given: bool) -> None:
+    """The CRD's format rules, again (a schema bypass must not reach the server's flags)."""
+    if spec.format not in FORMATS:
+        raise SpecError(f"format must be one of {', '.join(FORMATS)}, not {spec.format!r}")
+    if spec.format in READ_ONLY_FORMATS and not (spec.read_only or spec.copy_on_write):
+        raise SpecError(f"format {spec.format} is served read-only: set readOnly or copyOnWrite")
+    if spec.source_kind == "memory" and spec.format != "raw":
+        raise SpecError("a memory export is raw: format must be raw or absent")
+    if spec.source_kind == "export" and given:
+        raise SpecError("a clone serves its base's format: leave format unset")
 
 
 # Children names: deterministic, derived from the export's name only, so a restarted operator

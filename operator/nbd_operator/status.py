@@ -166,6 +166,8 @@ def compute_status(obs: Observed, now: str) -> dict[str, Any]:
     if spec is not None:
         tls = spec.tls is not None and spec.tls.required
         status["uri"] = export_uri(server_name(spec.name), spec.namespace, spec.name, tls=tls)
+        if spec.format_known:
+            status["format"] = spec.format
         status["readOnly"] = spec.read_only
         status["accessMode"] = spec.access_mode
         status["tls"] = spec.tls is not None

@@ -135,10 +135,11 @@ def test_printer_columns_show_phase_reason_size_uri_attachments_and_age() -> Non
         "URI": ".status.uri",
         "Attached": ".status.attachmentCount",
         "Age": ".metadata.creationTimestamp",
+        "Format": ".status.format",  # what is served, a clone's inherited from its base
         "Message": ".status.message",
     }
     wide = {c["name"] for c in VERSION["additionalPrinterColumns"] if c.get("priority")}
-    assert wide == {"Message"}  # long sentences only with kubectl get -o wide
+    assert wide == {"Format", "Message"}  # only with kubectl get -o wide
     for path in columns.values():
         if path.startswith(".metadata."):
             continue  # metadata is the API server's, not the CRD's schema
@@ -198,6 +199,17 @@ def test_there_is_an_example_for_every_source_kind() -> None:
         ({**MEMORY, "qos": {"readIOPS": 0}}, "schema"),
         ({**MEMORY, "tls": {}}, "schema"),
         ({**MEMORY, "tls": {"secretName": "s", "mode": "Sometimes"}}, "schema"),
+        ({**MEMORY, "format": "qcow3"}, "schema"),
+        ({**MEMORY, "format": "qcow2"}, "memory export is raw"),
+        ({"source": {"export": {"name": "base"}}, "format": "raw"}, "base's format"),
+        (
+            {"source": {"persistentVolumeClaim": {"claimName": "c"}}, "size": 1, "format": "vmdk"},
+            "served read-only",
+        ),
+        (
+            {"source": {"hostDevice": {"nodeName": "n", "path": "/dev/sdb"}}, "format": "xz"},
+            "served read-only",
+        ),
     ],
 )
 def test_an_invalid_export_is_rejected_with_a_reason(spec: dict[str, Any], message: str) -> None:
@@ -230,6 +242,7 @@ def test_the_export_name_must_fit_a_service_name() -> None:
             "accessMode is immutable",
         ),
         ({"tls": {"secretName": "s"}}, "tls cannot be switched"),
+        ({"format": "raw"}, "format is immutable"),  # absent (raw) to explicit raw: still a change
     ],
 )
 def test_updates_keep_immutable_fields_immutable(
@@ -282,6 +295,22 @@ def test_a_clone_may_name_its_overlays_storage_class() -> None:
     assert admit(export(spec)) == []
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk", "xz"])
+def test_every_format_is_admitted_where_it_can_be_served(fmt: str) -> None:
+    claim = {"source": {"persistentVolumeClaim": {"claimName": "c"}}, "size": 1, "format": fmt}
+    assert admit(export({**claim, "readOnly": True, "accessMode": "ReadOnlyMany"})) == []
+    assert admit(export({**claim, "copyOnWrite": True})) == []
+    writable = admit(export(claim))
+    assert (writable == []) == (fmt in ("raw", "qcow2")), writable
+
+
+def test_a_format_may_stay_as_it_was() -> None:
+    old = export({**SAMPLES["hostDevice"], "format": "qcow2"})
+    assert admit(copy.deepcopy(old), old) == []
+    changed = export({**SAMPLES["hostDevice"], "format": "raw"})
+    assert any("format is immutable" in e for e in admit(changed, old))
+
+
 # One minimal, valid spec per source kind: a kind added to the schema without a sample here
 # fails the tests below (a KeyError), so the rules that single out memory get revisited.
 SAMPLES: dict[str, dict[str, Any]] = {
@@ -302,6 +331,18 @@ def test_only_a_memory_source_refuses_copy_on_write(kind: str) -> None:
     refused = any("memory export starts empty" in e for e in admit(export(spec)))
     assert refused == (kind == "memory")
     assert admit(export(SAMPLES[kind])) == []
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
+def test_only_a_memory_source_refuses_a_non_raw_format(kind: str) -> None:
+    """As for copyOnWrite, the memory rule names the other kinds; a clone refuses any format
+    (it inherits its base's)."""
+    spec = {**SAMPLES[kind], "format": "qcow2"}
+    errors = admit(export(spec))
+    assert any("memory export is raw" in e for e in errors) == (kind == "memory"), errors
+    assert any("base's format" in e for e in errors) == (kind == "export"), errors
+    if kind not in ("memory", "export"):
+        assert errors == []
 
 
 @pytest.mark.parametrize("kind", SOURCE_KINDS)
