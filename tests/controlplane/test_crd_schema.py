@@ -319,6 +319,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "hostDevice": {"source": {"hostDevice": {"nodeName": "n", "path": "/dev/sdb"}}},
     "memory": MEMORY,
     "export": {"source": {"export": {"name": "base"}}},
+    "image": {"source": {"image": {"url": "https://images.example/disk.img"}}, "size": "4Gi"},
 }
 SOURCE_KINDS = sorted(SCHEMA["properties"]["spec"]["properties"]["source"]["properties"])
 
@@ -357,3 +358,92 @@ def test_size_is_required_exactly_where_the_source_has_no_size_of_its_own(kind: 
 def test_the_source_kind_never_changes(old_kind: str, new_kind: str) -> None:
     errors = admit(export(SAMPLES[new_kind]), export(SAMPLES[old_kind]))
     assert any("source is immutable" in e for e in errors) == (old_kind != new_kind), errors
+
+
+URL = "https://images.example/disk.qcow2"
+S3 = {"bucket": "golden-images", "key": "debian/12.qcow2"}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"source": {"image": {"url": URL}}, "size": "10Gi", "format": "qcow2"},
+        {"source": {"image": {"url": URL, "sha256": "a" * 64}}, "size": "10Gi"},
+        {
+            "source": {"image": {"s3": {**S3, "endpoint": "http://minio:9000", "region": "eu"}}},
+            "size": "10Gi",
+            "format": "vmdk",
+            "readOnly": True,
+        },
+        {"source": {"image": {"url": URL, "volumeMode": "Block"}}, "size": "10Gi"},
+        {"source": {"image": {"url": URL, "secretRef": {"name": "creds"}}}, "size": 1},
+        # stream: read-only at the remote's size, or writable over an overlay of spec.size
+        {"source": {"image": {"url": URL, "mode": "stream"}}, "readOnly": True},
+        {"source": {"image": {"s3": S3, "mode": "stream", "cacheSize": "256Mi"}}, "size": "1Gi"},
+    ],
+)
+def test_valid_image_sources_are_admitted(spec: dict[str, Any]) -> None:
+    assert admit(export(spec)) == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"source": {"image": {}}, "size": "1Gi"}, "exactly one of url and s3"),
+        ({"source": {"image": {"url": URL, "s3": S3}}, "size": "1Gi"}, "exactly one of url"),
+        ({"source": {"image": {"url": "ftp://x/disk.img"}}, "size": "1Gi"}, "schema"),
+        ({"source": {"image": {"url": URL}}}, "size is required"),
+        ({"source": {"image": {"url": URL, "mode": "stream"}}}, "size is required"),
+        (
+            {"source": {"image": {"url": URL, "mode": "stream"}}, "readOnly": True, "size": 1},
+            "size must not be set",
+        ),
+        ({"source": {"image": {"url": URL, "mode": "copy"}}, "size": "1Gi"}, "schema"),
+        ({"source": {"image": {"url": URL, "sha256": "ABC"}}, "size": "1Gi"}, "schema"),
+        ({"source": {"image": {"s3": {"bucket": "b"}}}, "size": "1Gi"}, "schema"),
+        ({"source": {"image": {"s3": {**S3, "bucket": "Not_A_Bucket"}}}, "size": 1}, "schema"),
+        (
+            {
+                "source": {"image": {"url": URL, "volumeMode": "Block"}},
+                "size": 1,
+                "format": "qcow2",
+            },
+            "volumeMode Block needs format raw",
+        ),
+        (
+            {
+                "source": {"image": {"url": URL, "mode": "stream"}},
+                "readOnly": True,
+                "format": "qcow2",
+            },
+            "serves raw images only",
+        ),
+        (
+            {"source": {"image": {"url": URL, "mode": "stream", "volumeMode": "Block"}}, "size": 1},
+            "mode import only",
+        ),
+        ({"source": {"image": {"url": URL, "cacheSize": "1Gi"}}, "size": 1}, "mode stream only"),
+        ({"source": {"image": {"url": URL}}, "size": 1, "format": "xz"}, "served read-only"),
+    ],
+)
+def test_invalid_image_sources_are_rejected_with_a_reason(
+    spec: dict[str, Any], message: str
+) -> None:
+    errors = admit(export(spec))
+    assert any(message in e for e in errors), errors
+
+
+def test_an_image_source_is_immutable() -> None:
+    old = export({"source": {"image": {"url": URL}}, "size": "1Gi"})
+    new = export({"source": {"image": {"url": URL + "2"}}, "size": "1Gi"})
+    assert any("source is immutable" in e for e in admit(new, old))
+    assert admit(copy.deepcopy(old), old) == []
+
+
+def test_an_image_source_defaults_to_an_import_into_a_filesystem_claim() -> None:
+    obj = apply_defaults(SCHEMA, export({"source": {"image": {"url": URL}}, "size": 1}))
+    assert obj["spec"]["source"]["image"] == {
+        "url": URL,
+        "mode": "import",
+        "volumeMode": "Filesystem",
+    }
