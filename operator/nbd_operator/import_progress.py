@@ -122,7 +122,8 @@ def import_status(
     elif progress is not None:
         status["phase"] = _PHASES[str(progress["phase"])]
     else:
-        status["phase"] = "Pending"
+        # No line yet from this attempt: after a failed one, the Job is retrying.
+        status["phase"] = "Retrying" if status["attempts"] > 1 else "Pending"
         message = message or prev.get("message")
     if message:
         status["message"] = str(message)[:4096]

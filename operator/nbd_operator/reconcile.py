@@ -181,11 +181,17 @@ async def _check_source(
                 f"NBDExport {ns}/{src['name']} must be readOnly to be cloned (its data would "
                 "change under the clone)",
             )
-        if base.source_kind in ("memory", "export") or base.image_mode == "stream":
+        if base.source_kind in ("memory", "export"):
             raise InputMissing(
                 "BaseNotCloneable",
                 f"NBDExport {ns}/{src['name']} has a {base.source_kind} source, which no "
                 "other pod can read",
+            )
+        if base.image_mode == "stream":
+            raise InputMissing(
+                "BaseNotCloneable",
+                f"NBDExport {ns}/{src['name']} streams its image (no claim to share): "
+                "import it (mode import) to clone it",
             )
         base_claim = None
         if base.source_kind == "persistentVolumeClaim":

@@ -66,6 +66,11 @@ def test_a_failed_attempt_is_retrying_while_the_job_lives_and_failed_once_it_gav
     gave_up = import_status(JobOutcome("Failed", "BackoffLimitExceeded", "limit", 7), failed)
     assert gave_up["phase"] == "Failed" and "connection reset" in gave_up["message"]
     assert "rateBytesPerSecond" not in gave_up
+    # The next attempt has written nothing yet: still retrying, with the last attempt's word.
+    waiting = import_status(JobOutcome("Running", attempts=2), None, retrying)
+    assert waiting["phase"] == "Retrying" and "connection reset" in waiting["message"]
+    first = import_status(JobOutcome("Running", attempts=1), None)
+    assert first["phase"] == "Pending"
     # No line of its own (the pod never ran): the Job's reason is the message.
     silent = import_status(JobOutcome("Failed", "DeadlineExceeded", "too slow", 1), None)
     assert silent["message"] == "too slow"

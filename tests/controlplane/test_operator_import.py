@@ -84,7 +84,10 @@ async def test_an_import_reports_progress_survives_a_failed_attempt_and_then_ser
         jobs.write(first[2])
         await jobs.pod_failed()
         await jobs.start_pod()
-        await server.wait_for(lambda: imported(server, "golden").get("attempts") == 2)
+        st = await server.wait_for(
+            lambda: (s := imported(server, "golden")).get("attempts") == 2 and s
+        )
+        assert st["phase"] == "Retrying"  # the new pod has not written a line yet
         retrying = await server.wait_for(lambda: events(server, "ImportRetrying"))
         assert "connection reset by peer" in retrying[0]["message"]
         second = recorded("import-resumed.jsonl")
@@ -232,3 +235,38 @@ async def test_a_writable_stream_serves_the_remote_over_an_overlay_claim() -> No
         )
         assert condition(obj, "SourceBound")["reason"] == "Streaming"
         assert "import" not in obj["status"]
+
+
+async def test_an_imported_export_can_be_cloned_and_a_stream_cannot() -> None:
+    spec = {"source": {"image": {"url": URL}}, "size": "2Gi", "readOnly": True}
+    async with api_server() as (server, client), running_operator(server, import_poll_interval=0.1):
+        await client.create(export("golden", spec))
+        await server.wait_for(lambda: server.current("jobs", NS, "golden-nbd-import"))
+        jobs = JobController(server, client, "golden-nbd-import")
+        await jobs.start_pod()
+        jobs.write(recorded("import-resumed.jsonl")[-1])
+        await jobs.succeed()
+        await server.wait_for(lambda: server.current("deployments", NS, "golden-nbd"))
+        await client.create(export("copy", {"source": {"export": {"name": "golden"}}}))
+        dep = await server.wait_for(lambda: server.current("deployments", NS, "copy-nbd"))
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "golden-nbd-data"
+        args = pod["containers"][0]["args"]
+        assert args[:2] == ["serve", "/data/disk.img"]
+        assert args[args.index("--copy-on-write") + 1] == "persistent"
+        overlay = await server.wait_for(
+            lambda: server.current("persistentvolumeclaims", NS, "copy-nbd-overlay")
+        )
+        assert overlay["spec"]["resources"]["requests"]["storage"] == "1088Mi"  # 1 GiB + room
+
+        stream = {"source": {"image": {"url": URL, "mode": "stream"}}, "readOnly": True}
+        await client.create(export("live", stream))
+        await client.create(export("livecopy", {"source": {"export": {"name": "live"}}}))
+        obj = await server.wait_for(
+            lambda: (
+                (o := server.current("nbdexports", NS, "livecopy"))
+                and o.get("status", {}).get("reason") == "BaseNotCloneable"
+                and o
+            )
+        )
+        assert obj["status"]["phase"] == "Failed"
