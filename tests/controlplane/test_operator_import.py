@@ -166,6 +166,11 @@ async def test_an_import_that_gives_up_fails_with_its_reason_and_restarts_when_a
             )
         )
         await server.wait_for(lambda: len(events(server, "ImportStarted")) == 2)
+        # Progress is read again (the timer stopped at Failed and runs once more).
+        again = JobController(server, client, "broken-nbd-import")
+        await again.start_pod()
+        again.write(recorded("import-progress.jsonl")[1])
+        await server.wait_for(lambda: imported(server, "broken").get("phase") == "Downloading")
 
 
 async def test_an_import_waits_for_its_secret_and_passes_its_keys_on() -> None:
