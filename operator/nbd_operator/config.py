@@ -42,6 +42,10 @@ class OperatorConfig:
     # named "metrics" that the chart's PodMonitor scrapes); None: no endpoint.
     server_metrics_port: int | None = None
     server_metrics_bind: str = "0.0.0.0"
+    # An image import's Job: how many failed pods it retries (with the Job controller's
+    # exponential backoff) before it gives up, and how often the importer's progress is read.
+    import_backoff_limit: int = 6
+    import_poll_interval: float = 5.0
 
     def __post_init__(self) -> None:
         port = self.server_metrics_port
@@ -68,4 +72,8 @@ class OperatorConfig:
             kwargs["server_metrics_port"] = int(port)
         if bind := env.get("NBD_OPERATOR_SERVER_METRICS_BIND"):
             kwargs["server_metrics_bind"] = bind
+        if limit := env.get("NBD_OPERATOR_IMPORT_BACKOFF_LIMIT"):
+            kwargs["import_backoff_limit"] = int(limit)
+        if interval := env.get("NBD_OPERATOR_IMPORT_POLL_INTERVAL"):
+            kwargs["import_poll_interval"] = float(interval)
         return cls(**kwargs)

@@ -120,6 +120,14 @@ def _reraise(exc: Exception, config: OperatorConfig) -> None:
     raise mapped from exc
 
 
+def importing(spec: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> bool:
+    """An image import that has neither succeeded nor given up: its progress is worth reading."""
+    image = (spec.get("source") or {}).get("image")
+    if not image or image.get("mode", "import") != "import":
+        return False
+    return ((status or {}).get("import") or {}).get("phase") not in ("Succeeded", "Failed")
+
+
 def build_registry(
     config: OperatorConfig,
     connection: kopf.ConnectionInfo | None = None,
@@ -217,6 +225,31 @@ def build_registry(
     ) -> None:
         # A deleted server Deployment is drift: put it back (unless the export is going away).
         await child_changed(labels, namespace, resync=type == "DELETED")
+
+    @kopf.on.event("batch", "v1", "jobs", labels=owned, registry=registry)
+    async def import_job_changed(
+        labels: Mapping[str, str], namespace: str | None, **_: Any
+    ) -> None:
+        # An import that finished starts the server now, not at the next progress reading; a
+        # failed Job deleted by hand is started again.
+        await child_changed(labels, namespace, resync=True)
+
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        PLURAL,
+        interval=config.import_poll_interval,
+        when=importing,
+        registry=registry,
+    )
+    async def import_progress(
+        body: kopf.Body, namespace: str | None, name: str | None, **_: Any
+    ) -> None:
+        """Reads the importer's progress into status.import while an import runs (pod logs
+        have no watch; this timer is the one poll of the operator)."""
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        await owner_changed(str(namespace), str(name), resync=True)
 
     @kopf.on.event("", "v1", "persistentvolumeclaims", labels=owned, registry=registry)
     async def claim_changed(labels: Mapping[str, str], namespace: str | None, **_: Any) -> None:

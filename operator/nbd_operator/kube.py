@@ -35,6 +35,8 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "NetworkPolicy": ("apis/networking.k8s.io/v1", "networkpolicies"),
     "Lease": ("apis/coordination.k8s.io/v1", "leases"),
     "Node": ("api/v1", "nodes"),
+    "Job": ("apis/batch/v1", "jobs"),
+    "Pod": ("api/v1", "pods"),
 }
 CLUSTER_SCOPED = {"Node"}
 MERGE_PATCH = "application/merge-patch+json"
@@ -125,6 +127,18 @@ class Kube:
         except NotFound:
             return None
         return result
+
+    async def log(self, namespace: str, pod: str, container: str, tail_lines: int) -> str:
+        """The last lines a pod's container wrote (``pods/log``, plain text)."""
+        url = self._url("Pod", namespace, pod, "log")
+        params = {"container": container, "tailLines": str(tail_lines)}
+        async with self._session.get(url, params=params) as resp:
+            text = await resp.text()
+            if resp.status >= 400:
+                # A container not started yet is HTTP 400 ("is waiting to start").
+                cls = {404: NotFound, 409: Conflict}.get(resp.status, KubeError)
+                raise cls(resp.status, str(resp.reason or ""), text[:200])
+            return text
 
     async def list(
         self, kind: str, namespace: str, labels: Mapping[str, str] | None = None

@@ -10,12 +10,14 @@ What it must not do: I/O, or import nbdserver. The server's command line is the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nbd_api import API_VERSION, KIND, NBD_PORT, parse_quantity
 
 from nbd_operator.config import OperatorConfig
+from nbd_operator.image_access import remote_access
 from nbd_operator.spec import (
     ExportSpec,
     child_labels,
@@ -134,13 +136,15 @@ def server_args(
     client_ca: bool,
     cow_dir: str | None,
     metrics: tuple[int, str] | None = None,
+    source_args: Sequence[str] = (),
 ) -> list[str]:
     """nbdserver's command line for this export (``nbdserver serve IMAGE --name NAME ...``);
     ``metrics`` is (port, bind address) of its Prometheus endpoint."""
-    # Always raw, said explicitly: a consumer may legitimately write a qcow2, VMDK or xz header
-    # at the start of its raw volume (a VM disk inside it, a copied image), and without
-    # --format the server refuses such a file at its next start.
-    args = ["serve", image, "--name", spec.name, "--port", str(NBD_PORT), "--format", "raw"]
+    # Always said explicitly, raw included: a consumer may legitimately write a qcow2, VMDK or
+    # xz header at the start of its raw volume (a VM disk inside it, a copied image), and
+    # without --format the server refuses such a file at its next start.
+    args = ["serve", image, "--name", spec.name, "--port", str(NBD_PORT), "--format", spec.format]
+    args += source_args  # how to reach a remote image (a stream)
     if metrics is not None:
         args += ["--metrics-port", str(metrics[0]), "--metrics-bind", metrics[1]]
     if size and spec.size_bytes is not None:
@@ -152,8 +156,8 @@ def server_args(
         # the second line (a stale node that never released its attachment).
         args.append("--single-writer")
     if cow_dir is not None:
-        # A clone's overlay lives on its own claim: keep it across restarts.
-        mode = "persistent" if spec.source_kind == "export" else "shared"
+        # A clone's (or a stream's) overlay lives on its own claim: keep it across restarts.
+        mode = "persistent" if spec.persistent_overlay else "shared"
         args += ["--copy-on-write", mode, "--cow-dir", cow_dir]
     if spec.tls is not None:
         args += ["--tls", "require" if spec.tls.required else "on"]
@@ -189,13 +193,28 @@ class _Backing:
         self.privileged = False  # a host device needs the device cgroup opened
         self.node: str | None = None  # pinned to this node (host devices)
         self.near: str | None = None  # scheduled next to this export's server (clones)
+        self.env: list[dict[str, Any]] = []
+        self.args: list[str] = []  # flags that say how to reach the data (a remote's)
 
 
-def _backing(data: ExportSpec, *, read_only: bool) -> _Backing:
+def _backing(
+    data: ExportSpec, *, read_only: bool, secret_keys: frozenset[str] = frozenset()
+) -> _Backing:
     b = _Backing()
     kind = data.source_kind
-    if kind in ("volumeClaimTemplate", "persistentVolumeClaim"):
-        claim = claim_name(data.name) if kind == "volumeClaimTemplate" else data.source["claimName"]
+    if kind == "image" and data.image_mode == "stream":
+        # Nothing mounted: the server reads the remote itself.
+        access = remote_access(data, secret_keys)
+        b.volumes += access.volumes
+        b.mounts += access.mounts
+        b.env, b.path = access.env, data.image_location
+        b.args = list(access.args)
+        if data.source.get("cacheSize") is not None:
+            b.args += ["--cache-size", str(parse_quantity(data.source["cacheSize"]))]
+    elif kind in ("volumeClaimTemplate", "persistentVolumeClaim", "image"):
+        # An import's claim is the operator's, as a template's; its file is never sized.
+        own = kind != "persistentVolumeClaim"
+        claim = claim_name(data.name) if own else data.source["claimName"]
         b.volumes.append(
             {"name": "data", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
         )
@@ -204,8 +223,8 @@ def _backing(data: ExportSpec, *, read_only: bool) -> _Backing:
             b.path, b.root = BACKING_DEVICE, True
         else:
             b.mounts.append({"name": "data", "mountPath": DATA_DIR, "readOnly": read_only})
-            rel = IMAGE_FILE if kind == "volumeClaimTemplate" else data.source["path"]
-            b.path, b.sized = f"{DATA_DIR}/{rel}", True
+            rel = IMAGE_FILE if own else data.source["path"]
+            b.path, b.sized = f"{DATA_DIR}/{rel}", kind != "image"
     elif kind == "hostDevice":
         host = {"path": data.source["path"], "type": "BlockDevice"}
         b.volumes.append({"name": "data", "hostPath": host})
@@ -259,24 +278,32 @@ def _resources(spec: ExportSpec, config: OperatorConfig) -> dict[str, Any]:
 
 
 def deployment(
-    spec: ExportSpec, config: OperatorConfig, base: ExportSpec | None = None
+    spec: ExportSpec,
+    config: OperatorConfig,
+    base: ExportSpec | None = None,
+    *,
+    secret_keys: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """The server: one replica, Recreate (two servers must never write one image at once)."""
+    """The server: one replica, Recreate (two servers must never write one image at once).
+    ``secret_keys``: the keys of an image source's Secret (a stream reads its remote)."""
     if spec.source_kind == "export":
         if base is None:
             raise ValueError("a clone's deployment needs its base export's spec")
+        # The overlay is kept over the base's image as the base serves it (its format).
+        spec = dataclasses.replace(spec, format=base.format, format_known=True)
         b = _backing(base, read_only=True)
         b.near = None if b.node else base.name
     else:
         # Copy-on-write leaves the source untouched: writes land in the overlay directory.
-        b = _backing(spec, read_only=spec.read_only or spec.copy_on_write)
+        b = _backing(spec, read_only=spec.read_only or spec.copy_on_write, secret_keys=secret_keys)
     cow_dir = COW_DIR if spec.copy_on_write else None
     if cow_dir is not None:
-        # A clone's writes are its data: they live on a claim the operator owns and survive
-        # a reschedule. copyOnWrite over another source is a scratch overlay (emptyDir).
+        # A clone's (a writable stream's) writes are its data: they live on a claim the
+        # operator owns and survive a reschedule. copyOnWrite over another source is a scratch
+        # overlay (emptyDir).
         overlay: dict[str, Any] = (
             {"persistentVolumeClaim": {"claimName": overlay_claim_name(spec.name)}}
-            if spec.source_kind == "export"
+            if spec.persistent_overlay
             else {"emptyDir": {}}
         )
         b.volumes.append({"name": "cow", **overlay})
@@ -289,7 +316,8 @@ def deployment(
     b.mounts.append({"name": "tmp", "mountPath": "/tmp"})
     # --size creates or grows the image file, so only a writable source gets it; a clone
     # serves its base's file at the base's size.
-    sized = b.sized and not (spec.read_only or spec.copy_on_write)
+    # A non-raw image is never created or grown by the server (qemu-img makes one).
+    sized = b.sized and not (spec.read_only or spec.copy_on_write) and spec.format == "raw"
     client_ca = spec.tls is not None and spec.tls.client_certificate
     pod_security, container_security = _security(config.server_uid, b)
 
@@ -302,7 +330,13 @@ def deployment(
             {"name": "metrics", "containerPort": config.server_metrics_port, "protocol": "TCP"}
         )
     args = server_args(
-        spec, b.path, size=sized, client_ca=client_ca, cow_dir=cow_dir, metrics=metrics
+        spec,
+        b.path,
+        size=sized,
+        client_ca=client_ca,
+        cow_dir=cow_dir,
+        metrics=metrics,
+        source_args=b.args,
     )
     container: dict[str, Any] = {
         "name": "nbdserver",
@@ -322,6 +356,8 @@ def deployment(
     }
     if b.devices:
         container["volumeDevices"] = b.devices
+    if b.env:
+        container["env"] = b.env
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "securityContext": pod_security,

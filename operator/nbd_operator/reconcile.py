@@ -31,11 +31,24 @@ from nbd_api import parse_quantity as _parse_quantity
 
 from nbd_operator import manifests
 from nbd_operator.config import OperatorConfig
+from nbd_operator.import_job import CONTAINER as IMPORTER
+from nbd_operator.import_job import import_job
+from nbd_operator.import_progress import (
+    DONE,
+    FAILED,
+    JobOutcome,
+    current_pod,
+    describe,
+    import_status,
+    job_outcome,
+    last_progress,
+)
 from nbd_operator.kube import Kube, KubeError, NotFound
 from nbd_operator.spec import (
     ExportSpec,
     SpecError,
     claim_name,
+    import_job_name,
     overlay_claim_name,
     parse_spec,
     policy_name,
@@ -91,6 +104,7 @@ class Assessment:
     served_size: int | None
     refused: Problem | None
     claim: dict[str, Any] | None
+    secret_keys: frozenset[str] = frozenset()  # an image source's Secret's keys
 
 
 async def _check_tls(ctx: Ctx, spec: ExportSpec) -> None:
@@ -108,12 +122,27 @@ async def _check_tls(ctx: Ctx, spec: ExportSpec) -> None:
         raise InputMissing("TLSSecretIncomplete", f"{where} lacks {', '.join(missing)}")
 
 
+async def _image_secret_keys(ctx: Ctx, spec: ExportSpec) -> frozenset[str]:
+    """The keys of an image source's Secret (they become the importer's environment)."""
+    name = (spec.source.get("secretRef") or {}).get("name") if spec.source_kind == "image" else None
+    if not name:
+        return frozenset()
+    secret = await ctx.kube.get("Secret", spec.namespace, name)
+    if secret is None:
+        raise InputMissing(
+            "ImageSecretNotFound",
+            f"Secret {spec.namespace}/{name} does not exist: create it or fix "
+            "spec.source.image.secretRef",
+        )
+    return frozenset((secret.get("data") or {}) | (secret.get("stringData") or {}))
+
+
 async def _check_source(
     ctx: Ctx, spec: ExportSpec
 ) -> tuple[dict[str, Any] | None, ExportSpec | None]:
     """Returns (claim, base export) after checking that the source exists and fits."""
     ns, src = spec.namespace, spec.source
-    if spec.source_kind == "volumeClaimTemplate":
+    if spec.source_kind == "volumeClaimTemplate" or spec.image_mode == "import":
         return await ctx.kube.get("PersistentVolumeClaim", ns, claim_name(spec.name)), None
     if spec.source_kind == "persistentVolumeClaim":
         claim = await ctx.kube.get("PersistentVolumeClaim", ns, src["claimName"])
@@ -158,10 +187,16 @@ async def _check_source(
                 f"NBDExport {ns}/{src['name']} has a {base.source_kind} source, which no "
                 "other pod can read",
             )
+        if base.image_mode == "stream":
+            raise InputMissing(
+                "BaseNotCloneable",
+                f"NBDExport {ns}/{src['name']} streams its image (no claim to share): "
+                "import it (mode import) to clone it",
+            )
         base_claim = None
         if base.source_kind == "persistentVolumeClaim":
             base_claim = await ctx.kube.get("PersistentVolumeClaim", ns, base.source["claimName"])
-        elif base.source_kind == "volumeClaimTemplate":
+        elif base.source_kind in ("volumeClaimTemplate", "image"):
             base_claim = await ctx.kube.get("PersistentVolumeClaim", ns, claim_name(base.name))
         return base_claim, base
     return None, None
@@ -170,12 +205,24 @@ async def _check_source(
 def _served_size(
     spec: ExportSpec, body: Mapping[str, Any], claim: Mapping[str, Any] | None
 ) -> int | None:
+    if spec.source_kind == "image":
+        # spec.size is the claim's room (or the overlay's); the image's size is its own.
+        return _imported_size(spec, (body.get("status") or {}).get("import"))
     if spec.size_bytes is not None:
         return spec.size_bytes
     if spec.source_kind == "persistentVolumeClaim" and claim is not None:
         capacity = ((claim.get("status") or {}).get("capacity") or {}).get("storage")
         if capacity is not None:
             return _parse_quantity(capacity)
+    return None
+
+
+def _imported_size(spec: ExportSpec, image_import: Mapping[str, Any] | None) -> int | None:
+    """A raw import serves as many bytes as it copied; another format's disk size is in its
+    header, which the operator does not read."""
+    st = image_import or {}
+    if spec.format == "raw" and st.get("phase") == DONE and isinstance(st.get("totalBytes"), int):
+        return int(st["totalBytes"])
     return None
 
 
@@ -196,9 +243,12 @@ async def assess(ctx: Ctx, body: Mapping[str, Any]) -> Assessment:
         )
         spec = dataclasses.replace(spec, size_bytes=served)
     await _check_tls(ctx, spec)
+    secret_keys = await _image_secret_keys(ctx, spec)
     claim, base = await _check_source(ctx, spec)
     served_size = _served_size(spec, body, claim)
     if base is not None:
+        # A clone serves its base's image as the base reads it: same format.
+        spec = dataclasses.replace(spec, format=base.format, format_known=True)
         served_size = ((await _base_status(ctx, base)) or {}).get("sizeBytes")
         if not isinstance(served_size, int):
             raise InputMissing(
@@ -206,7 +256,7 @@ async def assess(ctx: Ctx, body: Mapping[str, Any]) -> Assessment:
                 f"NBDExport {base.namespace}/{base.name} reports no size yet; the clone's "
                 "overlay claim is sized from it",
             )
-    return Assessment(spec, base, served_size, refused, claim)
+    return Assessment(spec, base, served_size, refused, claim, secret_keys)
 
 
 async def _base_status(ctx: Ctx, base: ExportSpec) -> dict[str, Any] | None:
@@ -264,13 +314,18 @@ async def sync(ctx: Ctx, body: Mapping[str, Any]) -> dict[str, Any]:
     if a.refused is not None and a.refused[1] not in str((body.get("status") or {}).get("message")):
         _event(body, "Warning", a.refused[0], a.refused[1])
     try:
-        claim = await _apply(ctx, body, a)
+        claim, extra = await _apply(ctx, body, a)
     except KubeError as exc:
         # The API refused a child (quota, admission, an outage): say so; kopf retries.
         _event(body, "Warning", "ApplyFailed", f"could not apply the server's objects: {exc}")
         raise
     return await write_status(
-        ctx, body, spec=a.spec, claim=claim, refused=a.refused, served_size=a.served_size
+        ctx,
+        body,
+        spec=a.spec,
+        claim=claim,
+        refused=a.refused,
+        **{"served_size": a.served_size, **extra},
     )
 
 
@@ -284,8 +339,16 @@ async def refresh(ctx: Ctx, body: Mapping[str, Any]) -> dict[str, Any]:
         spec = _parse_or_none(body)
         return await write_status(ctx, body, spec=spec, source_problem=(exc.reason, exc.message))
     claim = a.claim if a.spec.source_kind != "export" else None
+    extra: dict[str, Any] = {}
+    if a.spec.image_mode == "import":
+        extra = await _import_observed(ctx, body, a, create=False)
     return await write_status(
-        ctx, body, spec=a.spec, claim=claim, refused=a.refused, served_size=a.served_size
+        ctx,
+        body,
+        spec=a.spec,
+        claim=claim,
+        refused=a.refused,
+        **{"served_size": a.served_size, **extra},
     )
 
 
@@ -296,21 +359,29 @@ def _parse_or_none(body: Mapping[str, Any]) -> ExportSpec | None:
         return None
 
 
-async def _apply(ctx: Ctx, body: Mapping[str, Any], a: Assessment) -> dict[str, Any] | None:
+async def _apply(
+    ctx: Ctx, body: Mapping[str, Any], a: Assessment
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """Apply the children; returns the claim and what else the status needs to know."""
     spec, kube = a.spec, ctx.kube
     claim = a.claim
-    if spec.source_kind == "volumeClaimTemplate":
+    extra: dict[str, Any] = {}
+    if spec.source_kind == "volumeClaimTemplate" or spec.image_mode == "import":
         claim = await _ensure_claim(ctx, body, spec, claim)
-    elif spec.source_kind == "export":
+    elif spec.persistent_overlay:
         await _ensure_overlay_claim(ctx, body, a)
-    _, how = await kube.ensure(
-        manifests.deployment(spec, ctx.config, a.base),
-        prune=(("spec", "template", "spec", "nodeSelector"),),
-    )
-    if how == "created":
-        _event(body, "Normal", "ServerCreated", f"created Deployment {_server_name(spec.name)}")
-    elif how == "updated":
-        _event(body, "Normal", "ServerUpdated", f"rolling Deployment {_server_name(spec.name)}")
+    if spec.image_mode == "import":
+        extra = await _import_observed(ctx, body, a, create=True)
+    if extra.get("importing") is None and extra.get("source_problem") is None:
+        # The server starts only after the import succeeded (its checksum verified).
+        _, how = await kube.ensure(
+            manifests.deployment(spec, ctx.config, a.base, secret_keys=a.secret_keys),
+            prune=(("spec", "template", "spec", "nodeSelector"),),
+        )
+        if how == "created":
+            _event(body, "Normal", "ServerCreated", f"created Deployment {_server_name(spec.name)}")
+        elif how == "updated":
+            _event(body, "Normal", "ServerUpdated", f"rolling Deployment {_server_name(spec.name)}")
     _, how = await kube.ensure(manifests.service(spec))
     if how == "created":
         _event(body, "Normal", "ServiceCreated", f"created Service {_server_name(spec.name)}")
@@ -331,7 +402,97 @@ async def _apply(ctx: Ctx, body: Mapping[str, Any], a: Assessment) -> dict[str, 
             "NetworkPolicyRemoved",
             "allowedClients is empty: every client may connect",
         )
-    return claim if spec.source_kind != "export" else None
+    return (claim if spec.source_kind != "export" else None), extra
+
+
+async def _read_progress(ctx: Ctx, job: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The importer's latest progress line, from the log of the Job's current pod."""
+    meta = job.get("metadata") or {}
+    ns, uid = str(meta.get("namespace")), str(meta.get("uid"))
+    # The Job controller labels its pods with the Job's uid: a Job re-created under the same
+    # name never reads an older one's pods.
+    pods = await ctx.kube.list("Pod", ns, {"batch.kubernetes.io/controller-uid": uid})
+    pod = current_pod(pods)
+    if pod is None:
+        return None
+    try:
+        log = await ctx.kube.log(ns, str(pod["metadata"]["name"]), IMPORTER, tail_lines=5)
+    except KubeError:  # not started yet (HTTP 400), or gone: no progress to tell
+        return None
+    return last_progress(log)
+
+
+async def _import_observed(
+    ctx: Ctx, body: Mapping[str, Any], a: Assessment, *, create: bool
+) -> dict[str, Any]:
+    """The import's state for write_status: status.import, and while it is not done either
+    ``importing`` (in progress) or ``source_problem`` (the Job gave up), and the import's
+    Events. With ``create`` (the sync path), start the Job when there is none."""
+    spec = a.spec
+    ns, job_name, where = spec.namespace, import_job_name(spec.name), spec.image_location
+    previous: dict[str, Any] = dict((body.get("status") or {}).get("import") or {})
+    job = await ctx.kube.get("Job", ns, job_name)
+    if job is None and previous.get("phase") == DONE:
+        # Imported once (the Job was cleaned up since): the data is in the claim.
+        return {"image_import": previous, "served_size": _imported_size(spec, previous)}
+    if job is None:
+        state = import_status(JobOutcome("Running"), None, None)
+        if create:
+            await ctx.kube.ensure(import_job(spec, ctx.config, a.secret_keys))
+            _event(
+                body,
+                "Normal",
+                "ImportStarted",
+                f"Job {job_name} imports {where} into PersistentVolumeClaim "
+                f"{claim_name(spec.name)}",
+            )
+        return {"image_import": state, "importing": ("Importing", describe(where, state))}
+    outcome = job_outcome(job)
+    state = import_status(outcome, await _read_progress(ctx, job), previous)
+    # Whichever path sees a change first tells it (status and Events are written together).
+    _import_events(body, job_name, where, previous, state)
+    if state["phase"] == DONE:
+        return {"image_import": state, "served_size": _imported_size(spec, state)}
+    if state["phase"] == FAILED:
+        problem = (
+            "ImportFailed",
+            f"the import of {where} failed after {state['attempts']} attempt(s): "
+            f"{state.get('message', outcome.reason)}; fix the cause, then delete Job "
+            f"{job_name} to try again (it resumes)",
+        )
+        return {"image_import": state, "source_problem": problem}
+    return {"image_import": state, "importing": ("Importing", describe(where, state))}
+
+
+def _import_events(
+    body: Mapping[str, Any],
+    job_name: str,
+    where: str,
+    previous: Mapping[str, Any],
+    state: Mapping[str, Any],
+) -> None:
+    """One Event per change of the import's course, not one per progress reading."""
+    phase, before = state["phase"], previous.get("phase")
+    tried, tried_before = int(state.get("attempts") or 0), int(previous.get("attempts") or 0)
+    if phase == DONE and before != DONE:
+        digest = f", sha256 {state['sha256']}" if state.get("sha256") else ""
+        size = f" ({state['totalBytes']} bytes{digest})" if "totalBytes" in state else ""
+        _event(body, "Normal", "ImportSucceeded", f"imported {where}{size}")
+    elif phase == FAILED and before != FAILED:
+        _event(
+            body,
+            "Warning",
+            "ImportFailed",
+            f"Job {job_name} gave up after {tried} attempt(s): {state.get('message', '')}",
+        )
+    elif tried > tried_before >= 1:
+        _event(
+            body,
+            "Warning",
+            "ImportRetrying",
+            f"attempt {tried_before} failed ({state.get('message') or previous.get('message')}); "
+            f"Job {job_name} started attempt {tried}, which resumes",
+        )
 
 
 async def _ensure_claim(
@@ -360,10 +521,13 @@ async def _ensure_overlay_claim(ctx: Ctx, body: Mapping[str, Any], a: Assessment
     """A clone's overlay claim, created once and owned by the export (so it goes with it).
     Never resized: the overlay is made for the base's size, and nbdserver refuses to serve it
     over a base of another size (the clone's data would be misread)."""
-    assert a.served_size is not None
+    # A clone's overlay is sized from its base; a stream's from spec.size (the remote's size
+    # is known to its server only).
+    size = a.served_size if a.spec.source_kind == "export" else a.spec.size_bytes
+    assert size is not None
     name = overlay_claim_name(a.spec.name)
     if await ctx.kube.get("PersistentVolumeClaim", a.spec.namespace, name) is None:
-        await ctx.kube.ensure(manifests.overlay_claim(a.spec, a.served_size, a.claim))
+        await ctx.kube.ensure(manifests.overlay_claim(a.spec, size, a.claim))
         _event(body, "Normal", "ClaimCreated", f"created PersistentVolumeClaim {name}")
 
 
@@ -391,9 +555,14 @@ async def finalize(ctx: Ctx, body: Mapping[str, Any]) -> None:
     await kube.delete("NetworkPolicy", ns, policy_name(name))
     await kube.delete("Service", ns, _server_name(name))
     await kube.delete("Deployment", ns, _server_name(name))
-    clone = spec is not None and spec.source_kind == "export"
-    if clone and await kube.delete("PersistentVolumeClaim", ns, overlay_claim_name(name)):
-        _event(body, "Normal", "ClaimDeleted", f"deleted the clone's overlay claim of {name}")
+    if spec is not None and spec.image_mode == "import":
+        await kube.delete("Job", ns, import_job_name(name))
+    overlaid = spec is not None and spec.persistent_overlay
+    if overlaid and await kube.delete("PersistentVolumeClaim", ns, overlay_claim_name(name)):
+        _event(body, "Normal", "ClaimDeleted", f"deleted the overlay claim of {name}")
+    imported = spec is not None and spec.image_mode == "import"
+    if imported and await kube.delete("PersistentVolumeClaim", ns, claim_name(name)):
+        _event(body, "Normal", "ClaimDeleted", f"deleted the imported claim {claim_name(name)}")
     if spec is not None and spec.source_kind == "volumeClaimTemplate":
         if spec.reclaim_policy == "Retain":
             # Without the owner reference the garbage collector leaves the claim alone.

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from nbd_api import LABEL_EXPORT, data_claim_name, parse_quantity
 
 SourceKind = Literal[
-    "volumeClaimTemplate", "persistentVolumeClaim", "hostDevice", "memory", "export"
+    "volumeClaimTemplate", "persistentVolumeClaim", "hostDevice", "memory", "export", "image"
 ]
 SOURCE_KINDS: tuple[SourceKind, ...] = (
     "volumeClaimTemplate",
@@ -25,7 +25,12 @@ SOURCE_KINDS: tuple[SourceKind, ...] = (
     "hostDevice",
     "memory",
     "export",
+    "image",
 )
+
+# The formats nbdserver serves (--format); the last two it reads only.
+FORMATS = ("raw", "qcow2", "vmdk", "xz")
+READ_ONLY_FORMATS = ("vmdk", "xz")
 
 PART_OF = "kube-nbd"
 MANAGED_BY = "nbd-operator"
@@ -69,6 +74,10 @@ class ExportSpec:
     source_kind: SourceKind
     source: Mapping[str, Any]
     size_bytes: int | None
+    # How the source's bytes are read (nbdserver --format). A clone has no format of its own:
+    # format_known stays False until the reconciler fills in its base's.
+    format: str = "raw"
+    format_known: bool = True
     read_only: bool = False
     copy_on_write: bool = False
     access_mode: str = "ReadWriteOnce"
@@ -91,6 +100,25 @@ class ExportSpec:
         if self.source_kind in ("volumeClaimTemplate", "persistentVolumeClaim"):
             return self.volume_mode == "Filesystem"
         return False
+
+    @property
+    def image_mode(self) -> str | None:
+        """import or stream for an image source; None for the other kinds."""
+        return str(self.source.get("mode", "import")) if self.source_kind == "image" else None
+
+    @property
+    def image_location(self) -> str:
+        """An image source's remote as nbdserver takes it: the URL, or s3://bucket/key."""
+        s3 = self.source.get("s3")
+        if s3:
+            return f"s3://{s3['bucket']}/{s3['key']}"
+        return str(self.source["url"])
+
+    @property
+    def persistent_overlay(self) -> bool:
+        """Writes are this export's data and live on a claim it owns (<name>-nbd-overlay): a
+        clone's, and a writable stream's (the remote itself is never written)."""
+        return self.source_kind == "export" or (self.image_mode == "stream" and not self.read_only)
 
     @property
     def reclaim_policy(self) -> str:
@@ -122,6 +150,13 @@ def parse_spec(body: Mapping[str, Any]) -> ExportSpec:
         source_body.setdefault("path", "disk.img")
     if kind == "volumeClaimTemplate":
         source_body.setdefault("reclaimPolicy", "Delete")
+    if kind == "image":
+        source_body.setdefault("mode", "import")
+        source_body.setdefault("volumeMode", "Filesystem")
+    # A stream is read-only at the remote: written to, it is a copy-on-write over it.
+    writable_stream = (
+        kind == "image" and source_body["mode"] == "stream" and not spec.get("readOnly", False)
+    )
 
     size_bytes: int | None = None
     if spec.get("size") is not None:
@@ -149,8 +184,10 @@ def parse_spec(body: Mapping[str, Any]) -> ExportSpec:
         source_kind=kind,
         source=source_body,
         size_bytes=size_bytes,
+        format=str(spec.get("format") or "raw"),
+        format_known=kind != "export",
         read_only=bool(spec.get("readOnly", False)),
-        copy_on_write=bool(spec.get("copyOnWrite", False)) or kind == "export",
+        copy_on_write=bool(spec.get("copyOnWrite", False)) or kind == "export" or writable_stream,
         access_mode=str(spec.get("accessMode", "ReadWriteOnce")),
         allowed_clients=tuple(str(c) for c in spec.get("allowedClients") or ()),
         tls=tls,
@@ -173,9 +210,41 @@ def parse_spec(body: Mapping[str, Any]) -> ExportSpec:
         raise SpecError(f"spec.size is required for a {kind} source")
     if kind == "memory" and (result.read_only or result.copy_on_write):
         raise SpecError("a memory export starts empty; readOnly and copyOnWrite make no sense")
+    _check_format(result, given=spec.get("format") is not None)
+    if kind == "image":
+        _check_image(result)
     if result.source_kind == "volumeClaimTemplate" and result.size_bytes is None:
         raise SpecError("spec.size is required for a volumeClaimTemplate source")
     return result
+
+
+def _check_format(spec: ExportSpec, *, given: bool) -> None:
+    """The CRD's format rules, again (a schema bypass must not reach the server's flags)."""
+    if spec.format not in FORMATS:
+        raise SpecError(f"format must be one of {', '.join(FORMATS)}, not {spec.format!r}")
+    if spec.format in READ_ONLY_FORMATS and not (spec.read_only or spec.copy_on_write):
+        raise SpecError(f"format {spec.format} is served read-only: set readOnly or copyOnWrite")
+    if spec.source_kind == "memory" and spec.format != "raw":
+        raise SpecError("a memory export is raw: format must be raw or absent")
+    if spec.source_kind == "export" and given:
+        raise SpecError("a clone serves its base's format: leave format unset")
+
+
+def _check_image(spec: ExportSpec) -> None:
+    """The CRD's image rules, again."""
+    src = spec.source
+    if bool(src.get("url")) == bool(src.get("s3")):
+        raise SpecError("source.image needs exactly one of url and s3")
+    if spec.image_mode not in ("import", "stream"):
+        raise SpecError(f"source.image.mode must be import or stream, not {spec.image_mode!r}")
+    if spec.image_mode == "import" and spec.size_bytes is None:
+        raise SpecError("spec.size is required for an image import (the claim's image room)")
+    if spec.persistent_overlay and spec.size_bytes is None:
+        raise SpecError("spec.size is required for a writable image stream (its overlay's room)")
+    if spec.image_mode == "stream" and spec.format != "raw":
+        raise SpecError("an image stream serves raw images only: use mode import")
+    if spec.volume_mode == "Block" and spec.format != "raw":
+        raise SpecError("an import into a Block claim needs format raw")
 
 
 # Children names: deterministic, derived from the export's name only, so a restarted operator
@@ -190,8 +259,13 @@ def claim_name(export: str) -> str:
     return data_claim_name(export)
 
 
+def import_job_name(export: str) -> str:
+    """The Job that copies an image source into the export's claim."""
+    return f"{export}-nbd-import"
+
+
 def overlay_claim_name(export: str) -> str:
-    """The PersistentVolumeClaim that holds a clone's copy-on-write overlay."""
+    """The PersistentVolumeClaim that holds a clone's (or a stream's) copy-on-write overlay."""
     return f"{export}-nbd-overlay"
 
 

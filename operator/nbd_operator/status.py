@@ -22,6 +22,7 @@ from nbd_api import (
     export_uri,
 )
 
+from nbd_operator.import_progress import FIELDS as IMPORT_FIELDS
 from nbd_operator.spec import ExportSpec, server_name
 
 Problem = tuple[str, str]  # (reason, message): a CamelCase reason and a sentence saying what to fix
@@ -43,6 +44,8 @@ class Observed:
     refused: Problem | None = None  # part of an update refused (shrink); still serving
     deletion_blocked: Problem | None = None
     served_size: int | None = None
+    image_import: Mapping[str, Any] | None = None  # status.import of an image import
+    importing: Problem | None = None  # the import has not finished: (reason, progress sentence)
     attachments: Sequence[Attachment] = field(default_factory=tuple)
     previous_conditions: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
 
@@ -94,6 +97,14 @@ def _source_condition(obs: Observed) -> tuple[bool, str, str]:
         if claim_bound(obs.claim):
             return True, "ClaimBound", "the PersistentVolumeClaim is bound"
         return False, "ClaimPending", "waiting for the PersistentVolumeClaim to be bound"
+    if spec.source_kind == "image":
+        if obs.importing is not None:
+            return False, obs.importing[0], obs.importing[1]
+        if spec.image_mode == "stream":
+            return True, "Streaming", f"served from {spec.image_location}"
+        if claim_bound(obs.claim):
+            return True, "Imported", f"imported from {spec.image_location}"
+        return False, "ClaimPending", "waiting for the PersistentVolumeClaim to be bound"
     if spec.source_kind == "hostDevice":
         return True, "NodeFound", f"device {spec.source['path']} on node {spec.source['nodeName']}"
     if spec.source_kind == "memory":
@@ -139,7 +150,7 @@ def compute_status(obs: Observed, now: str) -> dict[str, Any]:
         phase = "Failed"
     elif ready:
         phase = "Ready"
-    elif obs.deployment is None:
+    elif obs.deployment is None and obs.importing is None:
         phase = "Pending"
     else:
         phase = "Provisioning"
@@ -166,9 +177,14 @@ def compute_status(obs: Observed, now: str) -> dict[str, Any]:
     if spec is not None:
         tls = spec.tls is not None and spec.tls.required
         status["uri"] = export_uri(server_name(spec.name), spec.namespace, spec.name, tls=tls)
+        if spec.format_known:
+            status["format"] = spec.format
         status["readOnly"] = spec.read_only
         status["accessMode"] = spec.access_mode
         status["tls"] = spec.tls is not None
         if obs.served_size is not None:
             status["sizeBytes"] = obs.served_size
+    if obs.image_import is not None:
+        # Keys the import no longer reports go as null: a merge patch removes them.
+        status["import"] = {key: None for key in IMPORT_FIELDS} | dict(obs.image_import)
     return status

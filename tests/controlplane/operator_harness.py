@@ -54,6 +54,9 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/events": {"kind": "Event", "namespaced": True},
     "networking.k8s.io/v1/networkpolicies": {"kind": "NetworkPolicy", "namespaced": True},
     "coordination.k8s.io/v1/leases": {"kind": "Lease", "namespaced": True},
+    # An image import's Job, and the pods the Job controller (played by the tests) starts.
+    "batch/v1/jobs": {"kind": "Job", "namespaced": True, "subresources": {"status"}},
+    "v1/pods": {"kind": "Pod", "namespaced": True, "subresources": {"status", "log"}},
     # What the CSI controller makes for a snapshot (no snapshot controller plays it here).
     "snapshot.storage.k8s.io/v1/volumesnapshots": {"kind": "VolumeSnapshot", "namespaced": True},
 }
@@ -69,6 +72,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
         self._version = 0
         self._failures: dict[tuple[str, str], int] = {}
         self._history: list[tuple[int, Any, dict[str, Any]]] = []
+        # What each pod's containers wrote: (namespace, pod, container) -> lines.
+        self.pod_logs: dict[tuple[str, str, str], list[str]] = {}
         server = self
 
         class RecordingBus(kmock.Bus[Any]):
@@ -114,6 +119,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
         if self._failures.get(key, 0) > 0:
             self._failures[key] -= 1
             raise kmock.KubernetesError(500, "InternalError", "injected by the test")
+        if request.resource is not None and request.subresource == "log":
+            return self._serve_log(request)
         data = request.data
         if request.resource is not None and isinstance(data, list):
             # A JSON patch (kopf's, with a resourceVersion "test" op). A failed test is HTTP 422
@@ -168,6 +175,32 @@ class FakeApiServer(kmock.KubernetesEmulator):
         finally:
             async with self.changed:
                 self.changed.notify_all()
+
+    def write_log(self, namespace: str, pod: str, container: str, *lines: str) -> None:
+        """Play the container runtime: the container writes these lines to its stdout."""
+        self.pod_logs.setdefault((namespace, pod, container), []).extend(lines)
+
+    def _serve_log(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        """``GET pods/NAME/log`` as kube-apiserver answers it: plain text, ``tailLines`` honoured;
+        404 for a pod that does not exist, 400 for a container that has not started (the
+        kubelet's "is waiting to start")."""
+        namespace, name = request.namespace or "", request.name or ""
+        pod = self.current("pods", namespace, name)
+        if pod is None:
+            raise kmock.KubernetesError(404, "NotFound", f'pods "{name}" not found')
+        containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
+        container = request.params.get("container") or (containers[0] if containers else "")
+        if container not in containers:
+            message = f"container {container} is not valid for pod {name}"
+            raise kmock.KubernetesError(400, "BadRequest", message)
+        lines = self.pod_logs.get((namespace, name, container))
+        if lines is None:
+            message = f'container "{container}" in pod "{name}" is waiting to start'
+            raise kmock.KubernetesError(400, "BadRequest", message)
+        tail = request.params.get("tailLines")
+        shown = lines[-int(tail) :] if tail and int(tail) > 0 else ([] if tail else lines)
+        body = "".join(f"{line}\n" for line in shown)
+        return aiohttp.web.Response(text=body, content_type="text/plain")
 
     async def _serve_list(self, request: rendering.Request) -> Any:
         # A list is a consistent snapshot at a resourceVersion that a watch can resume from.
@@ -325,3 +358,93 @@ def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any]:
         if cond.get("type") == ctype:
             return dict(cond)
     return {}
+
+
+class JobController:
+    """Plays the Job controller and the kubelet for one Job: starts its pods (labelled and owned
+    as the real controller does), lets their container write lines, ends them, and keeps the
+    Job's status counters and conditions as the controller writes them."""
+
+    def __init__(self, server: FakeApiServer, client: Kube, name: str) -> None:
+        self.server, self.client, self.name = server, client, name
+        self.failed = 0
+        self.pod: str | None = None
+
+    async def job(self) -> dict[str, Any]:
+        job = await self.client.get("Job", NS, self.name)
+        assert job is not None, f"Job {self.name} does not exist"
+        return job
+
+    async def start_pod(self) -> str:
+        """A new attempt: a Running pod of the Job's template (its container not started)."""
+        job = await self.job()
+        uid = job["metadata"]["uid"]
+        template = job["spec"]["template"]
+        name = f"{self.name}-{uuid.uuid4().hex[:5]}"
+        labels = {
+            **(template.get("metadata") or {}).get("labels", {}),
+            "batch.kubernetes.io/controller-uid": uid,
+            "batch.kubernetes.io/job-name": self.name,
+            "controller-uid": uid,
+            "job-name": self.name,
+        }
+        owner = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": self.name,
+            "uid": uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "labels": labels,
+                "ownerReferences": [owner],
+            },
+            "spec": template["spec"],
+        }
+        await self.client.create(pod)
+        await self._pod_phase(name, "Running")
+        self.pod = name
+        await self._job_status(active=1)
+        return name
+
+    def write(self, *lines: str) -> None:
+        """The current pod's container writes these lines (its stdout)."""
+        assert self.pod is not None
+        self.server.write_log(NS, self.pod, "importer", *lines)
+
+    async def pod_failed(self) -> None:
+        assert self.pod is not None
+        await self._pod_phase(self.pod, "Failed")
+        self.failed += 1
+        await self._job_status(active=0)
+
+    async def give_up(self, reason: str = "BackoffLimitExceeded") -> None:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        cond = {
+            "type": "Failed",
+            "status": "True",
+            "reason": reason,
+            "message": "Job has reached the specified backoff limit",
+            "lastTransitionTime": now,
+        }
+        await self._job_status(active=0, conditions=[cond])
+
+    async def succeed(self) -> None:
+        assert self.pod is not None
+        await self._pod_phase(self.pod, "Succeeded")
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        cond = {"type": "Complete", "status": "True", "lastTransitionTime": now}
+        await self._job_status(active=0, succeeded=1, conditions=[cond])
+
+    async def _pod_phase(self, name: str, phase: str) -> None:
+        await self.client.patch("Pod", NS, name, {"status": {"phase": phase}}, subresource="status")
+
+    async def _job_status(self, **fields: Any) -> None:
+        status: dict[str, Any] = {"failed": self.failed, **fields}
+        await self.client.patch("Job", NS, self.name, {"status": status}, subresource="status")

@@ -30,6 +30,10 @@ OPERATOR_NAMESPACED_RULES: set[Rule] = {
     # list/watch: status.attachments; delete: Leases whose holder node no longer exists.
     ("coordination.k8s.io", "leases", ("delete", "list", "watch")),
     ("", "events", ("create",)),
+    # An image import: its Job, and the progress lines in its pod's log.
+    ("batch", "jobs", ("create", "delete", "get", "list", "patch", "watch")),
+    ("", "pods", ("list",)),
+    ("", "pods/log", ("get",)),
 }
 OPERATOR_CLUSTER_RULES: set[Rule] = {
     # get: hostDevice nodes and Lease holders exist; list/watch: a Node deletion frees Leases.

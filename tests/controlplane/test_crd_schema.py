@@ -135,10 +135,11 @@ def test_printer_columns_show_phase_reason_size_uri_attachments_and_age() -> Non
         "URI": ".status.uri",
         "Attached": ".status.attachmentCount",
         "Age": ".metadata.creationTimestamp",
+        "Format": ".status.format",  # what is served, a clone's inherited from its base
         "Message": ".status.message",
     }
     wide = {c["name"] for c in VERSION["additionalPrinterColumns"] if c.get("priority")}
-    assert wide == {"Message"}  # long sentences only with kubectl get -o wide
+    assert wide == {"Format", "Message"}  # only with kubectl get -o wide
     for path in columns.values():
         if path.startswith(".metadata."):
             continue  # metadata is the API server's, not the CRD's schema
@@ -198,6 +199,17 @@ def test_there_is_an_example_for_every_source_kind() -> None:
         ({**MEMORY, "qos": {"readIOPS": 0}}, "schema"),
         ({**MEMORY, "tls": {}}, "schema"),
         ({**MEMORY, "tls": {"secretName": "s", "mode": "Sometimes"}}, "schema"),
+        ({**MEMORY, "format": "qcow3"}, "schema"),
+        ({**MEMORY, "format": "qcow2"}, "memory export is raw"),
+        ({"source": {"export": {"name": "base"}}, "format": "raw"}, "base's format"),
+        (
+            {"source": {"persistentVolumeClaim": {"claimName": "c"}}, "size": 1, "format": "vmdk"},
+            "served read-only",
+        ),
+        (
+            {"source": {"hostDevice": {"nodeName": "n", "path": "/dev/sdb"}}, "format": "xz"},
+            "served read-only",
+        ),
     ],
 )
 def test_an_invalid_export_is_rejected_with_a_reason(spec: dict[str, Any], message: str) -> None:
@@ -230,6 +242,7 @@ def test_the_export_name_must_fit_a_service_name() -> None:
             "accessMode is immutable",
         ),
         ({"tls": {"secretName": "s"}}, "tls cannot be switched"),
+        ({"format": "raw"}, "format is immutable"),  # absent (raw) to explicit raw: still a change
     ],
 )
 def test_updates_keep_immutable_fields_immutable(
@@ -282,6 +295,22 @@ def test_a_clone_may_name_its_overlays_storage_class() -> None:
     assert admit(export(spec)) == []
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk", "xz"])
+def test_every_format_is_admitted_where_it_can_be_served(fmt: str) -> None:
+    claim = {"source": {"persistentVolumeClaim": {"claimName": "c"}}, "size": 1, "format": fmt}
+    assert admit(export({**claim, "readOnly": True, "accessMode": "ReadOnlyMany"})) == []
+    assert admit(export({**claim, "copyOnWrite": True})) == []
+    writable = admit(export(claim))
+    assert (writable == []) == (fmt in ("raw", "qcow2")), writable
+
+
+def test_a_format_may_stay_as_it_was() -> None:
+    old = export({**SAMPLES["hostDevice"], "format": "qcow2"})
+    assert admit(copy.deepcopy(old), old) == []
+    changed = export({**SAMPLES["hostDevice"], "format": "raw"})
+    assert any("format is immutable" in e for e in admit(changed, old))
+
+
 # One minimal, valid spec per source kind: a kind added to the schema without a sample here
 # fails the tests below (a KeyError), so the rules that single out memory get revisited.
 SAMPLES: dict[str, dict[str, Any]] = {
@@ -290,6 +319,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "hostDevice": {"source": {"hostDevice": {"nodeName": "n", "path": "/dev/sdb"}}},
     "memory": MEMORY,
     "export": {"source": {"export": {"name": "base"}}},
+    "image": {"source": {"image": {"url": "https://images.example/disk.img"}}, "size": "4Gi"},
 }
 SOURCE_KINDS = sorted(SCHEMA["properties"]["spec"]["properties"]["source"]["properties"])
 
@@ -305,6 +335,18 @@ def test_only_a_memory_source_refuses_copy_on_write(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", SOURCE_KINDS)
+def test_only_a_memory_source_refuses_a_non_raw_format(kind: str) -> None:
+    """As for copyOnWrite, the memory rule names the other kinds; a clone refuses any format
+    (it inherits its base's)."""
+    spec = {**SAMPLES[kind], "format": "qcow2"}
+    errors = admit(export(spec))
+    assert any("memory export is raw" in e for e in errors) == (kind == "memory"), errors
+    assert any("base's format" in e for e in errors) == (kind == "export"), errors
+    if kind not in ("memory", "export"):
+        assert errors == []
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS)
 def test_size_is_required_exactly_where_the_source_has_no_size_of_its_own(kind: str) -> None:
     spec = {k: v for k, v in SAMPLES[kind].items() if k != "size"}
     required = any("size is required" in e for e in admit(export(spec)))
@@ -316,3 +358,92 @@ def test_size_is_required_exactly_where_the_source_has_no_size_of_its_own(kind: 
 def test_the_source_kind_never_changes(old_kind: str, new_kind: str) -> None:
     errors = admit(export(SAMPLES[new_kind]), export(SAMPLES[old_kind]))
     assert any("source is immutable" in e for e in errors) == (old_kind != new_kind), errors
+
+
+URL = "https://images.example/disk.qcow2"
+S3 = {"bucket": "golden-images", "key": "debian/12.qcow2"}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"source": {"image": {"url": URL}}, "size": "10Gi", "format": "qcow2"},
+        {"source": {"image": {"url": URL, "sha256": "a" * 64}}, "size": "10Gi"},
+        {
+            "source": {"image": {"s3": {**S3, "endpoint": "http://minio:9000", "region": "eu"}}},
+            "size": "10Gi",
+            "format": "vmdk",
+            "readOnly": True,
+        },
+        {"source": {"image": {"url": URL, "volumeMode": "Block"}}, "size": "10Gi"},
+        {"source": {"image": {"url": URL, "secretRef": {"name": "creds"}}}, "size": 1},
+        # stream: read-only at the remote's size, or writable over an overlay of spec.size
+        {"source": {"image": {"url": URL, "mode": "stream"}}, "readOnly": True},
+        {"source": {"image": {"s3": S3, "mode": "stream", "cacheSize": "256Mi"}}, "size": "1Gi"},
+    ],
+)
+def test_valid_image_sources_are_admitted(spec: dict[str, Any]) -> None:
+    assert admit(export(spec)) == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"source": {"image": {}}, "size": "1Gi"}, "exactly one of url and s3"),
+        ({"source": {"image": {"url": URL, "s3": S3}}, "size": "1Gi"}, "exactly one of url"),
+        ({"source": {"image": {"url": "ftp://x/disk.img"}}, "size": "1Gi"}, "schema"),
+        ({"source": {"image": {"url": URL}}}, "size is required"),
+        ({"source": {"image": {"url": URL, "mode": "stream"}}}, "size is required"),
+        (
+            {"source": {"image": {"url": URL, "mode": "stream"}}, "readOnly": True, "size": 1},
+            "size must not be set",
+        ),
+        ({"source": {"image": {"url": URL, "mode": "copy"}}, "size": "1Gi"}, "schema"),
+        ({"source": {"image": {"url": URL, "sha256": "ABC"}}, "size": "1Gi"}, "schema"),
+        ({"source": {"image": {"s3": {"bucket": "b"}}}, "size": "1Gi"}, "schema"),
+        ({"source": {"image": {"s3": {**S3, "bucket": "Not_A_Bucket"}}}, "size": 1}, "schema"),
+        (
+            {
+                "source": {"image": {"url": URL, "volumeMode": "Block"}},
+                "size": 1,
+                "format": "qcow2",
+            },
+            "volumeMode Block needs format raw",
+        ),
+        (
+            {
+                "source": {"image": {"url": URL, "mode": "stream"}},
+                "readOnly": True,
+                "format": "qcow2",
+            },
+            "serves raw images only",
+        ),
+        (
+            {"source": {"image": {"url": URL, "mode": "stream", "volumeMode": "Block"}}, "size": 1},
+            "mode import only",
+        ),
+        ({"source": {"image": {"url": URL, "cacheSize": "1Gi"}}, "size": 1}, "mode stream only"),
+        ({"source": {"image": {"url": URL}}, "size": 1, "format": "xz"}, "served read-only"),
+    ],
+)
+def test_invalid_image_sources_are_rejected_with_a_reason(
+    spec: dict[str, Any], message: str
+) -> None:
+    errors = admit(export(spec))
+    assert any(message in e for e in errors), errors
+
+
+def test_an_image_source_is_immutable() -> None:
+    old = export({"source": {"image": {"url": URL}}, "size": "1Gi"})
+    new = export({"source": {"image": {"url": URL + "2"}}, "size": "1Gi"})
+    assert any("source is immutable" in e for e in admit(new, old))
+    assert admit(copy.deepcopy(old), old) == []
+
+
+def test_an_image_source_defaults_to_an_import_into_a_filesystem_claim() -> None:
+    obj = apply_defaults(SCHEMA, export({"source": {"image": {"url": URL}}, "size": 1}))
+    assert obj["spec"]["source"]["image"] == {
+        "url": URL,
+        "mode": "import",
+        "volumeMode": "Filesystem",
+    }

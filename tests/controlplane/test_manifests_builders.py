@@ -340,6 +340,13 @@ def test_copy_on_write_keeps_the_source_read_only_and_adds_an_overlay() -> None:
         ({"source": {"memory": {}}, "size": 0}, "greater than zero"),
         ({"source": {"memory": {}}, "size": "1Gi", "readOnly": True}, "memory export"),
         ({"source": {"memory": {}}, "size": "1Gi", "connections": 0}, "positive"),
+        ({"source": {"memory": {}}, "size": "1Gi", "format": "qcow2"}, "memory export is raw"),
+        ({"source": {"memory": {}}, "size": "1Gi", "format": "vhdx"}, "format must be one of"),
+        ({"source": {"export": {"name": "b"}}, "format": "raw"}, "base's format"),
+        (
+            {"source": {"hostDevice": {"nodeName": "n", "path": "/dev/x"}}, "format": "vmdk"},
+            "read-only",
+        ),
     ],
 )
 def test_a_spec_that_cannot_be_served_is_a_clear_error(spec: dict[str, Any], message: str) -> None:
@@ -352,3 +359,31 @@ def test_the_schema_check_would_catch_a_malformed_object() -> None:
     dep["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["tcpSocket"]["prot"] = 1
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(dep, K8S_VERSIONS[0], strict=True)
+
+
+def _args(spec: ExportSpec, base: ExportSpec | None = None) -> list[str]:
+    pod = manifests.deployment(spec, CONFIG, base)["spec"]["template"]["spec"]
+    return list(pod["containers"][0]["args"])
+
+
+def test_the_format_reaches_the_server_and_a_non_raw_image_is_never_sized() -> None:
+    qcow2 = parse_spec(body({**SOURCES["pvc-fs"], "format": "qcow2"}))
+    args = _args(qcow2)
+    assert args[args.index("--format") + 1] == "qcow2"
+    assert "--size" not in args  # nbdserver never creates or grows a qcow2 (qemu-img does)
+    raw = _args(parse_spec(body(SOURCES["pvc-fs"])))
+    assert raw[raw.index("--format") + 1] == "raw" and "--size" in raw
+    xz = _args(parse_spec(body({**SOURCES["host"], "format": "xz", "readOnly": True})))
+    assert xz[xz.index("--format") + 1] == "xz" and "--read-only" in xz
+
+
+def test_a_clone_serves_its_base_in_the_bases_format_under_a_persistent_overlay() -> None:
+    base = parse_spec(
+        body({**SOURCES["pvc-fs"], "format": "vmdk", "readOnly": True}, name="golden")
+    )
+    clone = parse_spec(body({"source": {"export": {"name": "golden"}}}, name="copy"))
+    assert not clone.format_known  # unknown until the base is read
+    args = _args(clone, base)
+    assert args[args.index("--format") + 1] == "vmdk"
+    assert args[args.index("--copy-on-write") + 1] == "persistent"
+    assert "--size" not in args

@@ -29,6 +29,16 @@ CASES: dict[str, dict[str, Any]] = {
         "source": {"persistentVolumeClaim": {"claimName": "c", "volumeMode": "Block"}},
         "copyOnWrite": True,
     },
+    "qcow2": {
+        "source": {"persistentVolumeClaim": {"claimName": "c"}},
+        "size": "2Gi",
+        "format": "qcow2",
+    },
+    "xz-cow": {
+        "source": {"hostDevice": {"nodeName": "n", "path": "/dev/sdb"}},
+        "format": "xz",
+        "copyOnWrite": True,
+    },
     "everything": {
         "source": {"volumeClaimTemplate": {}},
         "size": "4Gi",
@@ -65,7 +75,8 @@ def test_the_settings_arrive_as_intended() -> None:
     args = build_parser().parse_args(command_line(CASES["everything"]))
     assert args.image == "/data/disk.img"
     for case in CASES.values():  # a volume's content never decides how it is served
-        assert build_parser().parse_args(command_line(case)).format == "raw"
+        wanted = case.get("format", "raw")
+        assert build_parser().parse_args(command_line(case)).format == wanted
     assert args.size == str(4 * 2**30)
     assert args.allow == ["10.0.0.0/8", "fd00::/8"]
     assert args.connections == 8
@@ -93,7 +104,7 @@ def _assembled(args: argparse.Namespace) -> ServerConfig:
     return assemble(read_layer(args), None)
 
 
-@pytest.mark.parametrize("case", ["memory", "claim-ro", "block-cow"])
+@pytest.mark.parametrize("case", ["memory", "claim-ro", "block-cow", "qcow2", "xz-cow"])
 def test_nbdserver_builds_a_configuration_from_it(case: str) -> None:
     config = _assembled(build_parser().parse_args(command_line(CASES[case])))
     assert config is not None

@@ -196,6 +196,28 @@ async def test_a_clone_runs_beside_its_read_only_base_and_refuses_a_writable_one
         assert server.current("deployments", NS, "badcopy-nbd") is None
 
 
+async def test_a_clone_inherits_its_bases_format() -> None:
+    base = {"source": {"volumeClaimTemplate": {}}, "size": "1Gi", "readOnly": True}
+    async with api_server() as (server, client), running_operator(server):
+        await client.create(export("golden", {**base, "format": "qcow2"}))
+        await server.wait_for(lambda: server.current("deployments", NS, "golden-nbd"))
+        await client.create(export("copy", {"source": {"export": {"name": "golden"}}}))
+        dep = await server.wait_for(lambda: server.current("deployments", NS, "copy-nbd"))
+        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--format") + 1] == "qcow2"
+        assert args[args.index("--copy-on-write") + 1] == "persistent"
+        obj = await server.wait_for(
+            lambda: (
+                (o := server.current("nbdexports", NS, "copy"))
+                and (o.get("status") or {}).get("format")
+                and o
+            )
+        )
+        assert obj["status"]["format"] == "qcow2"  # kubectl get -o wide shows what is served
+        golden = server.current("nbdexports", NS, "golden") or {}
+        assert golden["status"]["format"] == "qcow2"
+
+
 async def test_an_invalid_spec_that_slipped_past_the_schema_fails_permanently() -> None:
     async with api_server() as (server, client), running_operator(server):
         # The emulator has no CRD validation; a real API server would have refused this.

@@ -9,6 +9,7 @@ from typing import Any
 import nbd_api
 import pytest
 import yaml
+from nbd_operator.import_progress import FIELDS, JobOutcome, import_status
 from nbd_operator.spec import parse_spec
 from nbd_operator.status import Observed, compute_status, deployment_available
 from test_chart_support import ROOT
@@ -172,3 +173,28 @@ def test_every_status_field_the_operator_writes_is_in_the_crd() -> None:
         assert all(set(c) <= set(condition_fields) for c in status["conditions"])
         attachment_fields = schema["properties"]["attachments"]["items"]["properties"]
         assert all(set(a) <= set(attachment_fields) for a in status["attachments"])
+
+
+def test_an_imports_status_fields_are_in_the_crd_and_it_provisions_while_importing() -> None:
+    crd = yaml.safe_load((ROOT / "crds" / "nbdexport.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    declared = schema["properties"]["import"]["properties"]
+    assert set(FIELDS) == set(declared)
+    image = parse_spec(
+        {
+            "metadata": {"name": "d", "namespace": "ns", "uid": "u"},
+            "spec": {"source": {"image": {"url": "https://x/d.img"}}, "size": "1Gi"},
+        }
+    )
+    progress = {"phase": "downloading", "bytes": 1, "totalBytes": 4, "rateBytesPerSecond": 1}
+    state = import_status(JobOutcome("Running", attempts=1), progress)
+    assert set(state) <= set(declared)
+    assert state["phase"] in declared["phase"]["enum"]
+    status = compute_status(
+        observe(spec=image, image_import=state, importing=("Importing", "importing: 25%")), T0
+    )
+    assert status["phase"] == "Provisioning" and status["reason"] == "Importing"
+    assert status["import"]["percent"] == 25
+    assert status["import"]["sha256"] is None  # a merge patch removes what is no longer known
+    done = compute_status(observe(spec=image, claim=BOUND, deployment=AVAILABLE), T0)
+    assert done["phase"] == "Ready" and conditions(done)["SourceBound"] == ("True", "Imported")
