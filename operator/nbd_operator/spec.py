@@ -222,7 +222,9 @@ def _check_format(spec: ExportSpec, *, given: bool) -> None:
     """The CRD's format rules, again (a schema bypass must not reach the server's flags)."""
     if spec.format not in FORMATS:
         raise SpecError(f"format must be one of {', '.join(FORMATS)}, not {spec.format!r}")
-    if spec.format in READ_ONLY_FORMATS and not (spec.read_only or spec.copy_on_write):
+    if spec.format in READ_ONLY_FORMATS and not (
+        spec.read_only or spec.copy_on_write or spec.persistent_overlay
+    ):
         raise SpecError(f"format {spec.format} is served read-only: set readOnly or copyOnWrite")
     if spec.source_kind == "memory" and spec.format != "raw":
         raise SpecError("a memory export is raw: format must be raw or absent")
@@ -241,8 +243,6 @@ def _check_image(spec: ExportSpec) -> None:
         raise SpecError("spec.size is required for an image import (the claim's image room)")
     if spec.persistent_overlay and spec.size_bytes is None:
         raise SpecError("spec.size is required for a writable image stream (its overlay's room)")
-    if spec.image_mode == "stream" and spec.format != "raw":
-        raise SpecError("an image stream serves raw images only: use mode import")
     if spec.volume_mode == "Block" and spec.format != "raw":
         raise SpecError("an import into a Block claim needs format raw")
 

@@ -1,14 +1,12 @@
 """An image source's objects, built by pure functions: the import Job and a stream's server.
 
 Both are checked against the real Kubernetes schemas (kubernetes-validate, strict). The Job's
-command line is checked against the ``nbdserver import`` contract (docs/operator.md) with a
-parser written from it, since that command is not on this branch yet; the stream's command
-line goes through nbdserver's own parser, as every other server command line does.
+command line and the stream's both go through nbdserver's own parser, as every other server
+command line does.
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import kubernetes_validate
@@ -30,24 +28,6 @@ SHA = "0" * 64
 def spec_of(spec: dict[str, Any], name: str = "disk") -> Any:
     body = {"metadata": {"name": name, "namespace": "storage", "uid": "u-1"}, "spec": spec}
     return parse_spec(body)
-
-
-def contract_parser() -> argparse.ArgumentParser:
-    """``nbdserver import SOURCE DEST [...]`` as the contract spells it."""
-    p = argparse.ArgumentParser(prog="nbdserver", exit_on_error=False)
-    sub = p.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", exit_on_error=False)
-    imp.add_argument("source")
-    imp.add_argument("dest")
-    imp.add_argument("--format", choices=["raw", "qcow2", "vmdk", "xz"])
-    imp.add_argument("--output-format", choices=["raw", "same"])
-    imp.add_argument("--sha256")
-    imp.add_argument("--progress", nargs="?", const="bar", choices=["bar", "json"])
-    imp.add_argument("--work-dir")
-    imp.add_argument("--ca-bundle")
-    imp.add_argument("--s3-endpoint")
-    imp.add_argument("--remote-timeout", type=float)
-    return p
 
 
 def container_of(obj: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +80,7 @@ def test_the_import_job_runs_the_importer_into_the_claim_and_fails_fast_on_exit_
         "import", URL, "/data/disk.img", "--format", "qcow2", "--output-format", "same",
         "--sha256", SHA, "--progress", "json",
     ]  # fmt: skip
-    args = contract_parser().parse_args(container["args"])
+    args = build_parser().parse_args(container["args"])
     assert (args.source, args.dest, args.format, args.progress) == (
         URL,
         "/data/disk.img",
@@ -128,7 +108,7 @@ def test_the_import_job_runs_the_importer_into_the_claim_and_fails_fast_on_exit_
 def test_a_block_import_writes_the_raw_disk_to_the_device() -> None:
     job = import_job(spec_of(BLOCK), CONFIG)
     container = container_of(job)
-    args = contract_parser().parse_args(container["args"])
+    args = build_parser().parse_args(container["args"])
     assert (args.dest, args.output_format, args.work_dir) == ("/dev/nbd-backing", "raw", "/work")
     assert container["volumeDevices"] == [{"name": "data", "devicePath": "/dev/nbd-backing"}]
     assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 0
@@ -143,7 +123,7 @@ def test_the_secret_becomes_environment_and_a_ca_bundle() -> None:
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
         "secretKeyRef": {"name": "creds", "key": "AWS_ACCESS_KEY_ID"}
     }
-    args = contract_parser().parse_args(container["args"])
+    args = build_parser().parse_args(container["args"])
     assert args.source == "s3://golden/d.raw"
     assert args.s3_endpoint == "http://minio:9000"
     assert args.ca_bundle == "/etc/nbd/image-ca/ca.crt"
@@ -178,7 +158,7 @@ def test_a_read_only_stream_serves_the_remote_with_nothing_mounted() -> None:
     dep = manifests.deployment(spec_of(STREAM_RO), CONFIG)
     pod = dep["spec"]["template"]["spec"]
     args = build_parser().parse_args(container_of(dep)["args"])
-    assert args.image == URL.replace("qcow2", "raw")
+    assert args.image == [URL.replace("qcow2", "raw")]
     assert args.read_only is True and args.copy_on_write is None
     assert args.format == "raw" and args.size is None
     assert [v["name"] for v in pod["volumes"]] == ["tmp"]
@@ -205,7 +185,7 @@ def test_a_stream_from_s3_reaches_its_endpoint_with_the_secrets_keys() -> None:
     )
     container = container_of(manifests.deployment(spec, CONFIG, secret_keys=KEYS))
     args = build_parser().parse_args(container["args"])
-    assert args.image == "s3://golden/d.raw"
+    assert args.image == ["s3://golden/d.raw"]
     assert (args.s3_endpoint, args.ca_bundle) == ("http://minio:9000", "/etc/nbd/image-ca/ca.crt")
     assert {e["name"] for e in container["env"]} == {
         "AWS_ACCESS_KEY_ID",
@@ -220,3 +200,21 @@ def test_the_import_settings_come_from_the_environment() -> None:
     config = OperatorConfig.from_env(env)
     assert (config.import_backoff_limit, config.import_poll_interval) == (2, 0.5)
     assert OperatorConfig.from_env({}).import_backoff_limit == 6
+
+
+@pytest.mark.parametrize(("fmt", "read_only"), [("qcow2", True), ("qcow2", False), ("xz", False)])
+def test_a_stream_serves_its_format_from_the_remote(fmt: str, read_only: bool) -> None:
+    body: dict[str, Any] = {
+        "source": {"image": {"url": URL, "mode": "stream"}},
+        "format": fmt,
+        "readOnly": read_only,
+    }
+    if not read_only:
+        body["size"] = "1Gi"
+    dep = manifests.deployment(spec_of(body), CONFIG)
+    args = build_parser().parse_args(container_of(dep)["args"])
+    assert (args.image, args.format) == ([URL], fmt)
+    # a format is opened read-only under its overlay: never created, grown or written remotely
+    assert args.size is None
+    assert args.read_only is True if read_only else args.copy_on_write == "persistent"
+    assert assemble(read_layer(args), None) is not None

@@ -73,7 +73,7 @@ def test_nbdserver_accepts_every_command_line_the_operator_builds(case: str) -> 
 
 def test_the_settings_arrive_as_intended() -> None:
     args = build_parser().parse_args(command_line(CASES["everything"]))
-    assert args.image == "/data/disk.img"
+    assert args.image == ["/data/disk.img"]
     for case in CASES.values():  # a volume's content never decides how it is served
         wanted = case.get("format", "raw")
         assert build_parser().parse_args(command_line(case)).format == wanted
@@ -97,7 +97,7 @@ def test_the_settings_arrive_as_intended() -> None:
     assert ro.read_only is True and not ro.single_writer and ro.size is None
     cow = build_parser().parse_args(command_line(CASES["block-cow"]))
     assert cow.copy_on_write == "shared" and cow.cow_dir == "/cow"
-    assert cow.image == "/dev/nbd-backing"
+    assert cow.image == ["/dev/nbd-backing"]
 
 
 def _assembled(args: argparse.Namespace) -> ServerConfig:
