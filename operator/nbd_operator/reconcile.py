@@ -560,7 +560,7 @@ async def _ensure_overlay_claim(ctx: Ctx, body: Mapping[str, Any], a: Assessment
     Never resized: the overlay is made for the base's size, and nbdserver refuses to serve it
     over a base of another size (the clone's data would be misread)."""
     # A clone's overlay is sized from its base; a stream's from spec.size (the remote's size
-    # is known to its server only).
+    # is announced by its server, which cannot start before its overlay exists).
     size = a.served_size if a.spec.source_kind == "export" else a.spec.size_bytes
     assert size is not None
     name = overlay_claim_name(a.spec.name)
