@@ -102,6 +102,10 @@ class Server:
         try:
             for cfg in self.config.exports:
                 self._open_export(cfg)
+            # Before listening: the line is in the log before any client, or a readiness
+            # probe, can connect (a reader that saw the port open never misses it).
+            for name, export in self.exports.items():
+                announce(name, export.backend.size(), export.read_only)
             if self.config.port is not None:
                 self.listeners.append(listener.tcp_listener(self.config.bind, self.config.port))
             if self.config.unix:
@@ -120,9 +124,6 @@ class Server:
             log.warning("no exports yet: add some to the config file and send SIGHUP")
         for sock in self.listeners:
             log.info("nbdserver listening on %s", listener.sockname(sock))
-        # Only once everything is open: an announced export is being served.
-        for name, export in self.exports.items():
-            announce(name, export.backend.size(), export.read_only)
 
     def _open_export(self, cfg: ExportConfig) -> None:
         if cfg.per_client:  # opened per connection, with the client's address in the path
