@@ -137,5 +137,7 @@ async def test_the_substitute_serves_pod_logs_as_the_api_server_does() -> None:
         assert waiting.value.status == 400
         server.write_log(NS, "p", "importer", "one", "two", "three")
         assert await client.log(NS, "p", "importer", tail_lines=2) == "two\nthree\n"
+        # limitBytes without tailLines: the head, cut mid-line.
+        assert await client.log(NS, "p", "importer", limit_bytes=6) == "one\ntw"
         with pytest.raises(KubeError):
             await client.log(NS, "p", "other", tail_lines=2)

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.interop.security_helpers import serve, wait_for
+from tests.interop.security_helpers import free_port, serve, wait_for
 
-pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+pytestmark = pytest.mark.interop
 MiB = 2**20
 
 
@@ -40,6 +41,7 @@ def test_a_raw_file_is_announced_with_its_size_even_at_log_level_error(tmp_path:
         assert "listening" not in srv.log()  # the level did hide the ordinary log lines
 
 
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 def test_a_qcow2_image_is_announced_with_its_virtual_size(tmp_path: Path) -> None:
     disk = tmp_path / "disk.qcow2"
     subprocess.run(
@@ -50,3 +52,25 @@ def test_a_qcow2_image_is_announced_with_its_virtual_size(tmp_path: Path) -> Non
     with serve(args, tmp_path) as srv:
         wait_for(lambda: bool(announced(srv.log())), 10, "the announcement")
         assert announced(srv.log()) == [{"export": "vm", "sizeBytes": 64 * MiB, "readOnly": True}]
+
+
+def test_an_export_added_by_sighup_is_announced_too(tmp_path: Path) -> None:
+    port = free_port()
+    conf = tmp_path / "c.conf"
+
+    def config(*names: str) -> None:
+        text = f"[generic]\nport = {port}\nlistenaddr = 127.0.0.1\nallowlist = true\n"
+        for name in names:
+            text += f"[{name}]\nexportname = {tmp_path / name}.img\nfilesize = {MiB}\n"
+        conf.write_text(text)
+
+    config("a")
+    with serve(["--config", str(conf)], tmp_path, port=port, cli_listen=False) as srv:
+        wait_for(lambda: bool(announced(srv.log())), 10, "the first announcement")
+        config("a", "b")
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(announced(srv.log())) == 2, 10, "the added export's announcement")
+        assert announced(srv.log()) == [
+            {"export": "a", "sizeBytes": MiB, "readOnly": False},
+            {"export": "b", "sizeBytes": MiB, "readOnly": False},
+        ]
