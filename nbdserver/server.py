@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import selectors
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +47,17 @@ from nbdserver.protocol.events import ExportInfo, Refused
 from nbdserver.protocol.handshake import TlsPolicy
 
 log = logging.getLogger("nbdserver.server")
+
+
+def announce(name: str, size: int, read_only: bool) -> None:
+    """One JSON object on a line of its own on stderr for each export opened: its name and
+    the size it serves. Whoever runs the server (the operator reads the head of the server
+    pod's log) learns a size that only the server knows: a device's, an image header's
+    virtual size, a remote's. Written past the logging levels, so ``--log-level`` cannot hide
+    it, and flushed at once, so a reader never waits on a buffer."""
+    line = json.dumps({"export": name, "sizeBytes": size, "readOnly": read_only})
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 @dataclass
@@ -89,6 +102,10 @@ class Server:
         try:
             for cfg in self.config.exports:
                 self._open_export(cfg)
+            # Before listening: the line is in the log before any client, or a readiness
+            # probe, can connect (a reader that saw the port open never misses it).
+            for name, export in self.exports.items():
+                announce(name, export.backend.size(), export.read_only)
             if self.config.port is not None:
                 self.listeners.append(listener.tcp_listener(self.config.bind, self.config.port))
             if self.config.unix:
@@ -162,6 +179,9 @@ class Server:
             try:
                 self._open_export(fresh[name])
                 kept.append(fresh[name])
+                if name in self.exports:  # a per-client export has no size of its own
+                    export = self.exports[name]
+                    announce(name, export.backend.size(), export.read_only)
             except ConfigError as e:
                 log.error("SIGHUP: export %r not added: %s", name, e)
         self.config = dataclasses.replace(self.config, exports=tuple(kept))

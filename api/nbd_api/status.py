@@ -94,8 +94,8 @@ class ExportStatus:
     def usable(self) -> bool:
         """True when a node may connect: Ready, with a URI, for the current spec.
 
-        ``size_bytes`` may be None (a host device or a raw claim whose size only the server
-        knows); the NBD handshake reports the real size either way.
+        ``size_bytes`` may be None (a host device, a non-raw image or a stream whose server
+        has not announced its size yet); the NBD handshake reports the real size either way.
         """
         return self.ready and self.phase == "Ready" and bool(self.uri) and self.current
 

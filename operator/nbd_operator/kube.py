@@ -128,10 +128,23 @@ class Kube:
             return None
         return result
 
-    async def log(self, namespace: str, pod: str, container: str, tail_lines: int) -> str:
-        """The last lines a pod's container wrote (``pods/log``, plain text)."""
+    async def log(
+        self,
+        namespace: str,
+        pod: str,
+        container: str,
+        *,
+        tail_lines: int | None = None,
+        limit_bytes: int | None = None,
+    ) -> str:
+        """What a pod's container wrote (``pods/log``, plain text): its last ``tail_lines``
+        lines, or without them the start, up to ``limit_bytes``."""
         url = self._url("Pod", namespace, pod, "log")
-        params = {"container": container, "tailLines": str(tail_lines)}
+        params = {"container": container}
+        if tail_lines is not None:
+            params["tailLines"] = str(tail_lines)
+        if limit_bytes is not None:
+            params["limitBytes"] = str(limit_bytes)
         async with self._session.get(url, params=params) as resp:
             text = await resp.text()
             if resp.status >= 400:

@@ -36,6 +36,9 @@ BACKING_DEVICE = "/dev/nbd-backing"
 IMAGE_FILE = "disk.img"
 MiB = 2**20
 
+# The server pod's container (its log announces the served size: served_size.py).
+SERVER_CONTAINER = "nbdserver"
+
 
 def owner_reference(spec: ExportSpec) -> dict[str, Any]:
     """Makes the export the controlling owner: kubectl shows it, the GC follows it."""
@@ -339,7 +342,7 @@ def deployment(
         source_args=b.args,
     )
     container: dict[str, Any] = {
-        "name": "nbdserver",
+        "name": SERVER_CONTAINER,
         "image": spec.server.image or config.server_image,
         "imagePullPolicy": spec.server.image_pull_policy or config.image_pull_policy,
         "command": ["nbdserver"],

@@ -44,6 +44,7 @@ from nbd_operator.import_progress import (
     last_progress,
 )
 from nbd_operator.kube import Kube, KubeError, NotFound
+from nbd_operator.served_size import HEAD_BYTES, announced_size, next_size, serving_pod
 from nbd_operator.spec import (
     ExportSpec,
     SpecError,
@@ -52,6 +53,7 @@ from nbd_operator.spec import (
     overlay_claim_name,
     parse_spec,
     policy_name,
+    selector_labels,
 )
 from nbd_operator.spec import server_name as _server_name
 from nbd_operator.status import Observed, Problem, compute_status
@@ -234,7 +236,10 @@ async def assess(ctx: Ctx, body: Mapping[str, Any]) -> Assessment:
         raise InvalidSpec("InvalidSpec", str(exc)) from exc
     served = (body.get("status") or {}).get("sizeBytes")
     refused: Problem | None = None
-    shrinking = isinstance(served, int) and (spec.size_bytes or 0) < served
+    # An image's spec.size is room (the claim's, an overlay's), not the size served: a qcow2
+    # image's virtual size may well exceed it.
+    sized_by_spec = spec.source_kind != "image"
+    shrinking = sized_by_spec and isinstance(served, int) and (spec.size_bytes or 0) < served
     if spec.size_bytes is not None and shrinking:
         refused = (
             "ShrinkRefused",
@@ -257,6 +262,47 @@ async def assess(ctx: Ctx, body: Mapping[str, Any]) -> Assessment:
                 "overlay claim is sized from it",
             )
     return Assessment(spec, base, served_size, refused, claim, secret_keys)
+
+
+async def _with_announced_size(
+    ctx: Ctx, body: Mapping[str, Any], spec: ExportSpec, known: int | None
+) -> int | None:
+    """The size served: what the operator knows itself (spec.size, a claim's capacity, a raw
+    import's bytes, a clone's base), else what the serving pod announced (a host device, an
+    image's header, a remote). Read again at every reconciliation while the operator knows
+    nothing itself (a restarted server may serve another size); a failed read keeps the
+    recorded size, and a smaller one is recorded with a Warning Event."""
+    if known is not None or spec.source_kind in ("export", "memory"):
+        return known
+    status = body.get("status") or {}
+    recorded = status.get("sizeBytes") if isinstance(status.get("sizeBytes"), int) else None
+    size, shrank = next_size(recorded, await _read_announced_size(ctx, spec))
+    if shrank:
+        _event(
+            body,
+            "Warning",
+            "SizeShrank",
+            f"the server now serves {size} bytes, {recorded} before: data past {size} is out "
+            "of reach, and clones made over the larger size will not start",
+        )
+    return size
+
+
+async def _read_announced_size(ctx: Ctx, spec: ExportSpec) -> int | None:
+    """The size the serving pod's nbdserver announced at start (the head of its log)."""
+    pods = await ctx.kube.list("Pod", spec.namespace, selector_labels(spec.name))
+    pod = serving_pod(pods)
+    if pod is None:
+        return None
+    name = str(pod["metadata"]["name"])
+    try:
+        # The line is at the start: limitBytes without tailLines reads the head only.
+        log = await ctx.kube.log(
+            spec.namespace, name, manifests.SERVER_CONTAINER, limit_bytes=HEAD_BYTES
+        )
+    except KubeError:  # the pod went away meanwhile: the next reconciliation reads again
+        return None
+    return announced_size(log, spec.name)
 
 
 async def _base_status(ctx: Ctx, base: ExportSpec) -> dict[str, Any] | None:
@@ -319,13 +365,9 @@ async def sync(ctx: Ctx, body: Mapping[str, Any]) -> dict[str, Any]:
         # The API refused a child (quota, admission, an outage): say so; kopf retries.
         _event(body, "Warning", "ApplyFailed", f"could not apply the server's objects: {exc}")
         raise
+    served = await _with_announced_size(ctx, body, a.spec, extra.pop("served_size", a.served_size))
     return await write_status(
-        ctx,
-        body,
-        spec=a.spec,
-        claim=claim,
-        refused=a.refused,
-        **{"served_size": a.served_size, **extra},
+        ctx, body, spec=a.spec, claim=claim, refused=a.refused, served_size=served, **extra
     )
 
 
@@ -342,13 +384,9 @@ async def refresh(ctx: Ctx, body: Mapping[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if a.spec.image_mode == "import":
         extra = await _import_observed(ctx, body, a, create=False)
+    served = await _with_announced_size(ctx, body, a.spec, extra.pop("served_size", a.served_size))
     return await write_status(
-        ctx,
-        body,
-        spec=a.spec,
-        claim=claim,
-        refused=a.refused,
-        **{"served_size": a.served_size, **extra},
+        ctx, body, spec=a.spec, claim=claim, refused=a.refused, served_size=served, **extra
     )
 
 
@@ -522,7 +560,7 @@ async def _ensure_overlay_claim(ctx: Ctx, body: Mapping[str, Any], a: Assessment
     Never resized: the overlay is made for the base's size, and nbdserver refuses to serve it
     over a base of another size (the clone's data would be misread)."""
     # A clone's overlay is sized from its base; a stream's from spec.size (the remote's size
-    # is known to its server only).
+    # is announced by its server, which cannot start before its overlay exists).
     size = a.served_size if a.spec.source_kind == "export" else a.spec.size_bytes
     assert size is not None
     name = overlay_claim_name(a.spec.name)

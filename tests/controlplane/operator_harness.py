@@ -181,7 +181,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
         self.pod_logs.setdefault((namespace, pod, container), []).extend(lines)
 
     def _serve_log(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
-        """``GET pods/NAME/log`` as kube-apiserver answers it: plain text, ``tailLines`` honoured;
+        """``GET pods/NAME/log`` as kube-apiserver answers it: plain text, ``tailLines`` and
+        ``limitBytes`` (the first that many bytes of what is selected, a line may be cut) honoured;
         404 for a pod that does not exist, 400 for a container that has not started (the
         kubelet's "is waiting to start")."""
         namespace, name = request.namespace or "", request.name or ""
@@ -200,6 +201,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
         tail = request.params.get("tailLines")
         shown = lines[-int(tail) :] if tail and int(tail) > 0 else ([] if tail else lines)
         body = "".join(f"{line}\n" for line in shown)
+        if limit := request.params.get("limitBytes"):
+            body = body.encode()[: int(limit)].decode(errors="ignore")
         return aiohttp.web.Response(text=body, content_type="text/plain")
 
     async def _serve_list(self, request: rendering.Request) -> Any:
@@ -337,6 +340,30 @@ async def mark_available(client: Kube, name: str) -> None:
         "availableReplicas": 1,
     }
     await client.patch("Deployment", NS, name, {"status": status}, subresource="status")
+
+
+async def start_server_pod(server: FakeApiServer, client: Kube, name: str, log: str) -> str:
+    """Play the ReplicaSet controller and the kubelet for Deployment ``name``: a Ready pod of its
+    template whose nbdserver container wrote ``log`` (its stderr); returns the pod's name."""
+    dep = await client.get("Deployment", NS, name)
+    assert dep is not None, f"Deployment {name} does not exist"
+    template = dep["spec"]["template"]
+    pod_name = f"{name}-{uuid.uuid4().hex[:5]}"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name,
+            "namespace": NS,
+            "labels": dict((template.get("metadata") or {}).get("labels") or {}),
+        },
+        "spec": template["spec"],
+    }
+    await client.create(pod)
+    server.write_log(NS, pod_name, "nbdserver", *log.splitlines())
+    ready = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+    await client.patch("Pod", NS, pod_name, {"status": ready}, subresource="status")
+    return pod_name
 
 
 async def add_node(client: Kube, name: str) -> None:

@@ -124,7 +124,7 @@ def test_the_current_pod_is_the_live_one_else_the_successful_one() -> None:
 async def test_the_substitute_serves_pod_logs_as_the_api_server_does() -> None:
     async with api_server() as (server, client):
         with pytest.raises(NotFound):
-            await client.log(NS, "nopod", "importer", 5)
+            await client.log(NS, "nopod", "importer", tail_lines=5)
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -133,9 +133,11 @@ async def test_the_substitute_serves_pod_logs_as_the_api_server_does() -> None:
         }
         await client.create(pod)
         with pytest.raises(KubeError) as waiting:
-            await client.log(NS, "p", "importer", 5)
+            await client.log(NS, "p", "importer", tail_lines=5)
         assert waiting.value.status == 400
         server.write_log(NS, "p", "importer", "one", "two", "three")
-        assert await client.log(NS, "p", "importer", 2) == "two\nthree\n"
+        assert await client.log(NS, "p", "importer", tail_lines=2) == "two\nthree\n"
+        # limitBytes without tailLines: the head, cut mid-line.
+        assert await client.log(NS, "p", "importer", limit_bytes=6) == "one\ntw"
         with pytest.raises(KubeError):
-            await client.log(NS, "p", "other", 2)
+            await client.log(NS, "p", "other", tail_lines=2)
