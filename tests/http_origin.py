@@ -29,6 +29,17 @@ from types import TracebackType
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 
+def holey_image(path: Path, size: int, data: int = 4096, tag: bool = True) -> Path:
+    """A sparse test image of ``size`` bytes: ``data`` random bytes (then, with ``tag``, the
+    offset as 8 bytes) at each MiB, holes between, so a wrong offset cannot compare equal."""
+    with open(path, "wb") as f:
+        for i in range(0, size, 1024 * 1024):
+            f.seek(i)
+            f.write(os.urandom(data) + (i.to_bytes(8, "little") if tag else b""))
+        f.truncate(size)
+    return path
+
+
 class Origin:
     def __init__(self, root: Path, tls: ssl.SSLContext | None = None, slow: float = 5.0) -> None:
         self.root = root

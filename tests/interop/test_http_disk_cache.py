@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.http_origin import Origin
+from tests.http_origin import Origin, holey_image
 from tests.interop.conftest import REPO, NbdServerFactory
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
@@ -26,11 +26,7 @@ def image(tmp_path: Path) -> Path:
     root = tmp_path / "www"
     root.mkdir()
     path = root / "disk.img"
-    with open(path, "wb") as f:
-        for i in range(0, SIZE, MIB):
-            f.seek(i)
-            f.write(os.urandom(4096) + i.to_bytes(8, "little"))
-        f.truncate(SIZE)
+    holey_image(path, SIZE, 4096)
     return path
 
 

@@ -4,7 +4,6 @@ an NBD error while the server keeps serving; the cache fetches each block about 
 
 from __future__ import annotations
 
-import os
 import shutil
 import ssl
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.http_origin import Origin
+from tests.http_origin import Origin, holey_image
 from tests.interop.conftest import REPO, NbdServerFactory
 
 pytestmark = pytest.mark.skipif(
@@ -31,11 +30,7 @@ def image(tmp_path: Path) -> Path:
     root = tmp_path / "www"
     root.mkdir()
     path = root / "disk.img"
-    with open(path, "wb") as f:  # data with holes, so a wrong offset cannot compare equal
-        for i in range(0, SIZE, MIB):
-            f.seek(i)
-            f.write(os.urandom(4096) + i.to_bytes(8, "little"))
-        f.truncate(SIZE)
+    holey_image(path, SIZE, 4096)
     return path
 
 

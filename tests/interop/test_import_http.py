@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.http_origin import Origin
+from tests.http_origin import Origin, holey_image
 from tests.import_helpers import (
     COMMAND,
     REPO,
@@ -39,11 +39,7 @@ def image(tmp_path: Path) -> Path:
     root = tmp_path / "www"
     root.mkdir()
     path = root / "disk.img"
-    with open(path, "wb") as f:  # data with holes, so a wrong offset cannot compare equal
-        for i in range(0, SIZE, MIB):
-            f.seek(i)
-            f.write(os.urandom(64 * 1024) + i.to_bytes(8, "little"))
-        f.truncate(SIZE)
+    holey_image(path, SIZE, 64 * 1024)
     return path
 
 

@@ -5,7 +5,6 @@ fails one read with EIO (the server stays up) or the import with exit 1."""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.http_origin import holey_image
 from tests.import_helpers import one_line_failure, progress_lines, run_import
 from tests.interop.conftest import NbdServerFactory
 from tests.s3_store import FaultyProxy, moto_store, put
@@ -46,11 +46,7 @@ def endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def image(endpoint: str, tmp_path: Path) -> Path:
     path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        for i in range(0, SIZE, 1024 * 1024):
-            f.seek(i)
-            f.write(os.urandom(8192))
-        f.truncate(SIZE)
+    holey_image(path, SIZE, 8192, tag=False)
     put(endpoint, "images", KEY, path.read_bytes())
     return path
 

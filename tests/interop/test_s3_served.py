@@ -5,7 +5,6 @@ object is served as the disk inside with ``--format qcow2``."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.http_origin import holey_image
 from tests.interop.conftest import REPO, NbdServerFactory
 
 botocore_session = pytest.importorskip("botocore.session")
@@ -49,11 +49,7 @@ def endpoint(aws_env: None) -> Iterator[str]:
 @pytest.fixture
 def image(endpoint: str, tmp_path: Path) -> Path:
     path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        for i in range(0, SIZE, 1024 * 1024):
-            f.seek(i)
-            f.write(os.urandom(8192))
-        f.truncate(SIZE)
+    holey_image(path, SIZE, 8192, tag=False)
     client = botocore_session.get_session().create_client("s3", endpoint_url=endpoint)
     try:
         client.create_bucket(Bucket="images")
