@@ -183,6 +183,13 @@ def _positive(parameters: Mapping[str, str], key: str, most: int | None = None) 
     return int(raw)
 
 
+def _claim_of(params: Mapping[str, str]) -> str:
+    """namespace/name of the claim the external-provisioner says it provisions for, or ""."""
+    if params.get(PVC_NAME) and params.get(PVC_NAMESPACE):
+        return f"{params[PVC_NAMESPACE]}/{params[PVC_NAME]}"
+    return ""
+
+
 def _choice(parameters: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> str:
     value = parameters.get(key, allowed[0])
     if value not in allowed:
@@ -328,9 +335,7 @@ def plan(req: pb.CreateVolumeRequest, namespace: str, content: Content | None = 
         size = round_size(wanted.required_bytes, wanted.limit_bytes)
     if content and size < content.min_size:
         raise OutOfRange(f"{size} bytes cannot hold the {content.min_size} bytes of the source")
-    claim = ""
-    if params.get(PVC_NAME) and params.get(PVC_NAMESPACE):
-        claim = f"{params[PVC_NAMESPACE]}/{params[PVC_NAME]}"
+    claim = _claim_of(params)
     if _choice(params, P_CLONE_MODE, CLONE_MODES) == "copyOnWrite":
         spec = cow_clone_spec(size, mode, params, content)
     else:
@@ -439,9 +444,7 @@ def host_device_request(req: pb.CreateVolumeRequest, namespace: str) -> HostDevi
     if limit and required > limit:
         raise InvalidArgument(f"required_bytes {required} exceeds limit_bytes {limit}")
     serving = _serving(params)
-    claim = ""
-    if params.get(PVC_NAME) and params.get(PVC_NAMESPACE):
-        claim = f"{params[PVC_NAMESPACE]}/{params[PVC_NAME]}"
+    claim = _claim_of(params)
     asked = {"mode": mode, "required": required, "limit": limit, "pinned": pinned, **serving}
     if wipe:
         asked["wipe"] = True
