@@ -9,13 +9,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.interop.conftest import NbdServerFactory, Server
 from tests.interop.qcow2_helpers import compare, qcow2, run
+from tests.interop.security_helpers import wait_for
 
 pytestmark = [
     pytest.mark.interop,
@@ -71,11 +71,12 @@ def storm(uri: str, seed: int, script: Path) -> subprocess.Popen[bytes]:
 
 def wait_for_growth(image: Path, beyond: int, clients: list[subprocess.Popen[bytes]]) -> None:
     """Until the image has grown past ``beyond`` bytes (the storm is under way)."""
-    deadline = time.monotonic() + 30
-    while image.stat().st_size <= beyond:
+
+    def grown() -> bool:
         assert all(c.poll() is None for c in clients), "a storm client ended early"
-        assert time.monotonic() < deadline, "the storm did not write"
-        time.sleep(0.02)
+        return image.stat().st_size > beyond
+
+    wait_for(grown, 30, "the storm to write")
 
 
 def check(image: Path) -> subprocess.CompletedProcess[str]:
