@@ -59,6 +59,21 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def killed_midway(origin: Origin, dest: Path, *args: str) -> int:
+    """Start an import from a slowed origin, SIGKILL it once its record counts some bytes (not
+    all), give the origin its speed back; the bytes the record counted."""
+    origin.delay = 0.6  # slow enough to be killed half-way
+    proc = start_import(origin.url("disk.img"), str(dest), *args)
+    try:
+        done = wait_for_progress(dest, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    origin.delay = 0.0
+    return done
+
+
 def test_an_http_image_is_imported_with_json_progress_ending_in_done(
     origin: Origin, image: Path, tmp_path: Path
 ) -> None:
@@ -95,15 +110,7 @@ def test_a_killed_import_resumes_with_a_range_from_where_it_stopped(
     origin: Origin, image: Path, tmp_path: Path
 ) -> None:
     dest = tmp_path / "out.img"
-    origin.delay = 0.6  # slow enough to be killed half-way
-    proc = start_import(origin.url("disk.img"), str(dest), "--sha256", sha256(image))
-    try:
-        done = wait_for_progress(dest, proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
-    origin.delay = 0.0
+    done = killed_midway(origin, dest, "--sha256", sha256(image))
     first_run = len(origin.requests)
     res = run_import(origin.url("disk.img"), str(dest), "--sha256", sha256(image))
     assert res.returncode == 0, res.stderr
@@ -119,14 +126,7 @@ def test_a_source_changed_between_attempts_is_imported_again_from_the_start(
     origin: Origin, image: Path, tmp_path: Path
 ) -> None:
     dest = tmp_path / "out.img"
-    origin.delay = 0.6
-    proc = start_import(origin.url("disk.img"), str(dest))
-    try:
-        wait_for_progress(dest, proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-    origin.delay = 0.0
+    killed_midway(origin, dest)
     image.write_bytes(image.read_bytes()[::-1])  # a new object: new ETag and mtime
     res = run_import(origin.url("disk.img"), str(dest))
     assert res.returncode == 0, res.stderr
@@ -235,14 +235,7 @@ def test_a_dest_cut_short_between_attempts_is_imported_again_from_the_start(
     origin: Origin, image: Path, tmp_path: Path
 ) -> None:
     dest = tmp_path / "out.img"
-    origin.delay = 0.6
-    proc = start_import(origin.url("disk.img"), str(dest))
-    try:
-        wait_for_progress(dest, proc)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-    origin.delay = 0.0
+    killed_midway(origin, dest)
     os.truncate(dest, 0)  # what was written is gone: the record must not be trusted
     res = run_import(origin.url("disk.img"), str(dest))
     assert res.returncode == 0, res.stderr
